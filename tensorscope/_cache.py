@@ -1,0 +1,81 @@
+"""A bounded, thread-safe memo for expensive factorizations (SVDs, Gram eigendecompositions).
+
+Keys start with a fingerprint of the weight's bytes, so the same weights share one entry
+across models, sessions and calls, and an edited weight never hits a stale entry. Values
+are immutable tensors: callers must not modify what they get back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import OrderedDict
+from typing import Any, Callable, Hashable
+
+import torch
+
+
+def fingerprint(t: torch.Tensor) -> str:
+    """A content hash of a tensor (shape, dtype and bytes)."""
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous().reshape(-1)
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{tuple(t.shape)}|{t.dtype}".encode())
+    if t.numel():
+        h.update(memoryview(t.view(torch.uint8).numpy()))
+    return h.hexdigest()
+
+
+def _nbytes(v: Any) -> int:
+    if isinstance(v, torch.Tensor):
+        return v.numel() * v.element_size()
+    if isinstance(v, (tuple, list)):
+        return sum(_nbytes(x) for x in v)
+    if isinstance(v, dict):
+        return sum(_nbytes(x) for x in v.values())
+    return 64
+
+
+class FactorCache:
+    """LRU memo bounded by bytes. ``misses`` counts computations (tests check it)."""
+
+    def __init__(self, max_bytes: int = 1 << 30):
+        self.max_bytes = max_bytes
+        self._data: OrderedDict[Hashable, tuple[Any, int]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: Hashable, compute: Callable[[], Any]) -> Any:
+        with self._lock:
+            if key in self._data:
+                self._data.move_to_end(key)
+                self.hits += 1
+                return self._data[key][0]
+        value = compute()  # outside the lock: other layers may compute meanwhile
+        size = _nbytes(value)
+        with self._lock:
+            self.misses += 1
+            if key not in self._data and size <= self.max_bytes:
+                self._data[key] = (value, size)
+                self._bytes += size
+                while self._bytes > self.max_bytes:
+                    _, (_, s) = self._data.popitem(last=False)
+                    self._bytes -= s
+        return value
+
+    def clear(self) -> None:
+        with self._lock:
+            self._data.clear()
+            self._bytes = 0
+            self.hits = self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+#: the process-wide cache used by methods and spectra
+factor_cache = FactorCache()

@@ -1,0 +1,230 @@
+"""Which layers of a model can be decomposed, what they cost, and how far each can go.
+
+``inspect(model, example_input)`` lists the decomposable layers (names from
+``model.named_modules()``) with their shape, parameters, FLOPs per sample and the maximal
+rank of every method that applies; the layers it leaves alone are in ``.skipped``, each
+with the reason. FLOPs need an example input (hooks record each layer's input size) and
+follow ``FlopCounterMode``: a multiply-add is 2 FLOPs, per sample.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .methods import LayerGeometry, get_method, methods_for
+
+# Parents whose forward reads a child's ``.weight`` directly: replacing that child by a chain
+# would break them (nn.MultiheadAttention calls F.multi_head_attention_forward with
+# out_proj.weight; nn.Transformer*Layer's fast path reads linear1.weight etc.).
+_WEIGHT_READING_PARENTS = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+
+
+@dataclass
+class LayerInfo:
+    """One layer as ``inspect`` sees it."""
+
+    name: str
+    kind: str  # the module's class name, e.g. "Conv2d"
+    weight_shape: tuple[int, ...]
+    params: int
+    flops: int | None  # per sample; None without an example input
+    max_rank: dict[str, Any] = field(default_factory=dict)  # method -> rank at which it is exact
+    reason: str | None = None  # why it is left alone (None: decomposable)
+    geometry: LayerGeometry | None = None
+
+    @property
+    def methods(self) -> list[str]:
+        return list(self.max_rank)
+
+    @property
+    def decomposable(self) -> bool:
+        return self.reason is None
+
+
+class LayerList(list):
+    """A list of decomposable :class:`LayerInfo`; ``.skipped`` holds the others with reasons."""
+
+    skipped: list[LayerInfo]
+
+    def __init__(self, items=(), skipped=()):
+        super().__init__(items)
+        self.skipped = list(skipped)
+
+    def by_name(self) -> dict[str, LayerInfo]:
+        return {l.name: l for l in self}
+
+
+class ModelIndex:
+    """Names, parents and parameter owners of a model, computed once (nothing quadratic)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.modules = dict(model.named_modules(remove_duplicate=False))
+        self.owners: dict[int, list[str]] = {}
+        for name, mod in self.modules.items():
+            for p in mod.parameters(recurse=False):
+                self.owners.setdefault(id(p), []).append(name)
+
+    def parent(self, name: str) -> nn.Module | None:
+        if not name:
+            return None
+        return self.modules.get(name.rpartition(".")[0])
+
+    def reason(self, name: str) -> str | None:
+        """Why layer ``name`` is left alone, or None when it can be decomposed."""
+        from .layers import FactorizedLayer
+
+        module = self.modules[name]
+        if not isinstance(module, (nn.Linear, nn.Conv2d)):
+            return _type_reason(module)
+        w = module.weight
+        if isinstance(w, nn.parameter.UninitializedParameter):
+            return "its weight is not initialised yet (lazy module): run one forward pass first"
+        if w.numel() == 0:
+            return "its weight is empty"
+        parent = self.parent(name)
+        if isinstance(parent, FactorizedLayer):
+            return "it is already part of a factorized layer"
+        if isinstance(parent, _WEIGHT_READING_PARENTS):
+            return (f"its parent {type(parent).__name__} reads its .weight directly, so it cannot be replaced "
+                    "by a chain of layers")
+        if parent is not None and hasattr(parent, "parametrizations"):
+            return "it is parametrized (torch.nn.utils.parametrize); remove the parametrization first"
+        if hasattr(module, "parametrizations"):
+            return "its weight is parametrized (weight/spectral norm); remove the parametrization first"
+        shared = [n for n in self.owners.get(id(w), []) if n != name]
+        if shared:
+            return (f"its weight is tied to {', '.join(map(repr, shared))}; decomposing it would untie the "
+                    "weights and add parameters")
+        return None
+
+
+def _type_reason(module: nn.Module) -> str:
+    cls = type(module).__name__
+    if cls == "Conv1D":  # transformers' GPT-2 style layer: weight is (in, out)
+        return ("transformers' Conv1D (GPT-2 style) stores its weight as in x out; it is not decomposed yet "
+                "(convert it to nn.Linear with the weight transposed to compress it)")
+    if isinstance(module, (nn.Conv1d, nn.Conv3d)):
+        return f"{cls} is not supported yet: tensorscope decomposes nn.Linear and nn.Conv2d"
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        return f"{cls} (transposed convolution) is not supported yet"
+    if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+        return "an embedding is a lookup table, not a product; it is left as is"
+    return f"{cls} is not a layer tensorscope decomposes (nn.Linear, nn.Conv2d)"
+
+
+def _has_matrix_weight(module: nn.Module) -> bool:
+    w = getattr(module, "weight", None)
+    return isinstance(w, torch.Tensor) and w.dim() >= 2
+
+
+def record_input_sizes(model: nn.Module, example_input: Any, names: list[str]) -> tuple[dict[str, tuple], int]:
+    """Run one forward pass and record each named layer's input shape; returns (shapes, batch)."""
+    from .data import split_batch
+
+    modules = dict(model.named_modules())
+    shapes: dict[str, tuple] = {}
+    hooks = []
+    for n in names:
+        def hook(mod, args, n=n):
+            if args and isinstance(args[0], torch.Tensor) and n not in shapes:
+                shapes[n] = tuple(args[0].shape)
+        hooks.append(modules[n].register_forward_pre_hook(hook))
+    batch = split_batch(example_input)
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(*batch.args, **batch.kwargs)
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    return shapes, max(batch.size, 1)
+
+
+def geometry_from_shape(module: nn.Module, shape: tuple | None, batch: int) -> LayerGeometry:
+    if shape is None:
+        return LayerGeometry.of(module)
+    if isinstance(module, nn.Conv2d):
+        return LayerGeometry.of(module, in_size=tuple(shape[-2:]))
+    numel = 1
+    for s in shape[:-1]:
+        numel *= s
+    return LayerGeometry.of(module, tokens=max(1, numel // batch))
+
+
+def inspect(model: nn.Module, example_input: Any = None, *, include_skipped: bool = False) -> LayerList:
+    """List the layers of ``model`` that can be decomposed, with cost and maximal ranks.
+
+    Parameters
+    ----------
+    model : nn.Module
+    example_input : optional
+        A batch in the data convention (tensor, dict of tensors, or ``(inputs, targets)``).
+        Needed for FLOPs, which are reported per sample.
+    include_skipped : bool
+        Also put the layers that are left alone (with their ``reason``) in the list itself;
+        they are always available in ``result.skipped``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"inspect expects an nn.Module; got {type(model).__name__}")
+    index = ModelIndex(model)
+    candidates = [n for n, m in index.modules.items() if n and _has_matrix_weight(m)]
+    seen_ids: set[int] = set()
+    unique = []
+    for n in candidates:  # a module registered under two names is listed once
+        if id(index.modules[n]) not in seen_ids:
+            seen_ids.add(id(index.modules[n]))
+            unique.append(n)
+    reasons = {n: index.reason(n) for n in unique}
+    shapes: dict[str, tuple] = {}
+    batch = 1
+    if example_input is not None:
+        shapes, batch = record_input_sizes(model, example_input, [n for n in unique if reasons[n] is None])
+    good, skipped = [], []
+    for n in unique:
+        mod = index.modules[n]
+        params = sum(p.numel() for p in mod.parameters(recurse=False))
+        if reasons[n] is not None:
+            skipped.append(LayerInfo(n, type(mod).__name__, tuple(mod.weight.shape), params, None, {}, reasons[n]))
+            continue
+        geom = geometry_from_shape(mod, shapes.get(n), batch)
+        ranks = {m: get_method(m).max_rank(geom) for m in methods_for(geom)}
+        flops = geom.dense_flops if n in shapes else None
+        good.append(LayerInfo(n, type(mod).__name__, tuple(mod.weight.shape), params, flops, ranks, None, geom))
+    if include_skipped:
+        return LayerList(good + skipped, skipped)
+    return LayerList(good, skipped)
+
+
+def undecomposable_reason(model: nn.Module, name: str, module: nn.Module | None = None) -> str | None:
+    """Why ``name`` cannot be decomposed (one-off check; ``ModelIndex`` for many layers)."""
+    return ModelIndex(model).reason(name)
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of distinct parameters (tied weights counted once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_flops(model: nn.Module, example_input: Any) -> int:
+    """FLOPs per sample of one forward pass, as ``FlopCounterMode`` counts them."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from .data import split_batch
+
+    batch = split_batch(example_input)
+    counter = FlopCounterMode(display=False)
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad(), counter:
+            model(*batch.args, **batch.kwargs)
+    finally:
+        model.train(was_training)
+    return counter.get_total_flops() // max(batch.size, 1)

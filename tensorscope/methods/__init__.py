@@ -1,0 +1,33 @@
+"""Decomposition methods, one module each, registered by name.
+
+``get_method("tucker2")`` returns the method object; ``available_methods()`` lists them.
+"""
+
+from .base import (
+    BreakEvenWarning,
+    Factors,
+    LayerGeometry,
+    Method,
+    available_methods,
+    get_method,
+    methods_for,
+    register_method,
+)
+
+# importing a method module registers it
+from . import svd, tucker2, cp
+try:
+    from . import tt
+except ImportError:  # TODO remove once tt lands
+    pass  # noqa: E402,F401
+
+__all__ = [
+    "BreakEvenWarning",
+    "Factors",
+    "LayerGeometry",
+    "Method",
+    "available_methods",
+    "get_method",
+    "methods_for",
+    "register_method",
+]

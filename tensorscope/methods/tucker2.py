@@ -1,0 +1,143 @@
+"""Tucker-2 of a conv kernel over its two channel modes: 1x1, kh x kw core, 1x1.
+
+``W[o, i, :, :] ~ sum_ab U_out[o, a] C[a, b, :, :] U_in[i, b]``: the layer becomes a 1x1 conv
+from in to r_in channels, the kh x kw core from r_in to r_out (with the layer's stride,
+padding and dilation) and a 1x1 conv from r_out to out with the bias. The rank is
+``[r_out, r_in]`` in the order of the weight's own dimensions, as tensorly's
+``partial_tucker`` takes it.
+
+The factors start from the HOSVD, computed once per layer from the eigendecompositions of
+the two unfoldings' Gram matrices, so every rank is a truncation. What ``compress`` builds
+adds HOOI sweeps computed the same way (two by default; ``options["sweeps"]``), which bring
+the error to within about 1% of a converged HOOI at a fraction of its cost; a live preview
+uses the plain truncation (``refine=False``).
+
+References
+----------
+Kim et al., "Compression of deep convolutional neural networks for fast and low power
+mobile applications", ICLR 2016. De Lathauwer et al., "On the best rank-1 and rank-(R1,...,RN)
+approximation of higher-order tensors", SIAM J. Matrix Anal. Appl. 2000 (HOOI).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from .. import linalg
+from ..errors import RankError
+from ..layers import FactorizedLayer
+from .base import Factors, LayerGeometry, Method, check_finite, register_method, resolve_int_rank
+
+DEFAULT_SWEEPS = 2
+
+
+def _top(vecs: torch.Tensor, r: int) -> torch.Tensor:
+    return vecs[..., :r]
+
+
+def hooi_sweeps(w: torch.Tensor, u_out: torch.Tensor, u_in: torch.Tensor, sweeps: int):
+    """Alternate the two channel factors, each the top eigenvectors of a projected Gram.
+
+    ``w`` is ``(g, o, i, kh, kw)`` float64; factors are ``(g, o, r_out)`` and ``(g, i, r_in)``.
+    """
+    r_out, r_in = u_out.shape[-1], u_in.shape[-1]
+    for _ in range(sweeps):
+        y = torch.einsum("goikl,gib->gobkl", w, u_in).reshape(w.shape[0], w.shape[1], -1)
+        u_out = _top(linalg.gram_eig(y)[1], r_out)
+        y = torch.einsum("goikl,goa->giakl", w, u_out).reshape(w.shape[0], w.shape[2], -1)
+        u_in = _top(linalg.gram_eig(y)[1], r_in)
+    return u_out, u_in
+
+
+@register_method
+class Tucker2(Method):
+    name = "tucker2"
+    kinds = ("conv2d",)
+    description = "Tucker-2: 1x1, kxk core, 1x1; rank [r_out, r_in]"
+
+    def max_rank(self, geom: LayerGeometry, options=None) -> tuple[int, int]:
+        return (geom.out_features // geom.groups, geom.in_features // geom.groups)
+
+    def resolve_rank(self, geom: LayerGeometry, rank: Any, options=None) -> tuple[int, int]:
+        mo, mi = self.max_rank(geom)
+        if isinstance(rank, (int, float)) and not isinstance(rank, bool):
+            if isinstance(rank, float):
+                return (resolve_int_rank("tucker2", geom, rank, mo, "r_out"),
+                        resolve_int_rank("tucker2", geom, rank, mi, "r_in"))
+            # one integer: the same rank on both modes, capped by each mode's size
+            r = resolve_int_rank("tucker2", geom, rank, max(mo, mi))
+            return (min(r, mo), min(r, mi))
+        if isinstance(rank, (list, tuple)) and len(rank) == 2:
+            return (resolve_int_rank("tucker2", geom, rank[0], mo, "r_out"),
+                    resolve_int_rank("tucker2", geom, rank[1], mi, "r_in"))
+        raise RankError(
+            f"tucker2: rank must be [r_out, r_in] (order of the weight's dimensions), one integer "
+            f"for both, or a fraction in (0, 1]; got {rank!r} (max [{mo}, {mi}])"
+        )
+
+    def count_params(self, geom: LayerGeometry, rank, options=None) -> int:
+        r_out, r_in = rank
+        return (r_in * geom.in_features + geom.groups * r_out * r_in * geom.khw + geom.out_features * r_out
+                + (geom.out_features if geom.bias else 0))
+
+    def count_flops(self, geom: LayerGeometry, rank, options=None) -> int | None:
+        if geom.in_size is None:
+            return None
+        r_out, r_in = rank
+        p_in = geom.in_size[0] * geom.in_size[1]
+        p_out = geom.positions
+        return 2 * (p_in * r_in * geom.in_features + p_out * geom.groups * r_out * r_in * geom.khw
+                    + p_out * geom.out_features * r_out)
+
+    def factorize(self, layer: nn.Module, rank, options=None, *, stats=None, refine=True) -> Factors:
+        check_finite(layer)
+        r_out, r_in = rank
+        opts = dict(options or {})
+        if stats is not None:
+            from ..calibration import whitened_tucker2
+
+            return whitened_tucker2(layer, rank, stats, sweeps=int(opts.get("sweeps", DEFAULT_SWEEPS)) if refine else 0)
+        w = linalg.grouped_weight(layer).to(torch.float64)
+        u_out = _top(linalg.mode_eig(layer, 0)[1], r_out)
+        u_in = _top(linalg.mode_eig(layer, 1)[1], r_in)
+        full = r_out == w.shape[1] and r_in == w.shape[2]
+        sweeps = int(opts.get("sweeps", DEFAULT_SWEEPS)) if refine and not full else 0
+        u_out, u_in = hooi_sweeps(w, u_out, u_in, sweeps)
+        core = torch.einsum("goikl,goa,gib->gabkl", w, u_out, u_in)
+        return Factors("tucker2", (r_out, r_in), {"u_out": u_out, "core": core, "u_in": u_in})
+
+    def empty_factors(self, geom: LayerGeometry, rank, options=None) -> Factors:
+        g, (r_out, r_in) = geom.groups, rank
+        kh, kw = geom.kernel_size
+        return Factors("tucker2", rank, {
+            "u_out": torch.zeros(g, geom.out_features // g, r_out),
+            "core": torch.zeros(g, r_out, r_in, kh, kw),
+            "u_in": torch.zeros(g, geom.in_features // g, r_in),
+        })
+
+    def reconstruct(self, layer: nn.Module, factors: Factors) -> torch.Tensor:
+        t = factors.tensors
+        w = torch.einsum("goa,gabkl,gib->goikl", t["u_out"], t["core"], t["u_in"])
+        return w.reshape(layer.weight.shape).to(layer.weight.dtype)
+
+    def build(self, layer: nn.Module, factors: Factors) -> nn.Module:
+        t = factors.tensors
+        r_out, r_in = factors.rank
+        g = layer.groups
+        kw = dict(device=layer.weight.device, dtype=layer.weight.dtype)
+        bias = layer.bias is not None
+        first = nn.Conv2d(layer.in_channels, g * r_in, 1, groups=g, bias=False, **kw)
+        core = nn.Conv2d(
+            g * r_in, g * r_out, layer.kernel_size, stride=layer.stride, padding=layer.padding,
+            dilation=layer.dilation, groups=g, bias=False, padding_mode=layer.padding_mode, **kw,
+        )
+        last = nn.Conv2d(g * r_out, layer.out_channels, 1, groups=g, bias=bias, **kw)
+        first.weight.data.copy_(t["u_in"].transpose(1, 2).reshape(first.weight.shape))
+        core.weight.data.copy_(t["core"].reshape(core.weight.shape))
+        last.weight.data.copy_(t["u_out"].reshape(last.weight.shape))
+        if bias:
+            last.bias.data.copy_(layer.bias.detach())
+        return FactorizedLayer(first, core, last, method="tucker2", rank=(r_out, r_in), source="Conv2d")

@@ -1,0 +1,368 @@
+"""Singular-value spectra of layers, their metrics, and error-versus-cost curves.
+
+Every spectrum comes from factorizations cached per distinct weight
+(:mod:`tensorscope.linalg`): the SVD of the ``out x in*kh*kw`` matricization (what ``svd``
+truncates) and the eigendecomposition of the input-mode unfolding's Gram matrix (what
+Tucker-2 truncates on its input side). A later query, or a rank change, never recomputes
+them. Grouped convs have one spectrum per group; a rank means that rank in every group.
+
+References
+----------
+Roy and Vetterli, "The effective rank", EUSIPCO 2007. Rudelson and Vershynin, "Sampling
+from large matrices" (stable rank), JACM 2007. Martin and Mahoney, "Implicit
+self-regularization in deep neural networks", JMLR 2021 (alpha of the ESD). Sedghi, Gupta
+and Long, "The singular values of convolutional layers", ICLR 2019.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import linalg
+from ._cache import factor_cache, fingerprint
+from .errors import PlanError
+from .methods import LayerGeometry, get_method
+from .methods.base import check_finite
+from .progress import Progress
+
+UNFOLDINGS = ("out", "in")
+
+
+@dataclass
+class Spectrum:
+    """Singular values of one unfolding of one layer (per group), and what follows from them.
+
+    ``values`` are all singular values, descending; ``grouped`` is ``(groups, k)``, each row
+    descending. Truncation at rank ``r`` keeps the top ``r`` of every group.
+    """
+
+    layer: str
+    unfolding: str
+    grouped: np.ndarray
+    shape: tuple[int, int]  # (rows, cols) of one group's matrix
+    whitened: bool = False
+
+    @property
+    def values(self) -> np.ndarray:
+        return np.sort(self.grouped.reshape(-1))[::-1]
+
+    @property
+    def groups(self) -> int:
+        return self.grouped.shape[0]
+
+    @property
+    def max_rank(self) -> int:
+        return self.grouped.shape[1]
+
+    @property
+    def total_energy(self) -> float:
+        return float((self.grouped.astype(np.float64) ** 2).sum())
+
+    @property
+    def energy(self) -> np.ndarray:
+        """Cumulative retained energy at ranks 1..max_rank (fraction of the squared values)."""
+        sq = (self.grouped.astype(np.float64) ** 2).sum(axis=0)
+        total = sq.sum()
+        return np.cumsum(sq) / total if total > 0 else np.ones_like(sq)
+
+    def tail_energy(self, rank: int) -> float:
+        """Sum of the squared singular values a truncation at ``rank`` discards."""
+        rank = self._check(rank)
+        return float((self.grouped[:, rank:].astype(np.float64) ** 2).sum())
+
+    def retained_energy(self, rank: int) -> float:
+        total = self.total_energy
+        return 1.0 if total == 0 else 1.0 - self.tail_energy(rank) / total
+
+    def relative_error(self, rank: int) -> float:
+        """Relative Frobenius error of the best rank-``rank`` approximation (Eckart-Young tail)."""
+        total = self.total_energy
+        return 0.0 if total == 0 else math.sqrt(self.tail_energy(rank) / total)
+
+    def rank_for_energy(self, keep: float) -> int:
+        """The smallest rank keeping at least ``keep`` of the energy (``keep`` in (0, 1])."""
+        if not (0.0 < keep <= 1.0):
+            raise ValueError(f"energy fraction must be in (0, 1]; got {keep!r}")
+        e = self.energy
+        # a tiny tolerance so that keep=1.0 is met despite rounding in the cumulative sum
+        return int(min(np.searchsorted(e, keep - 1e-12) + 1, self.max_rank))
+
+    @property
+    def spectral_norm(self) -> float:
+        return float(self.grouped.max()) if self.grouped.size else 0.0
+
+    @property
+    def stable_rank(self) -> float:
+        """||W||_F^2 / ||W||_2^2: a smooth, noise-robust lower bound on the rank."""
+        s = self.spectral_norm
+        return 0.0 if s == 0 else self.total_energy / s**2
+
+    @property
+    def effective_rank(self) -> float:
+        """exp of the entropy of the normalised singular values (Roy and Vetterli 2007)."""
+        s = self.values.astype(np.float64)
+        total = s.sum()
+        if total <= 0:
+            return 0.0
+        p = s[s > 0] / total
+        return float(np.exp(-(p * np.log(p)).sum()))
+
+    @property
+    def alpha(self) -> float:
+        """Power-law exponent of the empirical spectral density of W^T W (NaN if too few values)."""
+        return powerlaw_alpha(self.values.astype(np.float64) ** 2)
+
+    def metrics(self) -> dict[str, float]:
+        return {
+            "max_rank": self.max_rank,
+            "spectral_norm": self.spectral_norm,
+            "stable_rank": self.stable_rank,
+            "effective_rank": self.effective_rank,
+            "alpha": self.alpha,
+        }
+
+    def _check(self, rank: int) -> int:
+        if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or not (0 <= rank <= self.max_rank):
+            raise PlanError(f"rank must be an integer in [0, {self.max_rank}] for layer {self.layer!r}; got {rank!r}")
+        return int(rank)
+
+
+def powerlaw_alpha(eigs: np.ndarray, min_tail: int = 10, candidates: int = 256) -> float:
+    """Maximum-likelihood power-law exponent with x_min chosen by the KS distance (Clauset et al. 2009)."""
+    x = np.sort(eigs[eigs > 0])
+    n = len(x)
+    if n < min_tail + 1:
+        return float("nan")
+    js = np.unique(np.linspace(0, n - min_tail, min(candidates, n - min_tail + 1)).astype(int))
+    best = (np.inf, float("nan"))
+    logx = np.log(x)
+    csum = np.cumsum(logx[::-1])[::-1]  # csum[j] = sum(log x[j:])
+    for j in js:
+        m = n - j
+        denom = csum[j] - m * logx[j]
+        if denom <= 0:
+            continue
+        a = 1.0 + m / denom
+        tail = x[j:]
+        fit = 1.0 - (tail / x[j]) ** (1.0 - a)
+        emp = np.arange(m) / m
+        d = np.abs(emp - fit).max()
+        if d < best[0]:
+            best = (d, a)
+    return float(best[1])
+
+
+# ---- computing spectra --------------------------------------------------------------------
+
+
+def _grouped_values(layer: nn.Module, unfolding: str) -> tuple[np.ndarray, tuple[int, int]]:
+    w = linalg.grouped_weight(layer)
+    g, o, i = w.shape[:3]
+    khw = w.shape[3] * w.shape[4]
+    if unfolding == "out":
+        _, s, _ = linalg.svd(layer)
+        return s.double().numpy(), (o, i * khw)
+    if unfolding == "in":
+        vals, _ = linalg.mode_eig(layer, 1)
+        return vals.sqrt().numpy(), (i, o * khw)
+    raise ValueError(f"unfolding must be one of {UNFOLDINGS}; got {unfolding!r}")
+
+
+def _layer(model: nn.Module, name: str) -> nn.Module:
+    from .inventory import ModelIndex
+
+    index = ModelIndex(model)
+    if name not in index.modules or not name:
+        import difflib
+
+        close = difflib.get_close_matches(name, [n for n in index.modules if n], n=3)
+        hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise PlanError(f"the model has no layer {name!r}{hint}")
+    reason = index.reason(name)
+    if reason:
+        raise PlanError(f"layer {name!r} has no spectrum: {reason}")
+    return index.modules[name]
+
+
+def layer_spectrum(layer: nn.Module, name: str = "", unfolding: str = "out", stats: Any = None) -> Spectrum:
+    """The spectrum of one layer module (``stats``: whitened by its input statistics)."""
+    check_finite(layer, name)
+    if stats is not None:
+        from .calibration import whitened_values
+
+        values, shape = whitened_values(layer, stats, unfolding)
+        return Spectrum(name, unfolding, values, shape, whitened=True)
+    values, shape = _grouped_values(layer, unfolding)
+    return Spectrum(name, unfolding, values, shape)
+
+
+def spectrum(model: nn.Module, layer: str, *, unfolding: str = "out", data: Any = None) -> Spectrum:
+    """Singular values of one layer's ``out`` (out x in*kh*kw) or ``in`` (in x out*kh*kw) unfolding.
+
+    With ``data``, the spectrum of the weight whitened by the layer's input statistics: the
+    values a data-aware truncation actually cuts.
+    """
+    module = _layer(model, layer)
+    stats = None
+    if data is not None:
+        from .calibration import collect_stats
+
+        stats = collect_stats(model, data, [layer])[layer]
+    return layer_spectrum(module, layer, unfolding, stats)
+
+
+def spectra(
+    model: nn.Module,
+    *,
+    unfolding: str = "out",
+    layers: Iterable[str] | None = None,
+    data: Any = None,
+    progress: Any = False,
+) -> dict[str, Spectrum]:
+    """Spectra of all decomposable layers (or of ``layers``), computed once and cached."""
+    from .inventory import inspect
+
+    names = list(layers) if layers is not None else [l.name for l in inspect(model)]
+    modules = {n: _layer(model, n) for n in names} if layers is not None else dict(model.named_modules())
+    stats = None
+    if data is not None:
+        from .calibration import collect_stats
+
+        stats = collect_stats(model, data, names, progress=progress)
+    out = {}
+    with Progress(progress, total=len(names), desc="spectra") as bar:
+        for n in names:
+            bar.set_message(n)
+            out[n] = layer_spectrum(modules[n], n, unfolding, stats[n] if stats else None)
+            bar.update(1)
+    return out
+
+
+# ---- the convolution as an operator ------------------------------------------------------
+
+
+def operator_spectrum(layer: nn.Conv2d, n: int = 32) -> np.ndarray:
+    """All singular values of the conv as a linear map on n x n inputs, periodic boundary.
+
+    Following Sedghi, Gupta and Long (2019): the 2-D DFT of the (dilated) kernel padded to
+    n x n gives, at each of the n^2 frequencies, an out x in matrix; the operator's singular
+    values are theirs. Stride is ignored (this is the stride-1 operator). Descending.
+    """
+    if not isinstance(layer, nn.Conv2d):
+        raise PlanError(f"operator spectra are for Conv2d layers; got {type(layer).__name__}")
+    check_finite(layer)
+    w = linalg.grouped_weight(layer).to(torch.float64)  # (g, o, i, kh, kw)
+    dh, dw = layer.dilation
+    kh, kw = w.shape[-2:]
+    eh, ew = (kh - 1) * dh + 1, (kw - 1) * dw + 1
+    if eh > n or ew > n:
+        raise PlanError(f"input size n={n} is smaller than the (dilated) kernel {eh}x{ew}")
+    dil = torch.zeros(*w.shape[:3], eh, ew, dtype=w.dtype)
+    dil[..., ::dh, ::dw] = w
+    key = (fingerprint(layer.weight), layer.groups, f"operator{n}-{dh}-{dw}")
+
+    def compute():
+        f = torch.fft.fft2(dil, s=(n, n))  # (g, o, i, n, n)
+        mats = f.permute(0, 3, 4, 1, 2)  # (g, n, n, o, i)
+        return torch.linalg.svdvals(mats).reshape(-1)
+
+    vals = factor_cache.get(key, compute)
+    return np.sort(vals.numpy())[::-1]
+
+
+# ---- error against cost, over all ranks ---------------------------------------------------
+
+
+@dataclass
+class Tradeoff:
+    """Relative error against parameter count for every rank of one layer and method."""
+
+    layer: str
+    method: str
+    ranks: list[Any]
+    params: np.ndarray
+    errors: np.ndarray  # relative Frobenius error (or relative output error with data)
+    flops: np.ndarray | None = None
+    dense_params: int = 0
+    dense_flops: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def pareto(self) -> "Tradeoff":
+        """Only the ranks no other rank beats on both parameters and error."""
+        order = np.lexsort((self.errors, self.params))
+        keep, best = [], np.inf
+        for i in order:
+            if self.errors[i] < best - 1e-15:
+                keep.append(i)
+                best = self.errors[i]
+        keep = np.array(keep, dtype=int)
+        return Tradeoff(self.layer, self.method, [self.ranks[i] for i in keep], self.params[keep], self.errors[keep],
+                        None if self.flops is None else self.flops[keep], self.dense_params, self.dense_flops)
+
+
+def tucker2_retained(layer: nn.Module) -> np.ndarray:
+    """Energy ``E[a, b]`` kept by the HOSVD truncation at ranks (a+1, b+1), all pairs at once.
+
+    The HOSVD core for every rank pair is a corner of one full core, so its energy is a 2-D
+    cumulative sum of the full core's squared entries: no factorization per rank.
+    """
+    key = (fingerprint(layer.weight), linalg.groups_of(layer), "tucker2-energy")
+
+    def compute():
+        w = linalg.grouped_weight(layer).to(torch.float64)
+        u_out = linalg.mode_eig(layer, 0)[1]
+        u_in = linalg.mode_eig(layer, 1)[1]
+        core = torch.einsum("goikl,goa,gib->gabkl", w, u_out, u_in)
+        e = core.pow(2).sum(dim=(0, 3, 4))
+        return e.cumsum(0).cumsum(1)
+
+    return factor_cache.get(key, compute).numpy()
+
+
+def tradeoff(layer: nn.Module, method: str, name: str = "", geom: LayerGeometry | None = None,
+             stats: Any = None) -> Tradeoff | None:
+    """The error-versus-parameters curve of ``method`` on ``layer`` over all its ranks.
+
+    A by-product of cached factors for ``svd`` and ``tucker2`` (all rank pairs); ``None``
+    for methods whose error needs a new factorization per rank (``cp``, ``tt``).
+    """
+    geom = geom or LayerGeometry.of(layer)
+    m = get_method(method)
+    if m.unsupported_reason(geom):
+        return None
+    dense_p, dense_f = geom.dense_params, geom.dense_flops
+    if method == "svd":
+        spec = layer_spectrum(layer, name, "out", stats)
+        total = spec.total_energy
+        sq = (spec.grouped.astype(np.float64) ** 2).sum(axis=0)
+        tail = np.concatenate([np.cumsum(sq[::-1])[::-1][1:], [0.0]])
+        errs = np.sqrt(np.clip(tail / total, 0, None)) if total > 0 else np.zeros_like(tail)
+        ranks = list(range(1, spec.max_rank + 1))
+        params = np.array([m.count_params(geom, r) for r in ranks])
+        flops = None if dense_f is None else np.array([m.count_flops(geom, r) for r in ranks])
+        return Tradeoff(name, method, ranks, params, errs, flops, dense_p, dense_f)
+    if method == "tucker2":
+        if stats is not None:
+            return None
+        e = tucker2_retained(layer)
+        total = float(linalg.grouped_weight(layer).to(torch.float64).pow(2).sum())
+        mo, mi = e.shape
+        a, b = np.meshgrid(np.arange(1, mo + 1), np.arange(1, mi + 1), indexing="ij")
+        a, b = a.reshape(-1), b.reshape(-1)
+        errs = np.sqrt(np.clip(1.0 - e.reshape(-1) / total, 0, None)) if total > 0 else np.zeros(a.size)
+        g, k = geom.groups, geom.khw
+        params = a * b * g * k + b * geom.in_features + a * geom.out_features + (geom.out_features if geom.bias else 0)
+        flops = None
+        if dense_f is not None:
+            p_in = geom.in_size[0] * geom.in_size[1]
+            p_out = geom.positions
+            flops = 2 * (p_in * b * geom.in_features + p_out * g * a * b * k + p_out * geom.out_features * a)
+        ranks = list(zip(a.tolist(), b.tolist()))
+        return Tradeoff(name, method, ranks, params, errs, flops, dense_p, dense_f).pareto()
+    return None

@@ -1,0 +1,182 @@
+"""Model surgery: apply a plan to a copy of a model.
+
+``compress(model, plan)`` deep-copies the model, replaces each planned layer by the chain
+its method builds, and returns the copy; the original is never modified. Everything is
+validated before any factorization starts, so a bad plan fails fast and leaves nothing
+half-done.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .errors import DecompositionError, TensorscopeError
+from .methods.base import BreakEvenWarning, check_finite, warn_if_past_break_even
+from .plan import Plan, ResolvedLayer, as_plan
+from .progress import Progress
+
+PLAN_ATTR = "_tensorscope_plan"
+FOLD_ATTR = "_tensorscope_fold_bn"
+
+
+def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace the submodule called ``name`` (dotted path) by ``new``."""
+    parent_name, _, leaf = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, leaf, new)
+
+
+# ---- BatchNorm folding --------------------------------------------------------------------
+
+
+def _conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
+    """(conv, bn) name pairs where the BN consumes only that conv's output."""
+    pairs: list[tuple[str, str]] = []
+    try:
+        import torch.fx as fx
+
+        gm = fx.symbolic_trace(model)
+        mods = dict(gm.named_modules())
+        for node in gm.graph.nodes:
+            if node.op != "call_module" or not isinstance(mods.get(node.target), nn.BatchNorm2d):
+                continue
+            src = node.args[0] if node.args else None
+            if (isinstance(src, fx.Node) and src.op == "call_module" and isinstance(mods.get(src.target), nn.Conv2d)
+                    and len(src.users) == 1):
+                pairs.append((str(src.target), str(node.target)))
+        return pairs
+    except Exception:  # not traceable (data-dependent control flow): use Sequential adjacency
+        pass
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Sequential):
+            children = list(mod.named_children())
+            for (n1, a), (n2, b) in zip(children, children[1:]):
+                if isinstance(a, nn.Conv2d) and isinstance(b, nn.BatchNorm2d):
+                    pre = f"{name}." if name else ""
+                    pairs.append((pre + n1, pre + n2))
+    return pairs
+
+
+def fold_batchnorm(model: nn.Module) -> list[tuple[str, str]]:
+    """Fold every BatchNorm2d into the Conv2d before it, in place (eval-mode statistics).
+
+    The BN becomes ``nn.Identity`` so the model's own forward is unchanged; returns the
+    folded (conv, bn) pairs. Decomposing a folded conv compresses what inference computes.
+    """
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    pairs = _conv_bn_pairs(model)
+    for conv_name, bn_name in pairs:
+        conv = model.get_submodule(conv_name)
+        bn = model.get_submodule(bn_name)
+        if not bn.track_running_stats or bn.running_mean is None:
+            continue
+        fused = fuse_conv_bn_eval(conv.eval(), bn.eval())
+        fused.train(model.training)
+        set_submodule(model, conv_name, fused)
+        set_submodule(model, bn_name, nn.Identity())
+    return pairs
+
+
+# ---- compress -----------------------------------------------------------------------------
+
+
+def compress(
+    model: nn.Module,
+    plan: Any,
+    *,
+    data: Any = None,
+    fold_bn: bool = False,
+    refine: bool = True,
+    max_batches: int | None = None,
+    progress: bool | Callable[[float, str], None] = False,
+) -> nn.Module:
+    """Return a copy of ``model`` with the planned layers decomposed.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Not modified.
+    plan : Plan, dict, JSON text or path
+        See :class:`tensorscope.Plan`.
+    data : iterable of batches, optional
+        Calibration data: factors then minimise the error of each layer's output on it
+        (whitened factorizations) instead of the error of its weights.
+    fold_bn : bool
+        Fold each BatchNorm2d into the conv before it first (as deployment tools do).
+    refine : bool
+        Spend a little more time on better factors (HOOI sweeps for Tucker-2, full CP-ALS).
+    progress : bool or callable
+        A tqdm bar, or ``callable(fraction, message)``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"compress expects an nn.Module; got {type(model).__name__}")
+    plan = as_plan(plan)
+    new = copy.deepcopy(model)
+    if fold_bn:
+        fold_batchnorm(new)
+    resolved = plan.validate(new)
+    for r in resolved:  # refuse NaN/Inf before spending time on anything
+        check_finite(r.module, r.name)
+    stats = None
+    if data is not None and resolved:
+        from .calibration import collect_stats
+
+        stats = collect_stats(new, data, [r.name for r in resolved], max_batches=max_batches, progress=progress)
+    bar = Progress(progress, total=len(resolved), desc="decomposing")
+    try:
+        for r in resolved:
+            bar.set_message(f"{r.name}: {r.method.name} rank {r.rank}")
+            set_submodule(new, r.name, _decompose_one(r, stats, refine))
+            bar.update(1)
+    finally:
+        bar.close()
+    object.__setattr__(new, PLAN_ATTR, plan)
+    object.__setattr__(new, FOLD_ATTR, bool(fold_bn))
+    return new
+
+
+def _decompose_one(r: ResolvedLayer, stats: Any, refine: bool) -> nn.Module:
+    warn_if_past_break_even(r.method, r.geometry, r.rank, r.options, name=r.name)
+    try:
+        layer_stats = stats.get(r.name) if stats is not None else None
+        factors = r.method.factorize(r.module, r.rank, r.options, stats=layer_stats, refine=refine)
+        built = r.method.build(r.module, factors)
+    except TensorscopeError as e:
+        raise type(e)(f"layer {r.name!r}: {e}") from e
+    except (RuntimeError, ValueError, torch.linalg.LinAlgError) as e:
+        raise DecompositionError(
+            f"layer {r.name!r}: {r.method.name} at rank {r.rank} failed: {type(e).__name__}: {e}"
+        ) from e
+    built.train(r.module.training)
+    return built
+
+
+def apply_skeleton(model: nn.Module, plan: Any, *, fold_bn: bool = False) -> nn.Module:
+    """Give ``model`` (in place) the structure ``compress`` would build, without factorizing.
+
+    Used to load a checkpoint: the factorized modules get the right shapes (zero weights)
+    and the state dict is then loaded into them.
+    """
+    plan = as_plan(plan)
+    if fold_bn:
+        fold_batchnorm(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", BreakEvenWarning)
+        for r in plan.validate(model):
+            built = r.method.skeleton(r.module, r.rank, r.options)
+            built.train(r.module.training)
+            set_submodule(model, r.name, built)
+    object.__setattr__(model, PLAN_ATTR, plan)
+    object.__setattr__(model, FOLD_ATTR, bool(fold_bn))
+    return model
+
+
+def plan_of(model: nn.Module) -> Plan | None:
+    """The plan ``compress`` applied to make ``model`` (None for an uncompressed model)."""
+    return getattr(model, PLAN_ATTR, None)
