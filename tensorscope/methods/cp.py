@@ -20,6 +20,7 @@ CP-decomposition", ICLR 2015 (arXiv 1412.6553, 2014).
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import tensorly as tl
@@ -114,8 +115,6 @@ class CP(Method):
         for wg in w:
             if full:
                 fs = exact_cp(wg)
-                if fs[0].shape[1] < rank:  # pad (only when several modes tie)
-                    fs = [torch.cat([f, torch.zeros(f.shape[0], rank - f.shape[1], dtype=f.dtype)], 1) for f in fs]
             elif float(wg.norm()) == 0.0:
                 fs = [torch.zeros(d, rank, dtype=wg.dtype) for d in wg.shape]
             else:
@@ -128,7 +127,9 @@ class CP(Method):
     @staticmethod
     def _als(wg: torch.Tensor, rank: int, iters: int, seed: int) -> list[torch.Tensor]:
         scale = wg.norm()
-        with tl.backend_context("pytorch", local_threadsafe=True):
+        with tl.backend_context("pytorch", local_threadsafe=True), warnings.catch_warnings():
+            # tensorly warns when the SVD initialisation asks for more vectors than a mode has
+            warnings.filterwarnings("ignore", message="Trying to compute SVD")
             try:
                 cp = tl.decomposition.parafac(
                     (wg / scale).to(torch.float64), rank, n_iter_max=iters, init="svd",
