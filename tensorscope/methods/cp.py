@@ -108,6 +108,10 @@ class CP(Method):
         check_finite(layer)
         opts = dict(options or {})
         w = linalg.grouped_weight(layer)  # (g, o, i, kh, kw)
+        whitener = None
+        if stats is not None:  # data-aware: factorize W x_1 L^T, then map the input factor back
+            whitener = stats.whitener("channel")  # (g, i, i) float64, C = L L^T
+            w = torch.einsum("goikl,gij->gojkl", w.to(torch.float64), whitener).to(w.dtype)
         geom = LayerGeometry.of(layer)
         full = rank == self.max_rank(geom)
         iters = int(opts.get("iters", DEFAULT_ITERS if refine else PREVIEW_ITERS))
@@ -121,6 +125,9 @@ class CP(Method):
                 fs = self._als(wg, rank, iters, int(opts.get("seed", 0)))
             per_group.append(fs)
         stacked = [torch.stack([fs[k] for fs in per_group]) for k in range(4)]  # each (g, dim, R)
+        if whitener is not None:  # a_in <- L^{-T} a_in, so that the first 1x1 conv sees raw inputs
+            a_in = torch.linalg.solve_triangular(whitener.transpose(-1, -2), stacked[1].to(torch.float64), upper=True)
+            stacked[1] = a_in.to(stacked[1].dtype)
         names = ("a_out", "a_in", "a_h", "a_w")
         return Factors("cp", rank, dict(zip(names, stacked)))
 

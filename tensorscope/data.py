@@ -1,0 +1,232 @@
+"""The batch convention: the one way tensorscope reads data.
+
+Data is any iterable of batches; a ``DataLoader`` works. A batch is one of:
+
+* a tensor: the model's single positional input;
+* a dict of keyword tensors, as a Hugging Face tokenizer returns: ``model(**batch)``;
+* a tuple or list ``(inputs, targets)``, as a ``DataLoader`` over a ``TensorDataset``
+  yields. ``targets`` is optional (a 1-tuple is inputs only), and ``inputs`` may itself be
+  a tensor or a dict of keyword tensors. Elements after the second are ignored, so
+  ``(x, y, weights)`` still reads as inputs ``x`` and targets ``y``.
+
+Labels are optional everywhere. Every function here raises
+:class:`tensorscope.errors.DataError` with the type it received and the convention when a
+batch does not follow it.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .errors import DataError
+
+__all__ = [
+    "Batch",
+    "split_batch",
+    "forward",
+    "output_tensor",
+    "iter_batches",
+    "num_samples",
+    "CONVENTION",
+]
+
+CONVENTION = (
+    "a batch is a tensor, a dict of keyword tensors (as a tokenizer returns), or a "
+    "tuple/list (inputs, targets) with optional targets, where inputs is a tensor or a dict"
+)
+
+
+def _describe(obj: Any) -> str:
+    """A short description of what was received, for error messages."""
+    name = type(obj).__name__
+    if isinstance(obj, Tensor):
+        return f"Tensor of shape {tuple(obj.shape)}"
+    if isinstance(obj, (tuple, list)):
+        inner = ", ".join(type(o).__name__ for o in obj[:4])
+        more = ", ..." if len(obj) > 4 else ""
+        return f"{name} of length {len(obj)} ({inner}{more})"
+    if isinstance(obj, Mapping):
+        keys = list(obj.keys())[:6]
+        return f"{name} with keys {keys}"
+    text = repr(obj)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    return f"{name} {text}"
+
+
+@dataclass
+class Batch:
+    """One batch split into what the model's forward takes and the optional targets."""
+
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+    target: Tensor | None = None
+
+    @property
+    def size(self) -> int:
+        """Number of samples: the first dimension of the first input tensor."""
+        for t in (*self.args, *self.kwargs.values()):
+            if isinstance(t, Tensor):
+                return int(t.shape[0]) if t.dim() > 0 else 1
+        return 0
+
+    def to(self, device: torch.device | str | None) -> "Batch":
+        """A copy with every tensor moved to ``device`` (``None``: unchanged)."""
+        if device is None:
+            return self
+        mv = lambda v: v.to(device) if isinstance(v, Tensor) else v  # noqa: E731
+        return Batch(
+            args=tuple(mv(a) for a in self.args),
+            kwargs={k: mv(v) for k, v in self.kwargs.items()},
+            target=mv(self.target) if self.target is not None else None,
+        )
+
+    def call(self, model: nn.Module) -> Any:
+        """``model(*args, **kwargs)``: the raw output, before :func:`output_tensor`."""
+        return model(*self.args, **self.kwargs)
+
+
+def _split_inputs(inputs: Any, whole: Any) -> tuple[tuple, dict]:
+    if isinstance(inputs, Tensor):
+        return (inputs,), {}
+    if isinstance(inputs, Mapping):
+        if not any(isinstance(v, Tensor) for v in inputs.values()):
+            raise DataError(
+                f"a dict batch must hold at least one tensor; got {_describe(whole)}. "
+                f"Convention: {CONVENTION}."
+            )
+        bad = [k for k in inputs if not isinstance(k, str)]
+        if bad:
+            raise DataError(
+                f"a dict batch is passed as keyword arguments, so its keys must be strings; "
+                f"got keys {bad[:4]} in {_describe(whole)}. Convention: {CONVENTION}."
+            )
+        return (), dict(inputs)
+    raise DataError(f"cannot read a batch from {_describe(whole)}. Convention: {CONVENTION}.")
+
+
+def split_batch(batch: Any) -> Batch:
+    """Split one batch into positional inputs, keyword inputs and optional targets.
+
+    Parameters
+    ----------
+    batch
+        A tensor, a dict of keyword tensors, or a tuple/list ``(inputs, targets)``
+        (``targets`` optional) whose inputs are a tensor or a dict.
+
+    Raises
+    ------
+    DataError
+        When ``batch`` is none of these (a string, ``None``, an empty tuple, a dict with no
+        tensors, targets that are not a tensor ...).
+    """
+    if isinstance(batch, (tuple, list)):
+        if len(batch) == 0:
+            raise DataError(f"got an empty {type(batch).__name__} as a batch. Convention: {CONVENTION}.")
+        args, kwargs = _split_inputs(batch[0], batch)
+        target = batch[1] if len(batch) > 1 else None
+        if target is not None and not isinstance(target, Tensor):
+            raise DataError(
+                f"the second element of a tuple batch is the targets and must be a tensor; "
+                f"got {_describe(batch)}. Convention: {CONVENTION}."
+            )
+        return Batch(args, kwargs, target)
+    args, kwargs = _split_inputs(batch, batch)
+    return Batch(args, kwargs, None)
+
+
+def output_tensor(out: Any) -> Tensor:
+    """The tensor to measure in a model's output.
+
+    A tensor as is; an object with ``.logits`` (a Hugging Face ``ModelOutput``) gives its
+    logits, else its ``.last_hidden_state``; a dict gives ``"logits"``, else
+    ``"last_hidden_state"``, else its first tensor value; a tuple or list gives its first
+    element (recursively).
+    """
+    if isinstance(out, Tensor):
+        return out
+    if isinstance(out, Mapping):
+        for key in ("logits", "last_hidden_state"):
+            if isinstance(out.get(key), Tensor):
+                return out[key]
+        for v in out.values():
+            if isinstance(v, Tensor):
+                return v
+    else:
+        for attr in ("logits", "last_hidden_state"):
+            v = getattr(out, attr, None)
+            if isinstance(v, Tensor):
+                return v
+        if isinstance(out, (tuple, list)) and len(out) > 0:
+            return output_tensor(out[0])
+    raise DataError(
+        f"cannot find the output tensor in a model output of type {_describe(out)}; expected "
+        "a tensor, an object or dict with 'logits' or 'last_hidden_state', or a tuple whose "
+        "first element is one of these"
+    )
+
+
+def forward(model: nn.Module, batch: Any, device: torch.device | str | None = None) -> Tensor:
+    """Run ``model`` on one batch (moving its tensors to ``device`` if given); the output tensor."""
+    b = batch if isinstance(batch, Batch) else split_batch(batch)
+    return output_tensor(b.to(device).call(model))
+
+
+def iter_batches(data: Any, max_batches: int | None = None) -> Iterator[Any]:
+    """Iterate over the batches of ``data``, at most ``max_batches`` of them.
+
+    ``data`` is an iterable of batches (a ``DataLoader``, a list of tensors, a generator).
+    A bare tensor or a bare dict is taken as ONE batch, not iterated (iterating a tensor
+    would give its rows, and a dict its keys). A non-iterable raises ``DataError`` at once,
+    not on the first ``next``.
+    """
+    if max_batches is not None and (not isinstance(max_batches, int) or max_batches < 0):
+        raise DataError(f"max_batches must be a non-negative integer or None; got {max_batches!r}")
+    if isinstance(data, (Tensor, Mapping)):
+        it: Iterator[Any] = iter((data,))
+    elif isinstance(data, (str, bytes)) or not isinstance(data, Iterable):
+        raise DataError(
+            f"data must be an iterable of batches (a DataLoader, a list of batches) or one "
+            f"batch as a tensor or dict; got {_describe(data)}. Convention: {CONVENTION}."
+        )
+    else:
+        it = iter(data)
+    return it if max_batches is None else itertools.islice(it, max_batches)
+
+
+def num_samples(data: Any, max_batches: int | None = None) -> int | None:
+    """Best-effort count of samples without iterating; ``None`` when unknown.
+
+    Knows a tensor or dict (one batch), a ``DataLoader`` over a sized dataset, and a list
+    or tuple of batches.
+    """
+    if isinstance(data, (Tensor, Mapping)):
+        try:
+            return split_batch(data).size
+        except DataError:
+            return None
+    dataset = getattr(data, "dataset", None)
+    if dataset is not None and hasattr(data, "batch_size"):
+        try:
+            n = len(dataset)
+        except TypeError:
+            return None
+        bs = data.batch_size
+        if bs and getattr(data, "drop_last", False):
+            n = (n // bs) * bs
+        if max_batches is not None and bs:
+            return min(n, max_batches * bs)
+        return n if max_batches is None else None
+    if isinstance(data, (list, tuple)):
+        batches = data if max_batches is None else data[:max_batches]
+        try:
+            return sum(split_batch(b).size for b in batches)
+        except DataError:
+            return None
+    return None

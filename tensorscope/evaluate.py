@@ -1,0 +1,261 @@
+"""How good a (compressed) model is: against labels, against a reference model, or both.
+
+Everything streams: each metric is a running sum updated batch by batch, so evaluating on a
+large dataset never holds all outputs in memory.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .data import iter_batches, output_tensor, split_batch
+from .errors import DataError
+from .progress import Progress, ProgressArg
+
+__all__ = ["evaluate", "predict", "IGNORE_INDEX"]
+
+IGNORE_INDEX = -100  # targets equal to this are skipped, as in Hugging Face and F.cross_entropy
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+@contextmanager
+def _eval_mode(*models: nn.Module | None) -> Iterator[None]:
+    """Put models in eval mode; restore every submodule's own ``training`` flag afterwards."""
+    saved = [(m, m.training) for model in models if model is not None for m in model.modules()]
+    try:
+        for model in models:
+            if model is not None:
+                model.eval()
+        yield
+    finally:
+        for m, flag in saved:
+            m.training = flag
+
+
+def _progress(
+    it: Iterator[Any], data: Any, max_batches: int | None, progress: ProgressArg, desc: str
+) -> Iterator[Any]:
+    """``it`` with a tqdm bar (``progress=True``) or ``progress(fraction, message)`` calls."""
+    if not progress:
+        yield from it
+        return
+    try:
+        total: int | None = 1 if isinstance(data, (Tensor, dict)) else len(data)  # type: ignore[arg-type]
+    except TypeError:
+        total = None
+    if max_batches is not None:
+        total = max_batches if total is None else min(total, max_batches)
+    if total is None:  # a generator: no fraction to give until it ends
+        if progress is True:
+            from tqdm.auto import tqdm
+
+            with tqdm(it, desc=desc, unit="batch", leave=False) as bar:
+                yield from bar
+        else:
+            for i, b in enumerate(it):
+                progress(0.0, f"{desc}: batch {i + 1}")
+                yield b
+            progress(1.0, desc)
+        return
+    with Progress(progress, total=total, desc=desc) as bar:
+        for b in it:
+            yield b
+            bar.update()
+
+
+def _class_targets(out: Tensor, target: Tensor) -> bool:
+    """True when ``target`` holds class indices for ``out`` (classes along the last dim)."""
+    return (
+        out.dim() >= 2
+        and not target.is_floating_point()
+        and not target.is_complex()
+        and tuple(target.shape) == tuple(out.shape[:-1])
+    )
+
+
+def evaluate(
+    model: nn.Module,
+    data: Any,
+    reference: nn.Module | None = None,
+    *,
+    max_batches: int | None = None,
+    progress: ProgressArg = False,
+    device: torch.device | str | None = None,
+) -> dict[str, float | int]:
+    """Measure ``model`` on ``data`` against its labels and/or a ``reference`` model.
+
+    Runs under ``torch.no_grad()`` with the models in eval mode; each module's training
+    flag is restored afterwards.
+
+    Parameters
+    ----------
+    model
+        The model to measure.
+    data
+        An iterable of batches (see :mod:`tensorscope.data`); a bare tensor or dict is one
+        batch. Targets come from ``(inputs, targets)`` tuples.
+    reference
+        Optional model to compare with, typically the uncompressed original.
+    max_batches
+        Stop after this many batches.
+    progress
+        ``True`` for a tqdm bar, or a callable ``progress(fraction, message)``.
+    device
+        Where to move each batch for ``model``; by default the device of ``model``'s
+        parameters. The reference gets the batch on its own parameters' device.
+
+    Returns
+    -------
+    dict
+        ``samples`` always. With class-index targets (shape of the output without its
+        last dim; ``-100`` ignored): ``accuracy`` (top-1 along the last dim) and ``loss``
+        (cross-entropy, mean over the counted samples, or tokens for (N, T, C) outputs).
+        With float targets of the output's own shape: ``mse``. With a reference:
+        ``agreement`` (fraction of top-1 predictions along the last dim equal to the
+        reference's; left out for 1-D outputs, which have no classes), ``relative_error`` (``||y - y_ref||_F / ||y_ref||_F`` over all
+        outputs seen) and ``cosine`` (mean over samples of the cosine similarity of the
+        flattened outputs).
+
+    Raises
+    ------
+    DataError
+        When batches carry no targets and no reference is given (quality needs one), when
+        the data yields no batch, or when targets or reference outputs do not fit.
+    """
+    dev = torch.device(device) if device is not None else _device_of(model)
+    ref_dev = _device_of(reference) if reference is not None else None
+
+    samples = 0
+    correct = 0
+    counted = 0  # target positions not ignored
+    loss_sum = 0.0
+    sq_err = 0.0  # for mse
+    sq_n = 0
+    agree = 0
+    agree_n = 0
+    diff_sq = 0.0
+    ref_sq = 0.0
+    cos_sum = 0.0
+    seen_target = False
+
+    batches = _progress(iter_batches(data, max_batches), data, max_batches, progress, "evaluate")
+    with torch.no_grad(), _eval_mode(model, reference):
+        for i, raw in enumerate(batches):
+            b = split_batch(raw)
+            if i == 0 and reference is None and b.target is None:
+                raise DataError(
+                    "evaluate needs labels or a reference model to measure quality: the "
+                    "batches carry no targets (give (inputs, targets) batches) and no "
+                    "reference= was passed (give the original model to compare with)"
+                )
+            n = b.size
+            samples += n
+            out = output_tensor(b.to(dev).call(model))
+
+            if b.target is not None:
+                seen_target = True
+                t = b.target.to(out.device)
+                if _class_targets(out, t):
+                    mask = t != IGNORE_INDEX
+                    pred = out.argmax(dim=-1)
+                    correct += int((pred == t)[mask].sum())
+                    counted += int(mask.sum())
+                    logits = out.reshape(-1, out.shape[-1]).float()
+                    loss_sum += float(
+                        F.cross_entropy(logits, t.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+                    )
+                elif t.is_floating_point() and tuple(t.shape) == tuple(out.shape):
+                    sq_err += float(((out.double() - t.double()) ** 2).sum())
+                    sq_n += out.numel()
+                else:
+                    raise DataError(
+                        f"targets of shape {tuple(t.shape)} and dtype {t.dtype} do not fit the "
+                        f"model's output of shape {tuple(out.shape)}: expected integer class "
+                        f"indices of shape {tuple(out.shape[:-1])} (classes along the last "
+                        f"dim, {IGNORE_INDEX} ignored) or float targets of the output's shape"
+                    )
+
+            if reference is not None:
+                y_ref = output_tensor(b.to(ref_dev).call(reference)).to(out.device)
+                if y_ref.shape != out.shape:
+                    raise DataError(
+                        f"model and reference give outputs of different shapes on the same "
+                        f"batch: {tuple(out.shape)} and {tuple(y_ref.shape)}"
+                    )
+                if out.dim() >= 2 and out.shape[-1] > 0:
+                    agree += int((out.argmax(dim=-1) == y_ref.argmax(dim=-1)).sum())
+                    agree_n += out.numel() // out.shape[-1]
+                y, r = out.double(), y_ref.double()
+                diff_sq += float(((y - r) ** 2).sum())
+                ref_sq += float((r**2).sum())
+                if out.dim() >= 1 and out.shape[0] == n and n > 0:
+                    cos_sum += float(
+                        F.cosine_similarity(y.reshape(n, -1), r.reshape(n, -1), dim=1, eps=1e-12).sum()
+                    )
+                else:
+                    cos_sum += float(F.cosine_similarity(y.reshape(1, -1), r.reshape(1, -1), eps=1e-12)) * n
+
+    if samples == 0:
+        raise DataError("data gave no batches (or only empty ones): nothing to evaluate")
+
+    result: dict[str, float | int] = {"samples": samples}
+    if seen_target:
+        if counted:
+            result["accuracy"] = correct / counted
+            result["loss"] = loss_sum / counted
+        if sq_n:
+            result["mse"] = sq_err / sq_n
+    if reference is not None:
+        if agree_n:
+            result["agreement"] = agree / agree_n
+        if ref_sq > 0:
+            result["relative_error"] = math.sqrt(diff_sq) / math.sqrt(ref_sq)
+        else:
+            result["relative_error"] = 0.0 if diff_sq == 0 else float("inf")
+        result["cosine"] = cos_sum / samples
+    return result
+
+
+def predict(
+    model: nn.Module,
+    data: Any,
+    *,
+    max_batches: int | None = None,
+    progress: ProgressArg = False,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """The model's outputs on every batch, concatenated along the first dim, on the CPU.
+
+    Unlike :func:`evaluate` this keeps all outputs; use it for small data. Eval mode and
+    ``no_grad`` as in :func:`evaluate`.
+    """
+    dev = torch.device(device) if device is not None else _device_of(model)
+    outs: list[Tensor] = []
+    batches = _progress(iter_batches(data, max_batches), data, max_batches, progress, "predict")
+    with torch.no_grad(), _eval_mode(model):
+        for raw in batches:
+            outs.append(output_tensor(split_batch(raw).to(dev).call(model)).cpu())
+    if not outs:
+        raise DataError("data gave no batches: nothing to predict")
+    try:
+        return torch.cat(outs, dim=0)
+    except RuntimeError as e:
+        shapes = sorted({tuple(o.shape[1:]) for o in outs})
+        raise DataError(
+            f"outputs of different batches do not concatenate (shapes after the first dim: "
+            f"{shapes[:4]}); pad the batches to one length or evaluate batch by batch"
+        ) from e
+

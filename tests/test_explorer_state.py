@@ -1,0 +1,538 @@
+"""The explorer's state object, without a browser.
+
+Most tests share one loaded LeNet-5 state (module fixture; the example is trained once into
+the cache on a fresh machine) and restore its plan; tests that change what is loaded build
+their own state.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import tensorscope as ts
+import tensorscope.explorer as X
+from tensorscope.explorer import ExplorerState
+from tensorscope.plan import Plan
+
+
+@pytest.fixture(scope="module")
+def state():
+    s = ExplorerState()
+    assert s.load_example("lenet5"), s.error
+    return s
+
+
+@pytest.fixture
+def fresh(state):
+    """The shared state, reset to the dense plan before and after the test."""
+    state.set_plan({})
+    state.error = ""
+    yield state
+    state.set_plan({})
+    state.error = ""
+
+
+def example_input(s: ExplorerState) -> torch.Tensor:
+    return s._data.inputs[:1]
+
+
+# ---- loading -------------------------------------------------------------------------------
+
+
+def test_load_example_fills_everything(state):
+    assert state.example == "lenet5" and not state.error
+    assert state.layer_names == ["features.0", "features.3", "classifier.1", "classifier.3"]
+    assert state.selected == "features.0"
+    assert state.cost["params"] == ts.count_params(state.model) == 431_080
+    assert state.cost["params_after"] == state.cost["params"]
+    assert state.cost["flops"] == ts.count_flops(state.model, example_input(state))
+    assert state.eval_source == "held-out" and state.eval_choices == ["held-out", "none"]
+    table = state.table
+    assert list(table["layer"]) == state.layer_names
+    assert (table["method"] == "dense").all() and (table["rel. error"] == 0).all()
+    q = state.quality
+    assert q["metric"] == "accuracy" and q["samples"] == 1000
+    assert q["plan"] == pytest.approx(q["original"]) and q["original"] > 0.9
+    assert q["agreement"] == 1.0
+    # the original is the first point of the history
+    assert state.history[0]["label"] == "original" and state.history[0]["params"] == 431_080
+    # the overview: every layer on one grid
+    assert set(state.overview["layer"]) == set(state.layer_names)
+
+
+def test_unknown_example_is_an_error_and_keeps_the_model(state):
+    model = state.model
+    assert not state.load_example("nope")
+    assert "no example named 'nope'" in state.error
+    assert state.model is model
+    state.error = ""
+
+
+# ---- plan edits and costs ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,method,rank", [
+    ("classifier.1", "svd", 20),
+    ("features.3", "tucker2", [12, 8]),
+    ("features.3", "svd", 10),
+    ("features.3", "cp", 16),
+    ("classifier.1", "tt", [1, 8, 8, 4, 1]),
+    ("features.0", "svd", 0.5),
+])
+def test_plan_edit_costs_match_plan_cost(fresh, name, method, rank):
+    s = fresh
+    assert s.set_layer(name, method, rank, refresh=False), s.error
+    expected = ts.plan_cost(s.model, s.plan, example_input(s))
+    assert s.cost["params_after"] == expected["params_after"]
+    assert s.cost["flops_after"] == expected["flops_after"]
+    row = s.table.set_index("layer").loc[name]
+    assert row["method"] == method
+    assert row["params after"] == expected["layers"][name]["params"]
+    # and the built model holds exactly what the page shows
+    assert ts.count_params(s.compressed_model()) == s.cost["params_after"]
+
+
+def test_set_layer_is_cheap_and_does_not_factorize(fresh):
+    """A rank change only counts: no SVD, no factorization (the factor cache sees no miss)."""
+    from tensorscope._cache import factor_cache
+
+    s = fresh
+    s.set_layer("classifier.1", "svd", 40, refresh=False)
+    s.spectrum_data("classifier.1")
+    misses = factor_cache.misses
+    times = []
+    for r in range(30, 5, -5):
+        t0 = time.perf_counter()
+        assert s.set_layer("classifier.1", "svd", r, refresh=False)
+        d = s.spectrum_data("classifier.1")
+        times.append(time.perf_counter() - t0)
+        assert d["cut"] == r and d["kept"].sum() == r
+    assert factor_cache.misses == misses
+
+
+def test_bad_rank_sets_error_and_keeps_plan(fresh):
+    s = fresh
+    s.set_layer("classifier.1", "svd", 10, refresh=False)
+    plan = s.plan
+    assert not s.set_layer("classifier.1", "svd", 10_000, refresh=False)
+    assert "out of range" in s.error and "classifier.1" in s.error
+    assert s.plan is plan
+    assert not s.set_layer("classifier.1", "tucker2", [2, 2], refresh=False)  # Linear: no Tucker-2
+    assert "does not apply" in s.error
+
+
+def test_dense_removes_a_layer(fresh):
+    s = fresh
+    s.set_layer("classifier.1", "svd", 10, refresh=False)
+    s.set_layer("classifier.1", "dense", refresh=False)
+    assert len(s.plan) == 0 and s.cost["params_after"] == s.cost["params"]
+
+
+def test_method_switch_picks_a_rank_that_compresses(fresh):
+    s = fresh
+    for name in s.layer_names:
+        for method in s.layers[name].methods:
+            assert s.set_layer(name, method, None, refresh=False), s.error
+            p, _ = s._layer_after(name)
+            geom = s.layers[name].geometry
+            # tiny layers (features.0 has 20 x 25 weights) may not get smaller; the others must
+            if geom.dense_params > 5000:
+                assert p < geom.dense_params, (name, method)
+
+
+# ---- quality ---------------------------------------------------------------------------------
+
+
+def test_quality_falls_as_rank_falls(fresh):
+    s = fresh
+    acc = []
+    for r in (200, 40, 8, 2, 1):
+        s.set_layer("classifier.1", "svd", r)
+        assert not s.quality_pending and not s.error
+        acc.append(s.quality["plan"])
+    assert acc[0] > 0.9 and acc[-1] < acc[0] - 0.3
+    assert all(a >= b - 0.02 for a, b in zip(acc, acc[1:]))  # (about) monotone
+    # the history holds every configuration evaluated, newest last
+    assert [h["quality"] for h in s.history[-5:]] == acc
+
+
+def test_preview_matches_the_built_model(fresh):
+    """The incremental preview (re-running from a layer's recorded input) gives the accuracy
+    of the factorized model built by compress, evaluated from scratch."""
+    s = fresh
+    s.set_layer("features.3", "tucker2", [10, 6])
+    s.set_layer("classifier.1", "svd", 30)
+    s.set_layer("classifier.1", "svd", 12)  # only this layer changed: the incremental path
+    assert s._evaluator.stats["last"] == "incremental"
+    small = s.compressed_model()
+    x, y = s._data.inputs, s._data.targets
+    res = ts.evaluate(small, [(x, y)], reference=s.model)
+    assert s.quality["plan"] == pytest.approx(res["accuracy"], abs=1.5e-3)
+    assert s.quality["agreement"] == pytest.approx(res["agreement"], abs=1.5e-3)
+
+
+@pytest.mark.parametrize("layer", ["features.0", "features.3", "classifier.1", "classifier.3"])
+def test_incremental_equals_full(fresh, layer):
+    s = fresh
+    method = "svd"
+    top = s.layers[layer].info.max_rank[method]
+    s.set_layer(layer, method, max(1, top // 2))
+    s.set_layer(layer, method, max(1, top // 4))
+    inc = dict(s.quality)
+    assert inc["run"] == "incremental"
+    s._evaluator.frontier = None  # forget the recorded activations: a full run
+    s._evaluator.last = None
+    full = s._evaluator.run({layer}, None, lambda: False)
+    assert inc["plan"] == pytest.approx(full["accuracy"], abs=1e-6)
+    assert inc["relative_error"] == pytest.approx(full["relative_error"], rel=1e-4, abs=1e-6)
+
+
+def test_measured_errors_replace_estimates(fresh):
+    s = fresh
+    s.set_layer("features.3", "cp", 12)
+    err = s.table.set_index("layer").loc["features.3", "rel. error"]
+    assert 0 < err < 1  # measured on the CP reconstruction
+    s.set_layer("classifier.1", "svd", 50)
+    err_svd = s.table.set_index("layer").loc["classifier.1", "rel. error"]
+    assert err_svd == pytest.approx(s.layers["classifier.1"].spectrum.relative_error(50), rel=1e-4)
+
+
+def test_async_requests_are_coalesced_and_the_newest_wins(state):
+    s = ExplorerState(executor=ThreadPoolExecutor(2))
+    assert s.load_example("lenet5"), s.error
+    deadline = time.time() + 120
+    while s.quality_pending and time.time() < deadline:
+        time.sleep(0.02)
+    runs_before = s._evaluator.stats["full"] + s._evaluator.stats["incremental"]
+    for r in range(60, 4, -4):  # a slider drag: many requests in a burst
+        s.set_layer("classifier.1", "svd", r)
+    while s.quality_pending and time.time() < deadline:
+        time.sleep(0.02)
+    assert not s.quality_pending
+    runs = s._evaluator.stats["full"] + s._evaluator.stats["incremental"] - runs_before
+    assert 1 <= runs < 14  # folded, not one run per move
+    # the shown quality is the newest plan's
+    sync = ExplorerState()
+    sync.load_network(s.model, s._data.inputs, s._data.targets, plan=s.plan)
+    assert s.quality["plan"] == pytest.approx(sync.quality["plan"])
+    assert s.history[-1]["plan"] == s.plan.to_json(indent=None)
+
+
+# ---- budget and presets ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("keep,by", [(0.25, "params"), (0.1, "params"), (0.5, "flops")])
+def test_budget_hits_target(fresh, keep, by):
+    s = fresh
+    assert s.apply_budget(keep, by, refresh=False), s.error
+    got = s.cost["params_after"] / s.cost["params"] if by == "params" else s.cost["flops_after"] / s.cost["flops"]
+    assert got == pytest.approx(keep, rel=0.02)
+    assert set(lp.method for _, lp in s.plan.items()) <= {"svd", "tucker2"}
+
+
+def test_budget_too_small_is_a_message(fresh):
+    s = fresh
+    assert not s.apply_budget(0.005, "params", refresh=False)
+    assert "cannot keep" in s.error
+
+
+def test_presets(fresh):
+    s = fresh
+    assert s.apply_preset("energy", 0.9, refresh=False), s.error
+    for name, lp in s.plan.items():
+        layer = s.layers[name]
+        if lp.method == "svd":
+            assert lp.rank == ts.energy_rank(layer.spectrum, 0.9)
+    energy_plan = s.plan
+    assert s.apply_preset("vbmf", refresh=False), s.error
+    assert s.plan != energy_plan
+    for name, lp in s.plan.items():
+        if lp.method == "svd":
+            assert lp.rank == ts.vbmf_rank(s.layers[name].spectrum)
+    # a layer on tucker2 keeps its method, with one rank per unfolding
+    s.set_plan({})
+    s.set_layer("features.3", "tucker2", [20, 10], refresh=False)
+    s.apply_preset("energy", 0.8, refresh=False)
+    lp = s.plan["features.3"]
+    layer = s.layers["features.3"]
+    assert lp.method == "tucker2"
+    assert tuple(lp.rank) == (ts.energy_rank(layer.spectrum, 0.8), ts.energy_rank(layer.spectrum_in, 0.8))
+    assert not s.apply_preset("magic")
+
+
+# ---- export ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def planned(fresh):
+    s = fresh
+    s.set_layer("features.3", "tucker2", [12, 8])
+    s.set_layer("classifier.1", "svd", 24)
+    return s
+
+
+def test_export_checkpoint_loads_with_the_shown_parameter_count(planned, tmp_path):
+    s = planned
+    name, data = s.export_bytes("checkpoint")
+    assert name == "lenet5-compressed.safetensors"
+    path = tmp_path / name
+    path.write_bytes(data)
+    loaded = ts.load(path)
+    assert ts.count_params(loaded) == s.cost["params_after"]
+    assert ts.plan_of(loaded) == s.plan
+    x = s._data.inputs[:64]
+    torch.testing.assert_close(loaded(x), s.compressed_model()(x), rtol=1e-5, atol=1e-5)
+    # the preview showed this model's accuracy
+    res = ts.evaluate(loaded, [(s._data.inputs, s._data.targets)])
+    assert s.quality["plan"] == pytest.approx(res["accuracy"], abs=1.5e-3)
+
+
+def test_export_exported_program(planned, tmp_path):
+    s = planned
+    name, data = s.export_bytes("exported_program")
+    assert name.endswith(".pt2")
+    path = tmp_path / name
+    path.write_bytes(data)
+    prog = torch.export.load(str(path)).module()
+    x = s._data.inputs[:5]
+    torch.testing.assert_close(prog(x), s.compressed_model()(x), rtol=1e-4, atol=1e-4)
+    n = sum(p.numel() for p in prog.parameters())
+    assert n == s.cost["params_after"]
+
+
+def test_export_torchscript_and_plan(planned, tmp_path):
+    s = planned
+    name, data = s.export_bytes("torchscript")
+    path = tmp_path / name
+    path.write_bytes(data)
+    script = torch.jit.load(str(path))
+    x = s._data.inputs[:3]
+    torch.testing.assert_close(script(x), s.compressed_model()(x), rtol=1e-4, atol=1e-4)
+    assert sum(p.numel() for p in script.parameters()) == s.cost["params_after"]
+    name, data = s.export_bytes("plan")
+    assert name == "lenet5-plan.json"
+    assert Plan.from_json(data) == s.plan
+    assert not s._guard("x", lambda: s.export_bytes("zip"))
+    assert "export kind" in s.error
+
+
+# ---- uploads -----------------------------------------------------------------------------------
+
+
+def _bytes_of(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def test_corrupt_upload_sets_error_and_keeps_the_model(state):
+    model, plan, version = state.model, state.plan, state.version
+    for data, fname in [(b"\x00garbage" * 100, "model.pt"), (b"", "empty.pt"),
+                        (b"PK\x03\x04broken zip", "model.pth"), (b"\x08\x00\x00\x00\x00\x00\x00\x00{}", "w.safetensors")]:
+        assert not state.load_upload(data, fname, arch="tensorscope.examples:lenet5")
+        assert state.error.startswith(f"Could not load {fname!r}"), state.error
+        assert state.model is model and state.plan is plan and state.version == version
+    state.error = ""
+
+
+def test_upload_limits_and_hostile_inputs(state, monkeypatch):
+    model = state.model
+    monkeypatch.setattr(X, "MAX_UPLOAD_MB", 0.001)
+    assert not state.load_upload(b"x" * 5000, "big.pt")
+    assert "files over 0.001 MB are refused" in state.error
+    monkeypatch.setattr(X, "MAX_UPLOAD_MB", 50.0)
+    sd = _bytes_of(state.model.state_dict())
+    # an architecture that does not import, or could do harm when called
+    assert not state.load_upload(sd, "w.pt", arch="no_such_pkg.models:net")
+    assert "could not import" in state.error
+    assert not state.load_upload(sd, "w.pt", arch="os:abort")
+    assert "refused" in state.error
+    # shapes that do not match
+    assert not state.load_upload(sd, "w.pt", arch="tensorscope.examples:mlp")
+    assert "w.pt" in state.error
+    # a pickled whole module without the trust box
+    whole = _bytes_of(state.model)
+    assert not state.load_upload(whole, "whole.pt")
+    assert "trust" in state.error.lower()
+    assert state.model is model
+    state.error = ""
+
+
+def test_upload_state_dict_with_arch_and_pickled_module_when_trusted(state):
+    s = ExplorerState()
+    sd = _bytes_of(state.model.state_dict())
+    assert s.load_upload(sd, "lenet.pt", arch="tensorscope.examples:lenet5"), s.error
+    assert s.cost["params"] == 431_080 and s.layer_names == state.layer_names
+    # a built-in example's architecture comes with its held-out split
+    assert s.eval_choices == ["held-out", "none"] and s.quality["plan"] == pytest.approx(state.quality["original"])
+    assert s.load_upload(_bytes_of(state.model), "whole.pt", trust=True), s.error
+    assert s.source == "upload whole.pt"
+    # a network of unknown origin: no data until some is uploaded (or an input shape given)
+    other = ExplorerState()
+    assert other.load_upload(_bytes_of(nn.Sequential(nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 3))), "seq.pt",
+                             trust=True), other.error
+    assert other.quality == {} and other.eval_choices == [] and other.cost["flops"] is None
+    assert "Upload evaluation data" in other.message
+    assert other.load_eval_upload(_bytes_of(torch.randn(50, 12)), "x.pt"), other.error
+    assert other.quality["metric"] == "agreement" and other.cost["flops"] == 2 * (12 * 8 + 8 * 3)
+
+
+def test_tensorscope_checkpoint_round_trip(planned):
+    """A checkpoint written by the explorer loads back with its plan, on the dense architecture."""
+    s = planned
+    _, data = s.export_bytes("checkpoint")
+    other = ExplorerState()
+    assert other.load_upload(data, "mine.safetensors"), other.error
+    assert other.plan == s.plan
+    assert other.cost["params_after"] == s.cost["params_after"]
+    assert "tensorscope checkpoint" in other.message
+    # the factorized layers were multiplied out: their spectra end at the planned rank
+    spec = other.layers["classifier.1"].spectrum.values
+    assert spec[23] > 1e-3 * spec[0] and spec[24] < 1e-4 * spec[0]
+
+
+def test_eval_uploads(state, tmp_path):
+    s = ExplorerState()
+    s.load_network(state.model, name="lenet")
+    assert s.quality == {}
+    x, y = state._data.inputs[:300], state._data.targets[:300]
+    buf = io.BytesIO()
+    np.savez(buf, x=x.numpy(), y=y.numpy())
+    assert s.load_eval_upload(buf.getvalue(), "digits.npz"), s.error
+    assert s.eval_source == "uploaded" and s.quality["metric"] == "accuracy" and s.quality["samples"] == 300
+    assert s.cost["flops"] == state.cost["flops"]
+    # inputs only: agreement
+    assert s.load_eval_upload(_bytes_of(x), "inputs.pt"), s.error
+    assert s.quality["metric"] == "agreement" and s.quality["plan"] == 1.0
+    # shapes that do not fit the network, labels out of range, junk
+    assert not s.load_eval_upload(_bytes_of(torch.randn(4, 3, 8, 8)), "bad.pt")
+    assert "do not fit" in s.error
+    assert not s.load_eval_upload(_bytes_of((x, y + 20)), "labels.pt")
+    assert "labels up to" in s.error
+    assert not s.load_eval_upload(b"junk", "junk.npz")
+    assert not s.load_eval_upload(b"junk", "junk.csv")
+    assert s.eval_source == "uploaded" and s.quality["metric"] == "agreement"  # still the last good data
+    # none: agreement on a random calibration batch of a given shape
+    s.input_shape = "1, 28, 28"
+    s.load_network(state.model, name="lenet")
+    assert s.use_eval("none"), s.error
+    assert s.quality["metric"] == "agreement" and s.quality["samples"] == X.CALIBRATION_SAMPLES
+
+
+# ---- sessions ----------------------------------------------------------------------------------
+
+
+def test_two_states_are_independent(state):
+    a, b = ExplorerState(), ExplorerState()
+    assert a.load_example("lenet5") and b.load_example("lenet5")
+    a.set_layer("classifier.1", "svd", 5)
+    b.set_layer("features.3", "tucker2", [4, 4])
+    assert list(a.plan) == ["classifier.1"] and list(b.plan) == ["features.3"]
+    assert a.model is not b.model and a.model is not state.model
+    assert a.cost["params_after"] != b.cost["params_after"]
+    assert a.quality["plan"] != b.quality["plan"]
+    assert a.history[-1]["plan"] != b.history[-1]["plan"]
+    # the original weights are never touched by previews
+    w = state.model.get_submodule("classifier.1").weight
+    torch.testing.assert_close(a.model.get_submodule("classifier.1").weight, w)
+    a.select("classifier.3")
+    assert b.selected == "features.0"
+
+
+def test_load_network_and_non_traceable_models():
+    class Branchy(nn.Module):  # data-dependent control flow: fx cannot trace it
+        def __init__(self):
+            super().__init__()
+            self.fc1 = nn.Linear(12, 32)
+            self.fc2 = nn.Linear(32, 5)
+
+        def forward(self, x):
+            h = torch.relu(self.fc1(x))
+            if h.sum() > 0:
+                h = h * 1.0
+            return self.fc2(h)
+
+    torch.manual_seed(0)
+    net = Branchy()
+    x = torch.randn(200, 12)
+    s = ExplorerState()
+    assert s.load_network(net, x, name="branchy"), s.error
+    assert s._evaluator.gm is None
+    assert s.quality["metric"] == "agreement"
+    s.set_layer("fc1", "svd", 2)
+    s.set_layer("fc1", "svd", 1)
+    assert s.quality["run"] == "full" and s.quality["plan"] < 1.0
+
+
+def test_formatting():
+    assert X.format_count(431_080, "params") == "431 k params"
+    assert X.format_count(1_234_567) == "1.23 M"
+    assert X.format_count(12) == "12"
+    assert X.format_bytes(1_724_320) == "1.64 MB"
+
+
+# ---- the view, without a browser -----------------------------------------------------------------
+
+
+def test_view_builds_and_follows_the_state(state):
+    """apps/explorer.py imports (as a notebook would), renders, and shows what the state holds."""
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("panel")
+    apps = str(Path(__file__).resolve().parent.parent / "apps")
+    if apps not in sys.path:
+        sys.path.insert(0, apps)
+    from explorer import ExplorerView
+
+    s = ExplorerState()
+    view = ExplorerView(state=s, load=False)
+    root = view.__panel__().get_root()  # the inline (notebook) layout renders
+    assert root is not None
+    assert s.load_network(state.model, state._data.inputs[:200], state._data.targets[:200], name="lenet")
+    assert "431,080" in view.stats["params"].object
+    assert len(view.table.value) == 4
+    s.select("classifier.1")
+    assert view.method_select.options == ["dense", "svd", "tt"]
+    view.method_select.value = "svd"  # the person picks a method: the state follows
+    assert s.plan["classifier.1"].method == "svd"
+    assert len(view._rank_widgets) == 1
+    view._rank_widgets[0].value = 7  # and moves the slider
+    assert s.plan["classifier.1"].rank == 7
+    assert f"{s.cost['params_after']:,}" in view.stats["params"].object
+    assert view.spectrum_card.title == "Spectrum of classifier.1"
+    s.set_layer("classifier.1", "tt", [1, 4, 4, 4, 1])
+    assert len(view._rank_widgets) == 3 and [w.value for w in view._rank_widgets] == [4, 4, 4]
+    s.apply_budget(0.25)  # a plan from elsewhere updates the controls
+    assert view.method_select.value == s.layer_choice("classifier.1")[0]
+    assert not view.error_alert.visible
+    s.error = "boom"
+    assert view.error_alert.visible and view.error_alert.object == "boom"
+    page = view.template()
+    assert page.title == "tensorscope explorer"
+
+
+@pytest.mark.parametrize("layer", [
+    nn.Conv2d(6, 8, 3, stride=2, padding=1, bias=False),
+    nn.Conv2d(6, 8, (3, 5), stride=(1, 2), padding=(2, 1), dilation=(2, 1)),
+    nn.Conv2d(6, 9, 3, padding="same", groups=3),
+    nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect", groups=4),
+    nn.Conv2d(4, 6, 1, stride=2),
+    nn.Linear(7, 3),
+], ids=["stride-pad", "dilation", "same-groups", "reflect-depthwise", "1x1-stride", "linear"])
+def test_probing_a_layer_gives_back_its_dense_weight(layer):
+    """How a checkpoint's factorized layers are multiplied out: probing is exact for any geometry."""
+    torch.manual_seed(0)
+    w, b = X._probe_dense(layer, layer)
+    torch.testing.assert_close(w, layer.weight.detach(), rtol=0, atol=1e-6)
+    if layer.bias is None:
+        assert b is None
+    else:
+        torch.testing.assert_close(b, layer.bias.detach(), rtol=0, atol=1e-6)
