@@ -46,25 +46,45 @@ class FactorCache:
         self._data: OrderedDict[Hashable, tuple[Any, int]] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
+        self._pending: dict[Hashable, threading.Event] = {}  # keys being computed now
         self.hits = 0
         self.misses = 0
 
     def get(self, key: Hashable, compute: Callable[[], Any]) -> Any:
-        with self._lock:
-            if key in self._data:
-                self._data.move_to_end(key)
-                self.hits += 1
-                return self._data[key][0]
-        value = compute()  # outside the lock: other layers may compute meanwhile
+        """The cached value for ``key``, computing it once even when threads ask at the same time.
+
+        Different keys compute in parallel; a second caller of a key being computed waits for
+        that computation instead of repeating it (an SVD of a big layer takes seconds).
+        """
+        while True:
+            with self._lock:
+                if key in self._data:
+                    self._data.move_to_end(key)
+                    self.hits += 1
+                    return self._data[key][0]
+                pending = self._pending.get(key)
+                if pending is None:
+                    pending = self._pending[key] = threading.Event()
+                    break
+            pending.wait()  # finished: loop to read it (or, if it failed or was too big, compute)
+        try:
+            value = compute()  # outside the lock: other layers may compute meanwhile
+        except BaseException:
+            with self._lock:
+                del self._pending[key]
+            pending.set()
+            raise
         size = _nbytes(value)
         with self._lock:
             self.misses += 1
-            if key not in self._data and size <= self.max_bytes:
+            if size <= self.max_bytes:
                 self._data[key] = (value, size)
                 self._bytes += size
                 while self._bytes > self.max_bytes:
                     _, (_, s) = self._data.popitem(last=False)
                     self._bytes -= s
+            del self._pending[key]
+        pending.set()
         return value
 
     def clear(self) -> None:

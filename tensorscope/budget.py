@@ -4,8 +4,10 @@ Each layer offers a menu of (cost, error) options: every rank of every method wi
 error curve (``svd``, and ``tucker2`` over all rank pairs), plus "keep it dense" (error 0).
 The loss of a plan is the sum over layers of the squared relative error, i.e. the fraction
 of each layer's energy discarded (with data: of its output energy on that data). On the
-lower convex hull of each layer's menu, taking steps greedily by error reduction per unit
-of cost is optimal for that objective; a final pass spends what is left of the budget.
+Pareto options of every layer, a multiple-choice knapsack by dynamic programming over
+rounded costs picks the plan of least loss within the budget (greedy steps along each
+layer's convex hull, the usual shortcut, miss the target by far more than the tolerance when
+rank steps are coarse); a final pass spends what rounding left.
 
 ``sensitivity`` measures instead of estimating: it truncates one layer at a time and
 evaluates the network.
@@ -13,7 +15,6 @@ evaluates the network.
 
 from __future__ import annotations
 
-import heapq
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
@@ -42,6 +43,10 @@ class _Option:
 
 
 def _menu(info: LayerInfo, module: nn.Module, methods: Sequence[str], by: str, stats: Any) -> list[_Option]:
+    """The layer's Pareto options: cheapest first, each strictly better than the cheaper ones.
+
+    "Keep it dense" (method ``None``) is one of them unless a cheaper rank is already exact.
+    """
     geom = info.geometry
     dense = _Option(float(geom.dense_params if by == "params" else geom.dense_flops), 0.0, None, None,
                     geom.dense_params, geom.dense_flops)
@@ -59,27 +64,68 @@ def _menu(info: LayerInfo, module: nn.Module, methods: Sequence[str], by: str, s
                 continue
             opts.append(_Option(c, float(t.errors[i]) ** 2, m, rank, int(t.params[i]),
                                 None if t.flops is None else int(t.flops[i])))
-    return _lower_hull(opts)
-
-
-def _lower_hull(opts: list[_Option]) -> list[_Option]:
-    """The options on the lower convex hull of (cost, loss), cheapest first."""
-    opts = sorted(opts, key=lambda o: (o.cost, o.loss))
+    opts.sort(key=lambda o: (o.cost, o.loss))
     pareto: list[_Option] = []
     for o in opts:
         if not pareto or o.loss < pareto[-1].loss - 1e-15:
             pareto.append(o)
-    hull: list[_Option] = []
-    for o in pareto:
-        while len(hull) >= 2:
-            a, b = hull[-2], hull[-1]
-            # keep b only if it lies strictly below the segment a -> o
-            if (b.loss - a.loss) * (o.cost - a.cost) >= (o.loss - a.loss) * (b.cost - a.cost):
-                hull.pop()
-            else:
-                break
-        hull.append(o)
-    return hull
+    return pareto
+
+
+def _allocate(menus: list[list[_Option]], budget: float, floor: float, bins: int) -> list[int]:
+    """Pick one option per layer minimising the summed loss with total cost <= ``budget``.
+
+    A multiple-choice knapsack solved by dynamic programming over costs rounded *up* to
+    ``budget / bins`` (so the true total never exceeds the budget). Among plans with equal
+    loss up to float error the most expensive is kept, and when the optimum falls below
+    ``floor`` the cheapest-loss plan at or above it is preferred: the contract is to land
+    within the tolerance of the target. Greedy steps along each layer's convex hull are
+    optimal only at hull vertices; with coarse rank steps (small layers) they can miss the
+    target by far more than the tolerance, which this does not.
+    """
+    q = budget / bins
+    # rounding up can push a plan that fits exactly past ``bins``: keep one bin of slack per
+    # layer in the table and check the exact total when reading plans back
+    size = bins + len(menus) + 1
+    dp = np.full(size, np.inf)
+    dp[0] = 0.0
+    choice = []
+    for menu in menus:
+        new = np.full(size, np.inf)
+        arg = np.full(size, -1, dtype=np.int32)
+        for k, o in enumerate(menu):
+            c = int(np.ceil(o.cost / q - 1e-9))
+            if c >= size:
+                break  # options are sorted by cost
+            cand = dp[: size - c] + o.loss
+            view = new[c:]
+            better = cand < view
+            view[better] = cand[better]
+            arg[c:][better] = k
+        dp = new
+        choice.append(arg)
+
+    def backtrack(b: int) -> tuple[list[int], float]:
+        picks = [0] * len(menus)
+        for li in range(len(menus) - 1, -1, -1):
+            k = int(choice[li][b])
+            picks[li] = k
+            b -= int(np.ceil(menus[li][k].cost / q - 1e-9))
+        return picks, sum(menus[li][k].cost for li, k in enumerate(picks))
+
+    idx = np.nonzero(np.isfinite(dp))[0]
+    # best loss first; among (near-)ties the most expensive: same quality, closer to the target
+    order = sorted(idx.tolist(), key=lambda b: (round(float(dp[b]), 12), -b))
+    fallback = None
+    for b in order:
+        picks, cost = backtrack(b)
+        if cost > budget:
+            continue
+        if cost >= floor:
+            return picks
+        if fallback is None:
+            fallback = picks
+    return fallback if fallback is not None else [0] * len(menus)
 
 
 def plan_for_budget(
@@ -150,78 +196,59 @@ def plan_for_budget(
             bar.set_message(info.name)
             menus[info.name] = _menu(info, modules[info.name], methods, by, stats.get(info.name) if stats else None)
             bar.update(1)
-    dense_total = sum(m[-1].cost for m in menus.values())  # the last hull option is "dense"
+    names = list(menus)
+    # not the menus' last options: on rank-deficient weights a low rank is as exact as dense
+    # and dense drops out of the Pareto menu
+    by_name = {i.name: i.geometry for i in infos}
+    dense_total = sum(float(by_name[n].dense_params if by == "params" else by_name[n].dense_flops) for n in names)
     fixed = total - dense_total
     target = keep * total
-    chosen = {n: 0 for n in menus}
-    spent = fixed + sum(m[0].cost for m in menus.values())
-    if spent > target * (1 + tolerance):
+    smallest = fixed + sum(menus[n][0].cost for n in names)
+    if smallest > target * (1 + tolerance):
         raise BudgetError(
             f"cannot keep only {keep:.1%} of the {by}: the smallest plan with methods {list(methods)} keeps "
-            f"{spent / total:.1%} (layers that are not decomposed hold {fixed / total:.1%}); raise keep"
+            f"{smallest / total:.1%} (layers that are not decomposed hold {fixed / total:.1%}); raise keep"
         )
-    heap = []
-
-    def push(n: str) -> None:
-        i = chosen[n]
-        menu = menus[n]
-        if i + 1 < len(menu):
-            a, b = menu[i], menu[i + 1]
-            gain = (a.loss - b.loss) / max(b.cost - a.cost, 1e-12)
-            heapq.heappush(heap, (-gain, n))
-
-    for n in menus:
-        push(n)
-    while heap:
-        _, n = heapq.heappop(heap)
-        i = chosen[n]
-        step = menus[n][i + 1].cost - menus[n][i].cost
-        if spent + step <= target:
-            chosen[n] = i + 1
-            spent += step
-            push(n)
+    budget = max(target - fixed, 0.0)
+    if smallest > target:  # reachable only within the tolerance above the target
+        budget = max(target * (1 + tolerance) - fixed, 0.0)
+    # enough cost resolution that rounding every layer up loses under a quarter of the tolerance
+    bins = int(min(_MAX_BINS, max(2000, np.ceil(4 * len(names) / max(tolerance, 1e-3)))))
+    floor = max(target * (1 - tolerance) - fixed, 0.0)
+    picks = _allocate([menus[n] for n in names], budget, floor, bins) if budget > 0 else [0] * len(names)
+    chosen = dict(zip(names, picks))
+    spent = fixed + sum(menus[n][chosen[n]].cost for n in names)
+    spent = _fill(menus, chosen, spent, max(target, smallest))
     plan_layers = {}
     for n, i in chosen.items():
         o = menus[n][i]
         if o.method is not None:
             plan_layers[n] = {"method": o.method, "rank": list(o.rank) if isinstance(o.rank, tuple) else int(o.rank)}
-    plan = Plan(plan_layers)
-    # spend what the hull steps left over: raise single ranks while it fits (any layer)
-    if spent < target * (1 - tolerance):
-        plan, spent = _fill(plan, infos, by, spent, target, methods)
-    return plan
+    return Plan(plan_layers)
 
 
-def _fill(plan: Plan, infos: list[LayerInfo], by: str, spent: float, target: float, methods) -> tuple[Plan, float]:
-    """Raise svd ranks one step at a time, cheapest error first, until the budget is used."""
-    by_name = {i.name: i for i in infos}
-    layers = dict(plan.layers)
-    progress = True
-    while progress and spent < target:
-        progress = False
-        for name, lp in list(layers.items()):
-            info = by_name[name]
-            m = get_method(lp.method)
-            rank = m.resolve_rank(info.geometry, lp.rank)
-            bigger = _next_rank(rank, m.max_rank(info.geometry))
-            if bigger is None:
-                continue
-            cost = (m.count_params if by == "params" else m.count_flops)
-            step = cost(info.geometry, bigger) - cost(info.geometry, rank)
-            if 0 < step and spent + step <= target:
-                layers[name] = type(lp)(lp.method, list(bigger) if isinstance(bigger, tuple) else bigger, lp.options)
-                spent += step
-                progress = True
-    return Plan(layers), spent
+_MAX_BINS = 20000
 
 
-def _next_rank(rank, max_rank):
-    if isinstance(rank, tuple):
-        for k in range(len(rank)):
-            if rank[k] < max_rank[k]:
-                return tuple(r + 1 if j == k else r for j, r in enumerate(rank))
-        return None
-    return rank + 1 if rank < max_rank else None
+def _fill(menus: dict[str, list[_Option]], chosen: dict[str, int], spent: float, limit: float) -> float:
+    """Spend what rounding left: move single layers to better options while the total stays <= limit."""
+    while True:
+        best = None
+        for n, i in chosen.items():
+            cur = menus[n][i]
+            for k in range(i + 1, len(menus[n])):
+                o = menus[n][k]
+                step = o.cost - cur.cost
+                if spent + step > limit:
+                    break
+                gain = cur.loss - o.loss
+                if best is None or gain > best[0]:
+                    best = (gain, n, k, step)
+        if best is None or best[0] <= 0:
+            return spent
+        _, n, k, step = best
+        chosen[n] = k
+        spent += step
 
 
 def plan_cost(model: nn.Module, plan: Any, example_input: Any = None) -> dict[str, Any]:

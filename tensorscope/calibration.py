@@ -198,7 +198,7 @@ def whitened_values(layer: nn.Module, stats: LayerStats, unfolding: str = "out")
     L = stats.whitener("channel")
     m = torch.einsum("goikl,gij->gjokl", w, L).reshape(w.shape[0], w.shape[2], -1)
     vals, _ = gram_eig(m)
-    return vals.sqrt().numpy(), (m.shape[1], m.shape[2])
+    return vals[:, : min(m.shape[1], m.shape[2])].sqrt().numpy(), (m.shape[1], m.shape[2])
 
 
 def whitened_tucker2(layer: nn.Conv2d, rank, stats: LayerStats, sweeps: int = 2):

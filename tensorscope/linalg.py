@@ -75,7 +75,12 @@ def mode_eig(layer: nn.Module, mode: int) -> tuple[torch.Tensor, torch.Tensor]:
             # the output unfolding is the matrix ``svd`` factorizes: reuse its (cached) SVD,
             # whose U is square here, instead of a second decomposition
             u, s, _ = svd(layer)
-            return s.to(torch.float64).pow(2), u.to(torch.float64)
+            # U comes in the weight's precision: re-orthonormalise it in float64 (QR, signs
+            # kept), or energies of near-full-rank truncations carry float32 error (~1e-4)
+            q, r = torch.linalg.qr(u.to(torch.float64))
+            q = q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).where(
+                torch.diagonal(r, dim1=-2, dim2=-1) != 0, torch.ones((), dtype=torch.float64))[..., None, :]
+            return s.to(torch.float64).pow(2), q
         if mode == 1:
             w = w.transpose(1, 2)
         m = w.reshape(w.shape[0], w.shape[1], -1)

@@ -170,7 +170,8 @@ def _grouped_values(layer: nn.Module, unfolding: str) -> tuple[np.ndarray, tuple
         return s.double().numpy(), (o, i * khw)
     if unfolding == "in":
         vals, _ = linalg.mode_eig(layer, 1)
-        return vals.sqrt().numpy(), (i, o * khw)
+        # the Gram of a tall unfolding (i > o*kh*kw) has i eigenvalues, only o*kh*kw of them nonzero
+        return vals[:, : min(i, o * khw)].sqrt().numpy(), (i, o * khw)
     raise ValueError(f"unfolding must be one of {UNFOLDINGS}; got {unfolding!r}")
 
 
