@@ -1106,9 +1106,18 @@ def _export_program(model: nn.Module, args: tuple, kwargs: dict, tmp: str, dynam
     ep = None
     if dynamic:
         try:
-            shapes = _dynamic_shapes(model, args, kwargs)
+            t_args, t_kwargs = args, kwargs
+            if _batch_size(args, kwargs) == 1:
+                # torch.export specializes a size-1 dimension to the constant 1: trace with the
+                # sample twice (the program still runs any batch size, 1 included)
+                def twice(t: Any) -> Any:
+                    return torch.cat([t, t]) if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == 1 else t
+
+                t_args = tuple(twice(a) for a in args)
+                t_kwargs = {k: twice(v) for k, v in kwargs.items()}
+            shapes = _dynamic_shapes(model, t_args, t_kwargs)
             if shapes is not None:
-                ep = torch.export.export(model, args, kwargs or None, dynamic_shapes=shapes)
+                ep = torch.export.export(model, t_args, t_kwargs or None, dynamic_shapes=shapes)
         except Exception as e:
             warnings.warn(
                 f"export with a dynamic batch dimension failed ({type(e).__name__}: {str(e)[:300]}); "

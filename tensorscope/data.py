@@ -16,7 +16,9 @@ batch does not follow it.
 
 from __future__ import annotations
 
+import io
 import itertools
+import os
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +35,8 @@ __all__ = [
     "output_tensor",
     "iter_batches",
     "num_samples",
+    "parse_data_file",
+    "load_data_file",
     "CONVENTION",
 ]
 
@@ -230,3 +234,118 @@ def num_samples(data: Any, max_batches: int | None = None) -> int | None:
         except DataError:
             return None
     return None
+
+
+# ---- data files -----------------------------------------------------------------------------
+
+_INPUT_KEYS = ("inputs", "input", "x", "X", "images", "data", "features")
+_LABEL_KEYS = ("labels", "label", "targets", "target", "y", "Y")
+
+
+def parse_data_file(data: bytes, filename: str) -> tuple[Tensor, Tensor | None]:
+    """Inputs (and optional labels) from the bytes of a ``.pt``/``.pth`` or ``.npz`` file.
+
+    A ``.pt`` holds a tensor, a pair ``(inputs, labels)`` or a dict with keys like
+    ``x``/``inputs`` and ``y``/``labels`` (read with ``weights_only=True``: never code); an
+    ``.npz`` holds arrays under such keys (read with ``allow_pickle=False``). Size limits are
+    the caller's: :func:`load_data_file` checks them before reading.
+    """
+    import numpy as np
+
+    name = filename.lower()
+    if not data:
+        raise DataError(f"{filename!r} is empty (0 bytes)")
+    if name.endswith(".npz"):
+        try:
+            with np.load(io.BytesIO(data), allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+        except Exception as e:
+            raise DataError(f"{filename!r} is not a readable .npz file: {type(e).__name__}: {e}") from None
+        obj: Any = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
+    elif name.endswith((".pt", ".pth")):
+        try:
+            obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise DataError(
+                f"{filename!r} is not a torch.save file of tensors that can be read safely "
+                f"(weights_only=True): {type(e).__name__}: {str(e)[:200]}"
+            ) from None
+    else:
+        raise DataError(f"data files must be .pt/.pth (torch.save) or .npz; got {filename!r}")
+    x, y = _inputs_and_labels(obj, filename)
+    if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[0] == 0:
+        raise DataError(f"{filename!r}: the inputs must be a non-empty tensor with samples along dim 0")
+    if not x.is_floating_point():
+        x = x.float()
+    if y is not None:
+        if not isinstance(y, Tensor) or y.dim() != 1 or y.shape[0] != x.shape[0]:
+            raise DataError(
+                f"{filename!r}: labels must be a 1-D tensor with one class index per sample "
+                f"({x.shape[0]}); got {tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__}"
+            )
+        if y.is_floating_point():
+            if not bool((y == y.round()).all()):
+                raise DataError(f"{filename!r}: labels must be integer class indices")
+        y = y.long()
+    if not bool(torch.isfinite(x).all()):
+        raise DataError(f"{filename!r}: the inputs hold NaN or Inf values")
+    return x, y
+
+
+def _inputs_and_labels(obj: Any, filename: str) -> tuple[Any, Any]:
+    if isinstance(obj, Tensor):
+        return obj, None
+    if isinstance(obj, (tuple, list)) and 1 <= len(obj) <= 2:
+        return obj[0], (obj[1] if len(obj) > 1 else None)
+    if isinstance(obj, Mapping):
+        x = next((obj[k] for k in _INPUT_KEYS if k in obj), None)
+        y = next((obj[k] for k in _LABEL_KEYS if k in obj), None)
+        if x is None:
+            tensors = [k for k, v in obj.items() if isinstance(v, Tensor) and k not in _LABEL_KEYS]
+            if len(tensors) == 1:
+                x = obj[tensors[0]]
+        if x is not None:
+            return x, y
+    raise DataError(
+        f"{filename!r} holds {type(obj).__name__}; expected a tensor of inputs, a pair (inputs, labels), "
+        f"or a dict with keys like 'x'/'inputs' and 'y'/'labels'"
+    )
+
+
+def load_data_file(path: str | os.PathLike, *, batch_size: int = 256, max_bytes: int | None = None) -> list:
+    """A data file (see :func:`parse_data_file`) as a list of batches ``(x, y)`` or ``x``.
+
+    Refuses a file over the size limit (``TENSORSCOPE_MAX_FILE_BYTES``, default 4 GiB) and
+    a zip whose entries declare more than that once unpacked, before reading it.
+    """
+    import stat
+    import zipfile
+
+    from .checkpoint import _check_zip, _limit_hint, _max_bytes
+    from .errors import CheckpointError, FileTooLargeError
+
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise DataError(f"batch_size must be a positive integer; got {batch_size!r}")
+    path = os.fspath(path)
+    limit = _max_bytes(max_bytes)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no such data file: {path!r}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise DataError(f"{path!r} is not a regular file (a folder, device or pipe?)")
+    if st.st_size > limit:
+        raise FileTooLargeError(f"data file {path!r} is {st.st_size:,} bytes; {_limit_hint(limit)}")
+    if zipfile.is_zipfile(path):
+        try:
+            _check_zip(path, limit)  # a zip bomb is refused by its declared sizes
+        except FileTooLargeError:
+            raise
+        except CheckpointError as e:
+            raise DataError(str(e)) from None
+    with open(path, "rb") as f:
+        x, y = parse_data_file(f.read(), os.path.basename(path))
+    return [
+        (x[i:i + batch_size], y[i:i + batch_size]) if y is not None else x[i:i + batch_size]
+        for i in range(0, x.shape[0], batch_size)
+    ]

@@ -49,6 +49,8 @@ from torch import Tensor, nn
 
 from . import examples as _examples
 from .budget import plan_for_budget
+from .data import parse_data_file
+from .units import format_bytes, format_count
 from .errors import DataError, FileTooLargeError, TensorscopeError
 from .inventory import LayerInfo, count_flops, count_params, inspect
 from .methods import get_method
@@ -95,32 +97,6 @@ EXECUTOR = ThreadPoolExecutor(
 
 class _Superseded(Exception):
     """A quality refresh stopped because a newer plan was asked for."""
-
-
-# ---- formatting (shared with the view, so numbers read the same everywhere) ---------------
-
-
-def format_count(n: float | int | None, unit: str = "") -> str:
-    """``431080`` -> ``"431 k"``; with a unit, ``format_count(431080, "params")`` -> ``"431 k params"``."""
-    if n is None or (isinstance(n, float) and not math.isfinite(n)):
-        return "n/a"
-    n = float(n)
-    text = f"{n:.0f}"
-    for div, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(n) >= div:
-            text = f"{n / div:.3g} {prefix}"
-            break
-    return f"{text} {unit}" if unit else text
-
-
-def format_bytes(n: float | int | None) -> str:
-    if n is None:
-        return "n/a"
-    n = float(n)
-    for div, unit in ((1 << 30, "GB"), (1 << 20, "MB"), (1 << 10, "kB")):
-        if n >= div:
-            return f"{n / div:.3g} {unit}"
-    return f"{n:.0f} B"
 
 
 def _rank_text(rank: Any) -> str:
@@ -398,70 +374,12 @@ def _check_zip_bytes(data: bytes, what: str) -> None:
         raise FileTooLargeError(f"{what} expands to {total / (1 << 20):.0f} MB when unpacked; refused")
 
 
-_INPUT_KEYS = ("inputs", "input", "x", "X", "images", "data", "features")
-_LABEL_KEYS = ("labels", "label", "targets", "target", "y", "Y")
-
-
 def _parse_eval_file(data: bytes, filename: str) -> tuple[Tensor, Tensor | None]:
     """Inputs (and labels) from an uploaded ``.pt``/``.pth`` (torch.save) or ``.npz`` file."""
     _check_size(data, f"evaluation data {filename!r}")
-    name = filename.lower()
-    if name.endswith(".npz"):
-        try:
-            with np.load(io.BytesIO(data), allow_pickle=False) as z:
-                arrays = {k: z[k] for k in z.files}
-        except Exception as e:
-            raise DataError(f"{filename!r} is not a readable .npz file: {type(e).__name__}: {e}") from None
-        obj: Any = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
-    elif name.endswith((".pt", ".pth")):
+    if filename.lower().endswith((".pt", ".pth")):
         _check_zip_bytes(data, f"evaluation data {filename!r}")
-        try:
-            obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise DataError(
-                f"{filename!r} is not a torch.save file of tensors that can be read safely "
-                f"(weights_only=True): {type(e).__name__}: {str(e)[:200]}"
-            ) from None
-    else:
-        raise DataError(f"evaluation data must be a .pt/.pth (torch.save) or .npz file; got {filename!r}")
-    x, y = _split_eval_object(obj, filename)
-    if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[0] == 0:
-        raise DataError(f"{filename!r}: the inputs must be a non-empty tensor with samples along dim 0")
-    if not x.is_floating_point():
-        x = x.float()
-    if y is not None:
-        if not isinstance(y, Tensor) or y.dim() != 1 or y.shape[0] != x.shape[0]:
-            raise DataError(
-                f"{filename!r}: labels must be a 1-D tensor with one class index per sample "
-                f"({x.shape[0]}); got {tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__}"
-            )
-        if y.is_floating_point():
-            if not bool((y == y.round()).all()):
-                raise DataError(f"{filename!r}: labels must be integer class indices")
-        y = y.long()
-    if not bool(torch.isfinite(x).all()):
-        raise DataError(f"{filename!r}: the inputs hold NaN or Inf values")
-    return x, y
-
-
-def _split_eval_object(obj: Any, filename: str) -> tuple[Any, Any]:
-    if isinstance(obj, Tensor):
-        return obj, None
-    if isinstance(obj, (tuple, list)) and 1 <= len(obj) <= 2:
-        return obj[0], (obj[1] if len(obj) > 1 else None)
-    if isinstance(obj, dict):
-        x = next((obj[k] for k in _INPUT_KEYS if k in obj), None)
-        y = next((obj[k] for k in _LABEL_KEYS if k in obj), None)
-        if x is None:
-            tensors = [k for k, v in obj.items() if isinstance(v, Tensor) and k not in _LABEL_KEYS]
-            if len(tensors) == 1:
-                x = obj[tensors[0]]
-        if x is not None:
-            return x, y
-    raise DataError(
-        f"{filename!r} holds {type(obj).__name__}; expected a tensor of inputs, a pair (inputs, labels), "
-        f"or a dict with keys like 'x'/'inputs' and 'y'/'labels'"
-    )
+    return parse_data_file(data, filename)
 
 
 def _check_arch(ref: str) -> None:

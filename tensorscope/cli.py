@@ -1,0 +1,370 @@
+"""``tensorscope``: inspect, plan, compress and export from the shell (scripts and CI).
+
+    tensorscope examples
+    tensorscope inspect lenet5
+    tensorscope spectra model.safetensors --arch mypkg.nets:resnet --plot spectra.png
+    tensorscope compress lenet5 --keep 0.25 [--by flops] [--data calib.pt --finetune 200] -o small.pt
+    tensorscope compress model.pt --arch mypkg.nets:resnet --plan plan.json -o small.pt
+    tensorscope export small.pt -o small.pt2 --input-shape 1,28,28
+    tensorscope serve
+
+MODEL is a built-in example's name, a tensorscope checkpoint, a state dict (``.pt``,
+``.safetensors``) with ``--arch package.module:factory``, a Hugging Face folder, or a pickled
+module with ``--trust``. Every error from bad input is one line on stderr and exit status 2;
+nothing is written half-way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import warnings
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from . import __version__
+from .errors import TensorscopeError
+
+EXIT_BAD_INPUT = 2
+
+
+class _Loaded:
+    """A model with what is known about its inputs: a name, a sample input, data."""
+
+    def __init__(self, model: nn.Module, name: str, example_input: Any = None, test: Any = None,
+                 calibration: Any = None):
+        self.model, self.name = model, name
+        self.example_input, self.test, self.calibration = example_input, test, calibration
+
+
+def _parse_shape(text: str | None) -> tuple[int, ...] | None:
+    if not text:
+        return None
+    try:
+        shape = tuple(int(p) for p in text.replace("x", ",").split(",") if p.strip())
+    except ValueError:
+        raise TensorscopeError(f"--input-shape must be integers like 1,28,28 (one sample, no batch); got {text!r}") from None
+    if not shape or any(d <= 0 for d in shape):
+        raise TensorscopeError(f"--input-shape must be positive integers like 1,28,28; got {text!r}")
+    return shape
+
+
+def _load(args: argparse.Namespace) -> _Loaded:
+    from . import examples
+    from .checkpoint import load_model
+
+    spec = args.model
+    shape = _parse_shape(getattr(args, "input_shape", None))  # checked before any loading
+    if spec in examples.list_examples() and not os.path.exists(spec):
+        ex = examples.load_example(spec, progress=not args.quiet)
+        return _Loaded(ex.model, spec, ex.example_input(1), ex.test_loader(), ex.calibration())
+    kwargs = json.loads(args.arch_kwargs) if getattr(args, "arch_kwargs", None) else None
+    model = load_model(spec, arch=args.arch, arch_kwargs=kwargs, trust=args.trust)
+    x = torch.randn(1, *shape, generator=torch.Generator().manual_seed(0)) if shape else None
+    return _Loaded(model, os.path.basename(os.path.normpath(spec)), x)
+
+
+def _data(path: str | None, batch_size: int) -> list | None:
+    if not path:
+        return None
+    from .data import load_data_file
+
+    return load_data_file(path, batch_size=batch_size)
+
+
+def _first_input(data: list | None) -> Any:
+    if not data:
+        return None
+    from .data import split_batch
+
+    b = split_batch(data[0])
+    return b.args[0][:1] if len(b.args) == 1 and not b.kwargs else data[0]
+
+
+def _fmt(n: float | int | None, unit: str = "") -> str:
+    from .units import format_count
+
+    return format_count(n, unit)
+
+
+def _table(rows: list[list[str]], header: list[str], align: str = "") -> str:
+    """A plain-text table; ``align`` has one ``l``/``r`` per column (default: first left, rest right)."""
+    align = align or "l" + "r" * (len(header) - 1)
+    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
+
+    def line(r: list) -> str:
+        return "  ".join(str(c).ljust(w) if a == "l" else str(c).rjust(w)
+                         for c, w, a in zip(r, widths, align)).rstrip()
+
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def _rank_text(rank: Any) -> str:
+    return "x".join(map(str, rank)) if isinstance(rank, (tuple, list)) else str(rank)
+
+
+# ---- commands -----------------------------------------------------------------------------
+
+
+def cmd_examples(args: argparse.Namespace) -> int:
+    from . import examples
+
+    rows = [[n, examples.example_info(n).description] for n in examples.list_examples()]
+    print(_table(rows, ["name", "network"], "ll"))
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .inventory import count_flops, count_params, inspect
+
+    loaded = _load(args)
+    infos = inspect(loaded.model, loaded.example_input, include_skipped=True)
+    if args.json:
+        out = [{"name": i.name, "kind": i.kind, "weight_shape": list(i.weight_shape), "params": i.params,
+                "flops": i.flops, "max_rank": {k: (list(v) if isinstance(v, tuple) else v) for k, v in i.max_rank.items()},
+                "reason": i.reason} for i in list(infos) + infos.skipped]
+        print(json.dumps(out, indent=2))
+        return 0
+    rows = [[i.name, i.kind, "x".join(map(str, i.weight_shape)), _fmt(i.params), _fmt(i.flops, "FLOPs"),
+             ", ".join(f"{m} {_rank_text(r)}" for m, r in i.max_rank.items())] for i in infos]
+    print(f"{loaded.name}: {_fmt(count_params(loaded.model))} params"
+          + (f", {_fmt(count_flops(loaded.model, loaded.example_input), 'FLOPs')} per sample"
+             if loaded.example_input is not None else " (FLOPs: pass --input-shape)"))
+    print(_table(rows, ["layer", "type", "weight", "params", "FLOPs", "max rank per method"], "llrrrl"))
+    if infos.skipped:
+        print("\nleft alone:")
+        for i in infos.skipped:
+            print(f"  {i.name} ({i.kind}): {i.reason}")
+    return 0
+
+
+def cmd_spectra(args: argparse.Namespace) -> int:
+    from .spectra import spectra
+
+    loaded = _load(args)
+    data = _data(args.data, args.batch_size)
+    specs = spectra(loaded.model, unfolding=args.unfolding, data=data, progress=not args.quiet)
+    rows = []
+    for name, s in specs.items():
+        m = s.metrics()
+        rows.append([name, str(m["max_rank"]), f"{m['spectral_norm']:.4g}", f"{m['stable_rank']:.1f}",
+                     f"{m['effective_rank']:.1f}", "-" if math.isnan(m["alpha"]) else f"{m['alpha']:.2f}",
+                     str(s.rank_for_energy(0.9)), str(s.rank_for_energy(0.99))])
+    if args.json:
+        print(json.dumps({n: {**s.metrics(), "values": s.values.tolist()} for n, s in specs.items()}, indent=2))
+    else:
+        kind = "whitened by the data's input statistics" if data is not None else "of the weights"
+        print(f"{loaded.name}: singular values ({args.unfolding} unfolding) {kind}")
+        print(_table(rows, ["layer", "max rank", "spectral norm", "stable rank", "effective rank", "alpha",
+                            "rank 90%", "rank 99%"]))
+    if args.plot:
+        _plot_spectra(specs, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def _plot_spectra(specs: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from ._io import atomic_path
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name, s in specs.items():
+        v = s.values.astype(np.float64)
+        if not v.size or v[0] <= 0:
+            continue
+        x = np.arange(1, v.size + 1) / v.size
+        ax1.semilogy(x, np.maximum(v / v[0], 1e-12), label=name, lw=1.2)
+        ax2.plot(x, s.energy, lw=1.2)
+    ax1.set(xlabel="rank / max rank", ylabel="s_i / s_1", title="normalised singular values")
+    ax2.set(xlabel="rank / max rank", ylabel="energy kept", title="cumulative energy", ylim=(0, 1.01))
+    if len(specs) <= 16:
+        ax1.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    from .budget import plan_for_budget
+    from .checkpoint import save
+    from .evaluate import evaluate
+    from .inventory import count_params
+    from .plan import Plan
+    from .surgery import compress
+
+    if (args.plan is None) == (args.keep is None):
+        raise TensorscopeError("give exactly one of --plan plan.json or --keep FRACTION")
+    if args.finetune and args.finetune < 0:
+        raise TensorscopeError(f"--finetune takes a number of steps >= 0; got {args.finetune}")
+    loaded = _load(args)
+    model = loaded.model
+    data = _data(args.data, args.batch_size)
+    evaluation = _data(args.eval, args.batch_size) or loaded.test
+    example = loaded.example_input if loaded.example_input is not None else _first_input(data)
+    if args.plan is not None:
+        plan = Plan.load(args.plan)
+        plan.validate(model)  # every error before any work
+    else:
+        plan = plan_for_budget(model, args.keep, by=args.by, methods=args.methods.split(","), data=data,
+                               example_input=example, progress=not args.quiet)
+    small = compress(model, plan, data=data, fold_bn=args.fold_bn, progress=not args.quiet)
+    if args.finetune:
+        from .recovery import finetune
+
+        if data is None:
+            raise TensorscopeError("--finetune needs training data: pass --data FILE (labels optional)")
+        small = finetune(small, data, teacher=model, steps=args.finetune, progress=not args.quiet)
+    save(small, args.output, plan=plan)
+    before, after = count_params(model), count_params(small)
+    print(f"{loaded.name}: {_fmt(before)} -> {_fmt(after)} params ({before / after:.2f}x smaller), "
+          f"{len(plan.layers)} layers decomposed; wrote {args.output}")
+    if args.plan_out:
+        plan.save(args.plan_out)
+        print(f"wrote {args.plan_out}")
+    if evaluation is not None:
+        q1 = evaluate(small, evaluation, reference=model)
+        if "accuracy" in q1:
+            q0 = evaluate(model, evaluation)
+            print(f"accuracy {q0['accuracy']:.2%} -> {q1['accuracy']:.2%}; agreement with the original "
+                  f"{q1['agreement']:.2%}")
+        elif "agreement" in q1:
+            print(f"agreement with the original {q1['agreement']:.2%}, relative output error "
+                  f"{q1['relative_error']:.4f}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .checkpoint import export
+
+    loaded = _load(args)
+    example = loaded.example_input if loaded.example_input is not None else _first_input(_data(args.data, 1))
+    if example is None:
+        raise TensorscopeError("export needs the shape of one input: pass --input-shape 1,28,28 (or --data FILE)")
+    path = export(loaded.model, args.output, example, format=args.format)
+    print(f"wrote {path} ({args.format}; loads with torch alone)")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import subprocess
+    from pathlib import Path
+
+    app = Path(__file__).resolve().parent.parent / "apps" / "explorer.py"
+    if not app.exists():
+        raise TensorscopeError(f"the explorer app is not at {app}: run from a checkout of tensorscope "
+                               "(pip install -e '.[app]')")
+    cmd = [sys.executable, "-m", "panel", "serve", str(app), "--port", str(args.port),
+           "--websocket-max-message-size", str(100 * 1024 * 1024)]
+    if args.show:
+        cmd.append("--show")
+    env = dict(os.environ)
+    if args.example:
+        env["TENSORSCOPE_EXPLORER_EXAMPLE"] = args.example
+    return subprocess.call(cmd, env=env)
+
+
+# ---- entry point --------------------------------------------------------------------------
+
+
+def _model_args(p: argparse.ArgumentParser, shape: bool = True) -> None:
+    p.add_argument("model", help="a built-in example's name, or a checkpoint / state dict / Hugging Face folder")
+    p.add_argument("--arch", help="package.module:factory building the network a state dict belongs to")
+    p.add_argument("--arch-kwargs", help="JSON keyword arguments for --arch")
+    p.add_argument("--trust", action="store_true",
+                   help="allow unpickling a whole module (runs code from the file: only files you trust)")
+    if shape:
+        p.add_argument("--input-shape", help="one sample's shape, e.g. 1,28,28 (for FLOPs and export)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-q", "--quiet", action="store_true", help="no progress bars or warnings")
+    common.add_argument("--traceback", action="store_true", help="show the full traceback of an error")
+    parser = argparse.ArgumentParser(prog="tensorscope", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"tensorscope {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add = sub.add_parser
+    sub.add_parser = lambda *a, **k: _add(*a, parents=[common], **k)  # type: ignore[method-assign]
+
+    p = sub.add_parser("examples", help="list the built-in example networks")
+    p.set_defaults(func=cmd_examples)
+
+    p = sub.add_parser("inspect", help="the decomposable layers: shapes, params, FLOPs, max ranks")
+    _model_args(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("spectra", help="singular-value metrics per layer (and a PNG with --plot)")
+    _model_args(p)
+    p.add_argument("--unfolding", choices=["out", "in"], default="out")
+    p.add_argument("--data", help="a .pt/.npz of inputs: show the whitened spectra truncation actually cuts")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--plot", metavar="PNG", help="write the spectra as a PNG")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_spectra)
+
+    p = sub.add_parser("compress", help="apply a plan (or a whole-model budget) and save a checkpoint")
+    _model_args(p)
+    p.add_argument("--plan", help="a plan JSON file")
+    p.add_argument("--keep", type=float, help="keep this fraction of the parameters (or FLOPs with --by flops)")
+    p.add_argument("--by", choices=["params", "flops"], default="params")
+    p.add_argument("--methods", default="svd,tucker2", help="methods the budget planner may use (comma-separated)")
+    p.add_argument("--data", help="calibration data (.pt/.npz): data-aware factors and budget")
+    p.add_argument("--eval", help="evaluation data (.pt/.npz); default: a built-in example's test split")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--finetune", type=int, default=0, metavar="STEPS", help="recovery steps (distillation) on --data")
+    p.add_argument("--fold-bn", action="store_true", help="fold BatchNorm into the conv before it first")
+    p.add_argument("-o", "--output", required=True, help="the checkpoint to write (ts.load reads it)")
+    p.add_argument("--plan-out", help="also write the plan as JSON")
+    p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("export", help="write a file torch alone runs (torch.export, TorchScript or ONNX)")
+    _model_args(p)
+    p.add_argument("--format", default="exported_program", choices=["exported_program", "torchscript", "onnx"])
+    p.add_argument("--data", help="a .pt/.npz whose first sample gives the input shape")
+    p.add_argument("-o", "--output", required=True)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("serve", help="start the explorer (panel serve apps/explorer.py)")
+    p.add_argument("--port", type=int, default=5006)
+    p.add_argument("--example", help="the built-in example the page opens on")
+    p.add_argument("--show", action="store_true", help="open a browser")
+    p.set_defaults(func=cmd_serve)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        with warnings.catch_warnings():
+            if args.quiet:
+                warnings.simplefilter("ignore")
+            return int(args.func(args) or 0)
+    except (TensorscopeError, FileNotFoundError, IsADirectoryError, PermissionError,
+            json.JSONDecodeError) as e:
+        if args.traceback:
+            raise
+        print(f"tensorscope {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # the output went to `head` or similar, which stopped reading
+        sys.stderr.close()
+        return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
