@@ -29,6 +29,7 @@ from torch import nn
 
 from . import __version__
 from .errors import TensorscopeError
+from .units import format_count, text_table
 
 EXIT_BAD_INPUT = 2
 
@@ -87,21 +88,7 @@ def _first_input(data: list | None) -> Any:
 
 
 def _fmt(n: float | int | None, unit: str = "") -> str:
-    from .units import format_count
-
     return format_count(n, unit)
-
-
-def _table(rows: list[list[str]], header: list[str], align: str = "") -> str:
-    """A plain-text table; ``align`` has one ``l``/``r`` per column (default: first left, rest right)."""
-    align = align or "l" + "r" * (len(header) - 1)
-    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
-
-    def line(r: list) -> str:
-        return "  ".join(str(c).ljust(w) if a == "l" else str(c).rjust(w)
-                         for c, w, a in zip(r, widths, align)).rstrip()
-
-    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
 def _rank_text(rank: Any) -> str:
@@ -115,7 +102,7 @@ def cmd_examples(args: argparse.Namespace) -> int:
     from . import examples
 
     rows = [[n, examples.example_info(n).description] for n in examples.list_examples()]
-    print(_table(rows, ["name", "network"], "ll"))
+    print(text_table(rows, ["name", "network"], "ll"))
     return 0
 
 
@@ -130,16 +117,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                 "reason": i.reason} for i in list(infos) + infos.skipped]
         print(json.dumps(out, indent=2))
         return 0
-    rows = [[i.name, i.kind, "x".join(map(str, i.weight_shape)), _fmt(i.params), _fmt(i.flops, "FLOPs"),
-             ", ".join(f"{m} {_rank_text(r)}" for m, r in i.max_rank.items())] for i in infos]
     print(f"{loaded.name}: {_fmt(count_params(loaded.model))} params"
           + (f", {_fmt(count_flops(loaded.model, loaded.example_input), 'FLOPs')} per sample"
              if loaded.example_input is not None else " (FLOPs: pass --input-shape)"))
-    print(_table(rows, ["layer", "type", "weight", "params", "FLOPs", "max rank per method"], "llrrrl"))
-    if infos.skipped:
-        print("\nleft alone:")
-        for i in infos.skipped:
-            print(f"  {i.name} ({i.kind}): {i.reason}")
+    print(infos)
     return 0
 
 
@@ -160,7 +141,7 @@ def cmd_spectra(args: argparse.Namespace) -> int:
     else:
         kind = "whitened by the data's input statistics" if data is not None else "of the weights"
         print(f"{loaded.name}: singular values ({args.unfolding} unfolding) {kind}")
-        print(_table(rows, ["layer", "max rank", "spectral norm", "stable rank", "effective rank", "alpha",
+        print(text_table(rows, ["layer", "max rank", "spectral norm", "stable rank", "effective rank", "alpha",
                             "rank 90%", "rank 99%"]))
     if args.plot:
         _plot_spectra(specs, args.plot)

@@ -57,6 +57,21 @@ class LayerList(list):
     def by_name(self) -> dict[str, LayerInfo]:
         return {l.name: l for l in self}
 
+    def __str__(self) -> str:
+        """A table: what ``print(ts.inspect(model, x))`` shows."""
+        from .units import format_count, text_table
+
+        def rank(r: Any) -> str:
+            return "x".join(map(str, r)) if isinstance(r, (tuple, list)) else str(r)
+
+        rows = [[i.name, i.kind, "x".join(map(str, i.weight_shape)), format_count(i.params),
+                 format_count(i.flops, "FLOPs"), ", ".join(f"{m} {rank(r)}" for m, r in i.max_rank.items())]
+                for i in self]
+        text = text_table(rows, ["layer", "type", "weight", "params", "FLOPs", "max rank per method"], "llrrrl")
+        for i in self.skipped:
+            text += f"\nleft alone: {i.name} ({i.kind}): {i.reason}"
+        return text
+
 
 class ModelIndex:
     """Names, parents and parameter owners of a model, computed once (nothing quadratic)."""

@@ -133,7 +133,7 @@ def finetune(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            bar.set_message(f"loss {float(loss):.4f}")
+            bar.set_message(f"loss {float(loss.detach()):.4f}")
             bar.update(1)
             if step % eval_every == 0 or step == steps:
                 val = _held_out_loss(student.eval(), teacher, val_batches, temperature, label_weight)

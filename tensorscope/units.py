@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["format_count", "format_bytes"]
+__all__ = ["format_count", "format_bytes", "text_table"]
 
 
 def format_count(n: float | int | None, unit: str = "") -> str:
@@ -28,3 +28,15 @@ def format_bytes(n: float | int | None) -> str:
         if n >= div:
             return f"{n / div:.3g} {unit}"
     return f"{n:.0f} B"
+
+
+def text_table(rows: list[list[str]], header: list[str], align: str = "") -> str:
+    """A plain-text table; ``align`` has one ``l``/``r`` per column (default: first left, rest right)."""
+    align = align or "l" + "r" * (len(header) - 1)
+    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
+
+    def line(r: list) -> str:
+        return "  ".join(str(c).ljust(w) if a == "l" else str(c).rjust(w)
+                         for c, w, a in zip(r, widths, align)).rstrip()
+
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
