@@ -15,6 +15,7 @@ the amount of data), so one batch or ten give the same result.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -59,6 +60,31 @@ class LayerStats:
     def moment(self, which: str = "patch") -> torch.Tensor:
         m = self.patch if which == "patch" else self.channel
         return m / max(self.count, 1)
+
+    @property
+    def token(self) -> str:
+        """A content hash of the statistics: keys memoised results computed from them."""
+        if "token" not in self._memo:
+            from ._cache import fingerprint
+
+            self._memo["token"] = f"{fingerprint(self.patch)}|{self.count}|{self.ridge}"
+        return self._memo["token"]
+
+    def output_error(self, weight: torch.Tensor, approx: torch.Tensor) -> float:
+        """Relative error of the layer's output on the data, ``approx`` standing in for ``weight``.
+
+        ``sqrt(tr(D C D^T) / tr(W C W^T))`` with ``D = W - approx`` per group and ``C`` the
+        input patch moment: the error of ``x -> W x`` over the calibration inputs, without
+        running them again. For a truncated whitened SVD it equals the tail of the whitened
+        spectrum.
+        """
+        g = self.patch.shape[0]
+        w = weight.detach().to(torch.float64).reshape(g, weight.shape[0] // g, -1)
+        d = w - approx.detach().to(torch.float64).reshape(w.shape)
+        c = self.moment("patch")
+        num = float(torch.einsum("gon,gnm,gom->", d, c, d))
+        den = float(torch.einsum("gon,gnm,gom->", w, c, w))
+        return math.sqrt(max(num, 0.0) / den) if den > 0 else 0.0
 
     def whitener(self, which: str = "patch") -> torch.Tensor:
         """Lower-triangular ``L`` with ``L L^T = C + ridge * mean(diag C) * I`` (float64)."""
@@ -222,3 +248,26 @@ def whitened_tucker2(layer: nn.Conv2d, rank, stats: LayerStats, sweeps: int = 2)
     core = torch.einsum("goikl,goa,gib->gabkl", m, u_out, q)
     u_in = torch.linalg.solve_triangular(L.transpose(-1, -2), q, upper=True)  # L^{-T} Q
     return Factors("tucker2", (r_out, r_in), {"u_out": u_out, "core": core, "u_in": u_in})
+
+
+# ---- least-squares refit of the output factor (data reconstruction, Su et al.) --------------
+
+
+def refit_output(layer: nn.Module, stats: LayerStats, inner: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """The output factor ``A`` minimising the calibration output error of ``W ~ A @ inner``.
+
+    ``inner`` is ``(g, r, n)``: what the stages before a factorized layer's last 1x1 conv
+    compute, as a matrix on input patches (Tucker-2: core times input projection; CP: the
+    rank-one spatial-and-input filters). Minimising ``||(W - A inner) L||_F`` with ``L L^T``
+    the (ridged) patch moment is linear least squares in ``A``: the "data reconstruction"
+    refinement of the last factor. Returns ``A`` ``(g, o, r)`` and the relative output
+    error reached. Exact at full rank whenever ``W`` lies in the row space of ``inner``.
+    """
+    w = _grouped_matrix(layer)  # (g, o, n) float64
+    L = stats.whitener("patch")  # (g, n, n)
+    wl = w @ L
+    bl = inner.to(torch.float64) @ L  # (g, r, n)
+    a = torch.linalg.lstsq(bl.transpose(1, 2), wl.transpose(1, 2)).solution.transpose(1, 2)  # (g, o, r)
+    den = float(wl.norm())
+    err = float((wl - a @ bl).norm()) / den if den > 0 else 0.0
+    return a, err

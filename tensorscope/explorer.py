@@ -77,6 +77,10 @@ MAX_UPLOAD_MB = float(os.environ.get("TENSORSCOPE_MAX_UPLOAD_MB", "50") or 50)
 EVAL_SAMPLES = 1000
 #: samples of the calibration batch used when there is no evaluation data
 CALIBRATION_SAMPLES = 256
+#: training samples used as calibration data (data-aware factors, fine-tuning) for the examples
+CALIBRATION_TRAIN_SAMPLES = 512
+#: fine-tuning steps the explorer's button runs by default
+FINETUNE_STEPS = 150
 #: samples per forward pass of the preview: small enough for the activations to stay in cache
 #: (resnet8 on 2 cores: 1000 images in chunks of 250 run 2.5x faster than in one batch)
 CHUNK = 250
@@ -126,6 +130,17 @@ class _Layer:
     tucker_energy: np.ndarray | None  # retained energy of HOSVD at (r_out, r_in), all pairs
     norm2: float  # ||W||_F^2
     metrics: dict = field(default_factory=dict)  # the out spectrum's metrics (stable rank, ...), computed once
+    # (spectrum, spectrum_in, tradeoffs, metrics) of the weights, and whitened by calibration data
+    plain: tuple | None = None
+    aware: tuple | None = None
+
+    def __post_init__(self) -> None:
+        if self.plain is None:
+            self.plain = (self.spectrum, self.spectrum_in, self.tradeoffs, self.metrics)
+
+    def use(self, view: tuple) -> None:
+        """Show one view: the weights' spectra (``plain``) or the whitened ones (``aware``)."""
+        self.spectrum, self.spectrum_in, self.tradeoffs, self.metrics = view
 
     @property
     def geometry(self):
@@ -164,6 +179,7 @@ class _Loaded:
     plan: Plan
     messages: list[str] = field(default_factory=list)
     overview: Any = None
+    calibration: tuple | None = None  # (inputs, labels or None, description): data-aware mode, fine-tuning
 
 
 # ---- the live preview -------------------------------------------------------------------
@@ -484,6 +500,16 @@ def _example_data(train, test) -> dict[str, _EvalData]:
     return {"held-out": held, "none": calib}
 
 
+def _example_calibration(train) -> tuple:
+    x, y = train.tensors
+    n = min(CALIBRATION_TRAIN_SAMPLES, len(y))
+    return x[:n], y[:n], f"{n} training images of the example (with labels)"
+
+
+def _batches(x: Tensor, y: Tensor | None, size: int = 128) -> list:
+    return [(x[i:i + size], y[i:i + size]) if y is not None else x[i:i + size] for i in range(0, len(x), size)]
+
+
 # ---- the example networks, loaded once per process (immutable; each session gets a copy) --
 
 _example_memo: dict[str, Any] = {}
@@ -525,6 +551,11 @@ class ExplorerState(param.Parameterized):
     refine = param.Boolean(default=True, doc=(
         "Preview and export with the refined factors (HOOI sweeps for Tucker-2, full CP-ALS), so the "
         "accuracy shown is the exported model's; off: the cheapest factors."))
+    calibrate = param.Boolean(default=False, doc=(
+        "Data-aware mode: factors, spectra, errors and budgets from the calibration data (what each layer's "
+        "output loses on it), instead of from the weights alone."))
+    calibration_description = param.String(default="no calibration data")
+    recovery = param.Dict(default={}, doc="The last fine-tune: plan, steps and quality before and after.")
     budget_keep = param.Number(default=0.25, bounds=(0.0, 1.0), inclusive_bounds=(False, True))
     budget_by = param.Selector(default="params", objects=["params", "flops"])
 
@@ -565,6 +596,8 @@ class ExplorerState(param.Parameterized):
         self._quality_wanted = 0
         self._quality_running = False
         self._export_memo: tuple[str, nn.Module] | None = None
+        self._calib: tuple | None = None  # (inputs, labels or None, description)
+        self._stats: dict | None = None  # layer -> LayerStats of the calibration data (data-aware mode)
         self._upload_dir = tempfile.TemporaryDirectory(prefix="tensorscope-explorer-")
 
     # =====================================================================================
@@ -617,7 +650,7 @@ class ExplorerState(param.Parameterized):
                 model = copy.deepcopy(ex.model).eval()
                 choices = _example_data(ex.train, ex.test)
                 loaded = self._prepare(model, f"example {name}: {ex.description}", name, choices, "held-out",
-                                       Plan(), start=0.6)
+                                       Plan(), start=0.6, calibration=_example_calibration(ex.train))
                 self._install(loaded)
                 self.request_quality()
                 self.message = (f"Loaded example {name} ({format_count(loaded.params, 'params')}, "
@@ -627,12 +660,13 @@ class ExplorerState(param.Parameterized):
         return bool(self._guard(f"Could not load example {name!r}", work))
 
     def load_network(self, model: nn.Module, inputs: Tensor | None = None, labels: Tensor | None = None,
-                     name: str = "model", plan: Any = None) -> bool:
+                     name: str = "model", plan: Any = None, calibration: Any = None) -> bool:
         """Explore a network already in memory (a notebook's own model), with optional data.
 
         ``inputs`` (and ``labels``) are the evaluation sample (the first 1000 are used);
-        without labels quality is agreement with the original. The model is copied, never
-        modified.
+        without labels quality is agreement with the original. ``calibration`` is a tensor of
+        inputs or a pair ``(inputs, labels)`` for the data-aware mode and fine-tuning. The
+        model is copied, never modified.
         """
 
         def work():
@@ -652,7 +686,13 @@ class ExplorerState(param.Parameterized):
                 choices[kind] = d
             with self._busy(f"loading {name}"):
                 wanted = next(iter(choices), "none")
-                loaded = self._prepare(net, name, None, choices, wanted, as_plan(plan) if plan else Plan())
+                calib = None
+                if calibration is not None:
+                    cx, cy = calibration if isinstance(calibration, (tuple, list)) else (calibration, None)
+                    calib = (cx.detach().cpu(), None if cy is None else cy.detach().cpu().long(),
+                             f"{len(cx)} calibration samples given" + (" (with labels)" if cy is not None else ""))
+                loaded = self._prepare(net, name, None, choices, wanted, as_plan(plan) if plan else Plan(),
+                                       calibration=calib)
                 self._install(loaded)
                 self.request_quality()
             self.message = f"Loaded {name} ({format_count(loaded.params, 'params')}, {len(loaded.layers)} decomposable layers)."
@@ -705,14 +745,18 @@ class ExplorerState(param.Parameterized):
                                  "out; the plan it carries is loaded")
                 choices = self._data_for(model)
                 arch_rec = get_arch(model) or {}
+                calibration = None
                 if str(arch_rec.get("ref", "")).startswith("tensorscope.examples:"):
                     # a built-in example's architecture: its held-out split applies (no training needed)
-                    choices = {**_example_data(*_examples.mnist_splits()), **choices}
+                    train, test = _examples.mnist_splits()
+                    choices = {**_example_data(train, test), **choices}
+                    calibration = _example_calibration(train)
                 order = ["held-out", "uploaded", "none"]
                 if self._model is not None and self.eval_source in choices:  # keep what the person chose
                     order.insert(0, self.eval_source)
                 wanted = next((k for k in order if k in choices), "none")
-                loaded = self._prepare(model.eval(), f"upload {safe_name}", None, choices, wanted, plan, start=0.2)
+                loaded = self._prepare(model.eval(), f"upload {safe_name}", None, choices, wanted, plan, start=0.2,
+                                       calibration=calibration)
                 self._install(loaded)
                 self.request_quality()
                 msg = f"Loaded {safe_name} ({format_count(loaded.params, 'params')}, {len(loaded.layers)} decomposable layers)."
@@ -765,6 +809,149 @@ class ExplorerState(param.Parameterized):
             return True
 
         return bool(self._guard("Could not switch the evaluation data", work))
+
+    # =====================================================================================
+    # data-aware mode and recovery
+    # =====================================================================================
+    def load_calibration_upload(self, data: bytes, filename: str) -> bool:
+        """Use an uploaded ``.pt``/``.npz`` of inputs (labels optional) as calibration data."""
+
+        def work():
+            if self._model is None:
+                raise DataError("load a network first")
+            x, y = _parse_eval_file(bytes(data), filename)
+            d = _EvalData(x[:2], None, "", "calibration")
+            self._check_data(self._model, d, filename)
+            desc = f"uploaded {os.path.basename(filename)} ({len(x)} samples{', with labels' if y is not None else ''})"
+            was_on = self.calibrate
+            with self._lock:
+                self._calib = (x.contiguous(), y, desc)
+                self._stats = None
+                for layer in self._layers.values():  # whitened views of the old data are stale
+                    layer.aware = None
+                    layer.use(layer.plain)
+                self._measured_error = {}
+                self.param.update(calibration_description=desc, calibrate=False)
+                self._set_plan(self.plan, focus=None)
+            if was_on:  # recompute what the mode shows from the new data
+                return self.set_calibrate(True)
+            self.message = f"Calibration data: {desc}."
+            return True
+
+        return bool(self._guard(f"Could not use {filename!r} as calibration data", work))
+
+    def _calibration_stats(self) -> dict:
+        from .calibration import collect_stats
+
+        if self._stats is None:
+            if self._calib is None:
+                raise DataError("no calibration data: upload a .pt/.npz of inputs as calibration data "
+                                "(the built-in examples bring their training split)")
+            x, y, _ = self._calib
+            self._report(0.05, f"input statistics of {len(self._layers)} layers on {len(x)} samples")
+            self._stats = collect_stats(self._model, _batches(x, None), list(self._layers))
+        return self._stats
+
+    def set_calibrate(self, on: bool) -> bool:
+        """Switch the data-aware mode (blocking: the first switch collects statistics and whitened spectra).
+
+        On: factors whiten each layer by its inputs' second moment on the calibration data, the
+        spectra and errors shown are the whitened ones (what truncation cuts from the layer's
+        *output*), and the budget planner uses them. Off: everything from the weights alone.
+        """
+
+        def work():
+            if self._model is None:
+                raise DataError("load a network first")
+            on_ = bool(on)
+            if on_ == self.calibrate:
+                return True
+            with self._busy("data-aware mode: whitened spectra" if on_ else "weights-only mode"):
+                if on_:
+                    stats = self._calibration_stats()
+                    n = max(len(self._layers), 1)
+                    for i, (name, layer) in enumerate(self._layers.items()):
+                        if layer.aware is None:
+                            self._report(0.2 + 0.8 * i / n, f"whitened spectrum of {name}")
+                            st = stats[name]
+                            spec = layer_spectrum(layer.module, name, "out", st)
+                            spec_in = (layer_spectrum(layer.module, name, "in", st)
+                                       if layer.info.geometry.kind == "conv2d" else None)
+                            t = tradeoff(layer.module, "svd", name, layer.info.geometry, stats=st)
+                            layer.aware = (spec, spec_in, {"svd": t} if t is not None else {}, spec.metrics())
+                with self._lock:
+                    for layer in self._layers.values():
+                        layer.use(layer.aware if on_ else layer.plain)
+                    self._measured_error = {}
+                    self.param.update(calibrate=on_, overview=_overview(self._layers), history=[])
+                    self._set_plan(self.plan, focus=None)
+            self.message = (f"Data-aware mode on: factors, spectra and errors from {self._calib[2]}."
+                            if on_ else "Data-aware mode off: factors and errors from the weights alone.")
+            self.request_quality()
+            return True
+
+        return bool(self._guard("Data-aware mode", work))
+
+    def finetune(self, steps: int = FINETUNE_STEPS, lr: float = 1e-3) -> bool:
+        """Recover the current plan's compressed model: a short fine-tune on the calibration data,
+        distilled from the original (with its labels too, where it has them). Blocking.
+
+        The quality before and after lands in ``recovery`` and the history; exports of this plan
+        are the fine-tuned model until the plan changes.
+        """
+        from .evaluate import evaluate
+        from .recovery import finetune
+
+        def work():
+            if self._model is None:
+                raise DataError("load a network first")
+            if not len(self.plan):
+                raise DataError("nothing to fine-tune: decompose at least one layer first")
+            if self._calib is None:
+                raise DataError("fine-tuning needs training data: upload calibration data "
+                                "(the built-in examples bring their training split)")
+            if self._data is None:
+                raise DataError("load evaluation data to see what fine-tuning recovers")
+            n_steps = int(steps)
+            if not 1 <= n_steps <= 5000:
+                raise DataError(f"fine-tuning steps must be between 1 and 5000; got {steps!r}")
+            with self._lock:
+                plan, version = self.plan, self.plan_version
+            with self._busy(f"fine-tuning for {n_steps} steps"):
+                self._report(0.0, "building the compressed model")
+                small = self.compressed_model()
+                x, y, desc = self._calib
+                train = _batches(x, y, 64)
+                evaluation = _batches(self._data.inputs, self._data.targets, CHUNK)
+                before = evaluate(small, evaluation, reference=self._model)
+                tuned = finetune(small, train, teacher=self._model, steps=n_steps, lr=lr,
+                                 progress=lambda f, m: self._report(0.05 + 0.9 * f, f"fine-tuning: {m}"))
+                after = evaluate(tuned, evaluation, reference=self._model)
+            metric = "accuracy" if "accuracy" in after else "agreement"
+            with self._lock:
+                if self.plan_version != version:
+                    raise DataError("the plan changed while fine-tuning; fine-tune again")
+                key = self._memo_key(plan)
+                self._export_memo = (key, tuned)
+                rec = {"plan": plan.to_json(indent=None), "steps": n_steps, "metric": metric, "data": desc,
+                       "before": before.get(metric), "after": after.get(metric),
+                       "agreement_before": before.get("agreement"), "agreement_after": after.get("agreement")}
+                entry = {"params": self.cost["params_after"], "flops": self.cost["flops_after"],
+                         "ratio": self.cost["ratio"], "quality": after.get(metric), "metric": metric,
+                         "layers": len(plan), "label": self.describe_plan(plan) + f" + fine-tuned {n_steps} steps",
+                         "plan": plan.to_json(indent=None) + "|tuned", "tuned": True}
+                hist = [h for h in self.history if h["plan"] != entry["plan"]] + [entry]
+                self.param.update(recovery=rec, history=hist[-MAX_HISTORY:])
+            self.message = (f"Fine-tuned {n_steps} steps on {desc}: {metric} {before.get(metric, 0):.1%} -> "
+                            f"{after.get(metric, 0):.1%}. Exports of this plan are the fine-tuned model.")
+            return True
+
+        return bool(self._guard("Fine-tuning", work))
+
+    def recovered(self) -> dict:
+        """The last fine-tune if it was of the current plan, else ``{}``."""
+        rec = self.recovery
+        return rec if rec and rec.get("plan") == self.plan.to_json(indent=None) else {}
 
     @staticmethod
     def _parse_shape(text: str) -> tuple[int, ...] | None:
@@ -820,7 +1007,7 @@ class ExplorerState(param.Parameterized):
         return out
 
     def _prepare(self, model: nn.Module, source: str, example: str | None, choices: dict[str, _EvalData],
-                 wanted: str, plan: Plan, start: float = 0.0) -> _Loaded:
+                 wanted: str, plan: Plan, start: float = 0.0, calibration: tuple | None = None) -> _Loaded:
         """Everything about a network the explorer computes once (off the event loop)."""
         data = choices.get(wanted)
         example_input = data.inputs[:1] if data is not None else None
@@ -852,7 +1039,7 @@ class ExplorerState(param.Parameterized):
             plan.validate(model, {n: l.info.geometry for n, l in layers.items()})
         self._report(1.0, "ready")
         return _Loaded(model, source, example, layers, list(infos.skipped), data, choices, evaluator,
-                       params, flops, nbytes, plan, overview=_overview(layers))
+                       params, flops, nbytes, plan, overview=_overview(layers), calibration=calibration)
 
     def _install(self, loaded: _Loaded) -> None:
         with self._lock:
@@ -868,6 +1055,8 @@ class ExplorerState(param.Parameterized):
             self._measured_error = {}
             self._export_memo = None
             self._focus = None
+            self._calib = loaded.calibration
+            self._stats = None
             names = list(loaded.layers)
             sel = self.selected if self.selected in loaded.layers else (names[0] if names else None)
             eval_kind = loaded.data.kind if loaded.data is not None else None
@@ -883,6 +1072,9 @@ class ExplorerState(param.Parameterized):
                 eval_description=loaded.data.description if loaded.data else "no evaluation data",
                 history=[],
                 error="",
+                calibrate=False,
+                calibration_description=loaded.calibration[2] if loaded.calibration else "no calibration data",
+                recovery={},
                 version=self.version + 1,
             )
             self._set_plan(loaded.plan, focus=None)
@@ -997,8 +1189,9 @@ class ExplorerState(param.Parameterized):
                 raise DataError("a FLOPs budget needs an input: load evaluation data or give an input shape")
             with self._busy(f"planning for {k:.0%} of the {b}"):
                 example_input = self._data.inputs[:1] if self._data is not None else None
+                data = _batches(self._calib[0], None) if (self.calibrate and self._calib is not None) else None
                 plan = plan_for_budget(self._model, k, by=b, methods=PLANNER_METHODS, example_input=example_input,
-                                       layers=list(self._layers))
+                                       layers=list(self._layers), data=data)
                 with self._lock:
                     self._set_plan(plan, focus=None)
             got = self.cost["params_after"] / self.cost["params"] if b == "params" else (
@@ -1092,18 +1285,21 @@ class ExplorerState(param.Parameterized):
         }
 
     def layer_error(self, name: str) -> float | None:
-        """Relative Frobenius error of a layer's weight under the plan (None while unknown: cp/tt)."""
+        """Relative Frobenius error of a layer's weight under the plan (None while unknown: cp/tt).
+
+        In data-aware mode: the relative error of the layer's output on the calibration data.
+        """
         method, rank = self._resolved.get(name, (DENSE, None))
         if method == DENSE:
             return 0.0
-        key = (method, json.dumps(_jsonable_rank(rank)), self.refine)
+        key = (method, json.dumps(_jsonable_rank(rank)), self.refine, self.calibrate)
         measured = self._measured_error.get(name)
         if measured is not None and measured[0] == key:
             return measured[1]
         layer = self._layers[name]
         if method == "svd":
             return layer.spectrum.relative_error(int(rank))
-        if method == "tucker2" and layer.tucker_energy is not None and layer.norm2 > 0:
+        if method == "tucker2" and not self.calibrate and layer.tucker_energy is not None and layer.norm2 > 0:
             kept = float(layer.tucker_energy[rank[0] - 1, rank[1] - 1])
             return math.sqrt(max(0.0, 1.0 - kept / layer.norm2))
         return None
@@ -1183,6 +1379,7 @@ class ExplorerState(param.Parameterized):
                 plan, resolved, evaluator = self.plan, dict(self._resolved), self._evaluator
                 focus, refine = self._focus, self.refine
                 model, cost = self._model, dict(self.cost)
+                stats = self._stats if self.calibrate else None
             if evaluator is None:
                 return {}
 
@@ -1198,18 +1395,22 @@ class ExplorerState(param.Parameterized):
                 if stop():
                     raise _Superseded()
                 layer = self._layers[name]
-                key = (method, json.dumps(_jsonable_rank(rank)), refine)
+                key = (method, json.dumps(_jsonable_rank(rank)), refine, stats is not None)
                 r = ResolvedLayer(name, layer.module, get_method(method), rank,
                                   dict(plan[name].options), layer.geometry)
                 if method in ("cp", "tt") and n_slow:
                     self._report(i / max(len(resolved), 1), f"{method} factors of {name} at rank {_rank_text(rank)}")
-                w = reconstructed_weight(r, refine=refine)
+                st = stats[name] if stats is not None else None
+                w = reconstructed_weight(r, refine=refine, stats=st)
                 weights[name] = (key, w)
                 known = self._measured_error.get(name)
                 if method != "svd" and (known is None or known[0] != key):  # svd: exact from the spectrum
-                    ref = layer.module.weight.detach().double()
-                    denom = math.sqrt(layer.norm2) if layer.norm2 > 0 else float(ref.norm())
-                    errors[name] = (key, float((w.double() - ref).norm()) / denom if denom > 0 else 0.0)
+                    if st is not None:
+                        errors[name] = (key, st.output_error(layer.module.weight, w))
+                    else:
+                        ref = layer.module.weight.detach().double()
+                        denom = math.sqrt(layer.norm2) if layer.norm2 > 0 else float(ref.norm())
+                        errors[name] = (key, float((w.double() - ref).norm()) / denom if denom > 0 else 0.0)
             if stop():
                 raise _Superseded()
             changed = evaluator.install(weights)
@@ -1314,12 +1515,13 @@ class ExplorerState(param.Parameterized):
             memo = self._export_memo
         if model is None:
             raise DataError("load a network first")
-        key = plan.to_json(indent=None) + f"|{refine}"
+        key = self._memo_key(plan)
         if memo is not None and memo[0] == key:
             return memo[1]
+        stats = self._calibration_stats() if self.calibrate else None
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", BreakEvenWarning)
-            small = compress(model, plan, refine=refine)
+            small = compress(model, plan, refine=refine, stats=stats)
         n = count_params(small)
         expected = self._cost_for(plan)["params_after"]
         if n != expected:  # the page must show what the file holds
@@ -1328,6 +1530,9 @@ class ExplorerState(param.Parameterized):
             if self.plan is plan:
                 self._export_memo = (key, small)
         return small
+
+    def _memo_key(self, plan: Plan) -> str:
+        return plan.to_json(indent=None) + f"|{self.refine}|{self.calibrate}"
 
     def _cost_for(self, plan: Plan) -> dict[str, Any]:
         if plan is self.plan:

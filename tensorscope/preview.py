@@ -20,13 +20,18 @@ from ._cache import factor_cache, fingerprint
 from .plan import ResolvedLayer, as_plan
 
 
-def reconstructed_weight(r: ResolvedLayer, refine: bool = False) -> torch.Tensor:
-    """The dense weight that ``r``'s method and rank represent (memoised)."""
+def reconstructed_weight(r: ResolvedLayer, refine: bool = False, stats: Any = None) -> torch.Tensor:
+    """The dense weight that ``r``'s method and rank represent (memoised).
+
+    With ``stats`` (the layer's :class:`~tensorscope.calibration.LayerStats`), the data-aware
+    factors ``compress(..., data=...)`` builds.
+    """
     key = (fingerprint(r.module.weight), getattr(r.module, "groups", 1), "recon", r.method.name,
-           json.dumps(r.rank, default=list), json.dumps(dict(r.options), sort_keys=True, default=list), refine)
+           json.dumps(r.rank, default=list), json.dumps(dict(r.options), sort_keys=True, default=list), refine,
+           None if stats is None else stats.token)
 
     def compute():
-        factors = r.method.factorize(r.module, r.rank, r.options, refine=refine)
+        factors = r.method.factorize(r.module, r.rank, r.options, stats=stats, refine=refine)
         return r.method.reconstruct(r.module, factors).detach()
 
     return factor_cache.get(key, compute)

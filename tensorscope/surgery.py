@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
@@ -95,6 +95,7 @@ def compress(
     refine: bool = True,
     max_batches: int | None = None,
     progress: bool | Callable[[float, str], None] = False,
+    stats: Mapping[str, Any] | None = None,
 ) -> nn.Module:
     """Return a copy of ``model`` with the planned layers decomposed.
 
@@ -113,6 +114,9 @@ def compress(
         Spend a little more time on better factors (HOOI sweeps for Tucker-2, full CP-ALS).
     progress : bool or callable
         A tqdm bar, or ``callable(fraction, message)``.
+    stats : dict, optional
+        Statistics already collected by :func:`tensorscope.collect_stats` (instead of ``data``),
+        e.g. the ones the explorer's preview used, so both build the same factors.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"compress expects an nn.Module; got {type(model).__name__}")
@@ -123,7 +127,8 @@ def compress(
     resolved = plan.validate(new)
     for r in resolved:  # refuse NaN/Inf before spending time on anything
         check_finite(r.module, r.name)
-    stats = None
+    if data is not None and stats is not None:
+        raise TypeError("compress takes data= or stats=, not both")
     if data is not None and resolved:
         from .calibration import collect_stats
 

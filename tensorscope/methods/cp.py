@@ -105,7 +105,32 @@ class CP(Method):
                     + h_out * w_out * geom.out_features * rank)
 
     def factorize(self, layer: nn.Module, rank: int, options=None, *, stats=None, refine=True) -> Factors:
+        """CP-ALS of the kernel; with ``stats``, the data-aware variant (:meth:`_data_aware`)."""
         check_finite(layer)
+        if stats is not None:
+            return self._data_aware(layer, rank, options, stats, refine)
+        return self._factorize(layer, rank, options, None, refine)
+
+    def _data_aware(self, layer: nn.Module, rank: int, options, stats, refine: bool) -> Factors:
+        """Least output error on the calibration data: CP of the kernel with its input mode
+        whitened by the channel moment, and CP of the plain kernel, each with the last 1x1
+        conv refit by least squares against the layer's outputs; the better one wins (the
+        channel whitening ignores spatial correlations and can lose to the plain kernel)."""
+        from ..calibration import refit_output
+
+        best, best_err = None, math.inf
+        for whiten in (True, False):
+            f = self._factorize(layer, rank, options, stats if whiten else None, refine)
+            t = f.tensors
+            g = t["a_in"].shape[0]
+            inner = torch.einsum("gir,gyr,gxr->griyx", *(t[k].to(torch.float64) for k in ("a_in", "a_h", "a_w")))
+            a_out, err = refit_output(layer, stats, inner.reshape(g, rank, -1))
+            if err < best_err:
+                best_err = err
+                best = Factors("cp", rank, {**t, "a_out": a_out.to(t["a_out"].dtype)})
+        return best
+
+    def _factorize(self, layer: nn.Module, rank: int, options, stats, refine: bool) -> Factors:
         opts = dict(options or {})
         w = linalg.grouped_weight(layer)  # (g, o, i, kh, kw)
         whitener = None

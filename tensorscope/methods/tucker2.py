@@ -21,6 +21,8 @@ approximation of higher-order tensors", SIAM J. Matrix Anal. Appl. 2000 (HOOI).
 
 from __future__ import annotations
 
+import math
+
 from typing import Any, Mapping
 
 import torch
@@ -97,9 +99,7 @@ class Tucker2(Method):
         r_out, r_in = rank
         opts = dict(options or {})
         if stats is not None:
-            from ..calibration import whitened_tucker2
-
-            return whitened_tucker2(layer, rank, stats, sweeps=int(opts.get("sweeps", DEFAULT_SWEEPS)) if refine else 0)
+            return self._data_aware(layer, rank, opts, stats, refine)
         w = linalg.grouped_weight(layer).to(torch.float64)
         u_out = _top(linalg.mode_eig(layer, 0)[1], r_out)
         u_in = _top(linalg.mode_eig(layer, 1)[1], r_in)
@@ -108,6 +108,31 @@ class Tucker2(Method):
         u_out, u_in = hooi_sweeps(w, u_out, u_in, sweeps)
         core = torch.einsum("goikl,goa,gib->gabkl", w, u_out, u_in)
         return Factors("tucker2", (r_out, r_in), {"u_out": u_out, "core": core, "u_in": u_in})
+
+    def _data_aware(self, layer: nn.Module, rank, opts: dict, stats, refine: bool) -> Factors:
+        """Least output error on the calibration data: two candidate projections (input mode
+        whitened by the channel moment, and the plain HOSVD/HOOI one), each with its output
+        factor refit by least squares against the layer's outputs; the better one wins.
+
+        Whitening the channel mode alone ignores how patches correlate, so on some layers it
+        is the plain projection with a refit output factor that reconstructs outputs best;
+        choosing by the measured error means data never makes a layer worse on that data.
+        """
+        from ..calibration import refit_output, whitened_tucker2
+
+        sweeps = int(opts.get("sweeps", DEFAULT_SWEEPS)) if refine else 0
+        candidates = [whitened_tucker2(layer, rank, stats, sweeps=sweeps),
+                      self.factorize(layer, rank, opts, refine=refine)]
+        best, best_err = None, math.inf
+        for f in candidates:
+            t = f.tensors
+            g = t["core"].shape[0]
+            inner = torch.einsum("gabkl,gib->gaikl", t["core"].to(torch.float64), t["u_in"].to(torch.float64))
+            u_out, err = refit_output(layer, stats, inner.reshape(g, rank[0], -1))
+            if err < best_err:
+                best_err = err
+                best = Factors("tucker2", tuple(rank), {"u_out": u_out, "core": t["core"], "u_in": t["u_in"]})
+        return best
 
     def empty_factors(self, geom: LayerGeometry, rank, options=None) -> Factors:
         g, (r_out, r_in) = geom.groups, rank
