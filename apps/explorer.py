@@ -41,6 +41,7 @@ from tensorscope.examples import list_examples
 from tensorscope.explorer import (
     DENSE,
     EXECUTOR,
+    FINETUNE_STEPS,
     MAX_UPLOAD_MB,
     ExplorerState,
     format_bytes,
@@ -184,6 +185,14 @@ class ExplorerView(pn.viewable.Viewer):
         self.eval_file = pn.widgets.FileInput(accept=".pt,.pth,.npz", css_classes=["ts-eval-file"])
         self.shape_input = pn.widgets.TextInput(name="Input shape of one sample (no data)", placeholder="1,28,28")
         self.eval_text = pn.pane.Markdown("", styles={"font-size": "12px", "color": "#52606d"}, margin=(0, 10))
+        # data-aware mode and recovery
+        self.calibrate_switch = pn.widgets.Switch(value=s.calibrate, css_classes=["ts-calibrate"])
+        self.calib_file = pn.widgets.FileInput(accept=".pt,.pth,.npz", css_classes=["ts-calib-file"])
+        self.calib_text = pn.pane.Markdown("", styles={"font-size": "12px", "color": "#52606d"}, margin=(0, 10))
+        self.finetune_steps = pn.widgets.IntInput(name="Fine-tune steps", value=FINETUNE_STEPS, start=1, end=5000,
+                                                  step=50, width=130, css_classes=["ts-finetune-steps"])
+        self.finetune_button = pn.widgets.Button(name="Fine-tune this plan", button_type="primary",
+                                                 css_classes=["ts-finetune"])
         # budget and presets
         self.keep_slider = pn.widgets.FloatSlider(name="Keep", start=0.02, end=1.0, step=0.01, value=s.budget_keep,
                                                   format="0%", css_classes=["ts-keep"])
@@ -343,7 +352,7 @@ class ExplorerView(pn.viewable.Viewer):
         return _framewise(hv.Overlay([*curves, point, vline])).opts(
             title="Error vs parameters", legend_position="top_right", xticks=4,
             responsive=True, height=PLOT_H, toolbar=None, xlabel="parameters of the layer", xformatter=COUNT_FMT,
-            ylabel="relative weight error")
+            ylabel="relative output error (calibration)" if self.state.calibrate else "relative weight error")
 
     def _overview_element(self):
         df = self.state.overview
@@ -388,7 +397,8 @@ class ExplorerView(pn.viewable.Viewer):
         w(self._on_loop(self._render_table), ["table"])
         w(self._on_loop(self._render_controls), ["selected", "plan", "version"])
         w(self._on_loop(self._render_spectrum), ["selected", "plan_version", "version", "table"])
-        w(self._on_loop(self._render_overview), ["version"])
+        w(self._on_loop(self._render_overview), ["version", "overview"])
+        w(self._on_loop(self._render_calibration), ["calibrate", "calibration_description", "recovery", "plan"])
         w(self._on_loop(self._render_history), ["history"])
         w(self._on_loop(self._render_eval), ["eval_source", "eval_choices", "eval_description"])
 
@@ -397,6 +407,11 @@ class ExplorerView(pn.viewable.Viewer):
         self.eval_file.param.watch(self._on_eval_file, "value")
         self.eval_select.param.watch(self._on_eval_select, "value")
         self.shape_input.param.watch(lambda e: setattr(s, "input_shape", e.new), "value")
+        self.calibrate_switch.param.watch(self._on_calibrate, "value")
+        self.calib_file.param.watch(
+            lambda e: e.new and self._submit(s.load_calibration_upload, e.new, self.calib_file.filename or "calib.pt"),
+            "value")
+        self.finetune_button.on_click(lambda e: self._submit(s.finetune, self.finetune_steps.value))
         self.auto_button.on_click(lambda e: self._submit(s.apply_budget, self.keep_slider.value, self.by_select.value))
         self.energy_button.on_click(lambda e: self._submit(s.apply_preset, "energy", self.energy_slider.value))
         self.vbmf_button.on_click(lambda e: self._submit(s.apply_preset, "vbmf"))
@@ -427,6 +442,11 @@ class ExplorerView(pn.viewable.Viewer):
             self.state.message = "Upload a .pt or .npz file of inputs (and labels) below."
             return
         self._submit(self.state.use_eval, event.new)
+
+    def _on_calibrate(self, event) -> None:
+        if self._syncing or event.new == self.state.calibrate:
+            return
+        self._submit(self.state.set_calibrate, event.new)
 
     def _on_table_select(self, event) -> None:
         if self._syncing or not event.new:
@@ -474,7 +494,7 @@ class ExplorerView(pn.viewable.Viewer):
     # ------------------------------------------------------------------ rendering
     def _render_all(self) -> None:
         for fn in (self._render_status, self._render_summary, self._render_table, self._render_controls,
-                   self._render_eval):
+                   self._render_eval, self._render_calibration):
             fn()
 
     def _render_status(self) -> None:
@@ -487,7 +507,8 @@ class ExplorerView(pn.viewable.Viewer):
         self.progress.value = int(round(100 * s.progress)) if s.busy else 0
         self.progress_text.object = s.progress_message if s.busy else ""
         self.progress_text.visible = s.busy
-        for w in (self.load_button, self.upload_button, self.auto_button, self.energy_button, self.vbmf_button):
+        for w in (self.load_button, self.upload_button, self.auto_button, self.energy_button, self.vbmf_button,
+                  self.finetune_button, self.calibrate_switch):
             w.disabled = s.busy
         for card in (self.layers_card, self.spectrum_card):  # what is being replaced
             card.loading = s.busy
@@ -648,6 +669,22 @@ class ExplorerView(pn.viewable.Viewer):
         self._tick += 1
         self._hist_stream.event(tick=self._tick)
 
+    def _render_calibration(self) -> None:
+        s = self.state
+        self._syncing = True
+        try:
+            self.calibrate_switch.value = s.calibrate
+        finally:
+            self._syncing = False
+        mode = ("**on**: factors, spectra and errors are what each layer's *output* loses on"
+                if s.calibrate else "off: factors and errors from the weights alone. Calibration data:")
+        text = f"Data-aware {mode} {s.calibration_description}."
+        rec = s.recovered()
+        if rec:
+            text += (f"<br>**Fine-tuned** {rec['steps']} steps: {rec['metric']} {_pct(rec['before'])} → "
+                     f"**{_pct(rec['after'])}** (exports are the fine-tuned model).")
+        self.calib_text.object = text
+
     def _render_eval(self) -> None:
         s = self.state
         self._syncing = True
@@ -666,6 +703,10 @@ class ExplorerView(pn.viewable.Viewer):
             self.model_file, self.arch_input, self.trust_box, self.upload_button, self.upload_hint,
             pn.pane.Markdown("### Evaluation data", margin=(10, 10, 0, 10)),
             self.eval_select, self.eval_file, self.shape_input, self.eval_text,
+            pn.pane.Markdown("### Data-aware compression and recovery", margin=(10, 10, 0, 10)),
+            pn.Row(self.calibrate_switch, pn.pane.Markdown("use calibration data", margin=(4, 0))),
+            self.calib_file, self.calib_text,
+            pn.Row(self.finetune_steps, self.finetune_button),
             pn.pane.Markdown("### Let it choose", margin=(10, 10, 0, 10)),
             self.keep_slider, self.by_select, self.auto_button,
             self.energy_slider, pn.Row(self.energy_button, self.vbmf_button), self.reset_button,

@@ -18,6 +18,7 @@ from torch import nn
 
 import tensorscope as ts
 import tensorscope.explorer as X
+from tensorscope.recovery import dense_weight
 from tensorscope.explorer import ExplorerState
 from tensorscope.plan import Plan
 
@@ -536,3 +537,97 @@ def test_probing_a_layer_gives_back_its_dense_weight(layer):
         assert b is None
     else:
         torch.testing.assert_close(b, layer.bias.detach(), rtol=0, atol=1e-6)
+
+
+# ---- data-aware mode and recovery ----------------------------------------------------------
+
+
+@pytest.fixture
+def aware():
+    """Its own state: the data-aware mode changes every layer's spectra."""
+    s = ExplorerState()
+    assert s.load_example("lenet5"), s.error
+    return s
+
+
+def _calibration_batches(s: ExplorerState) -> list:
+    x = s._calib[0]
+    return [x[i:i + 128] for i in range(0, len(x), 128)]
+
+
+def test_data_aware_mode_shows_output_errors_and_builds_what_compress_builds(aware):
+    s = aware
+    assert "training images" in s.calibration_description and not s.calibrate
+    s.set_layer("classifier.1", "svd", 8)
+    s.set_layer("features.3", "tucker2", [12, 6])
+    weight_err = s.layer_error("classifier.1")
+    assert weight_err == pytest.approx(s.layers["classifier.1"].plain[0].relative_error(8))
+    assert s.set_calibrate(True), s.error
+    assert s.calibrate and s.layers["classifier.1"].spectrum.whitened
+    # the error shown is the layer's output error on the calibration data: the whitened tail
+    stats = ts.collect_stats(s.model, _calibration_batches(s), ["classifier.1", "features.3"])
+    s_w = ts.spectrum(s.model, "classifier.1", data=_calibration_batches(s))
+    assert s.layer_error("classifier.1") == pytest.approx(s_w.relative_error(8), rel=1e-6)
+    # the exported model is the data-aware one, and the preview showed its accuracy
+    small = s.compressed_model()
+    ref = ts.compress(s.model, s.plan, data=_calibration_batches(s))
+    x = s._data.inputs[:64]
+    torch.testing.assert_close(small(x), ref(x), rtol=1e-5, atol=1e-5)
+    res = ts.evaluate(small, [(s._data.inputs, s._data.targets)])
+    assert s.quality["plan"] == pytest.approx(res["accuracy"], abs=1.5e-3)
+    # on the calibration data, each data-aware layer loses no more than the plain one
+    plain = ts.compress(s.model, s.plan)
+    for name in ("classifier.1", "features.3"):
+        st = stats[name]
+        w = s.model.get_submodule(name).weight
+        err_aware = st.output_error(w, dense_weight(small.get_submodule(name), s.model.get_submodule(name)))
+        err_plain = st.output_error(w, dense_weight(plain.get_submodule(name), s.model.get_submodule(name)))
+        assert err_aware <= err_plain + 1e-9, (name, err_aware, err_plain)
+    # the budget planner uses the calibration data too
+    assert s.apply_budget(0.1), s.error
+    assert abs(s.cost["params_after"] / s.cost["params"] - 0.1) <= 0.002
+    # off: back to the weights' spectra and errors, nothing recomputed
+    assert s.set_calibrate(False)
+    assert not s.layers["classifier.1"].spectrum.whitened
+
+
+def test_finetune_recovers_and_exports_the_tuned_model(aware, tmp_path):
+    s = aware
+    s.set_layer("classifier.1", "svd", 4)
+    untuned = s.compressed_model()
+    assert s.finetune(40), s.error
+    rec = s.recovered()
+    assert rec["steps"] == 40 and rec["metric"] == "accuracy"
+    assert rec["after"] >= rec["before"] - 0.01
+    assert any(h.get("tuned") for h in s.history)
+    name, data = s.export_bytes("checkpoint")
+    (tmp_path / name).write_bytes(data)
+    loaded = ts.load(tmp_path / name)
+    x = s._data.inputs[:32]
+    torch.testing.assert_close(loaded(x), s.compressed_model()(x))
+    assert not torch.allclose(loaded(x), untuned(x))  # the fine-tuned weights, not the fresh factors
+    assert ts.count_params(loaded) == s.cost["params_after"]
+    # another plan: the fine-tune no longer applies
+    s.set_layer("classifier.1", "svd", 5)
+    assert s.recovered() == {}
+    # bad requests are messages, and the state keeps working
+    assert not s.finetune(0) and "steps" in s.error
+    s.set_plan({})
+    assert not s.finetune(10) and "nothing to fine-tune" in s.error
+
+
+def test_calibration_upload(aware, tmp_path):
+    s = aware
+    assert not s.load_calibration_upload(b"garbage bytes", "calib.pt")
+    assert "calib.pt" in s.error and "training images" in s.calibration_description
+    buf = io.BytesIO()
+    torch.save({"x": s._data.inputs[:100]}, buf)
+    assert s.load_calibration_upload(buf.getvalue(), "mine.pt"), s.error
+    assert "mine.pt (100 samples" in s.calibration_description
+    assert s.set_calibrate(True), s.error
+    assert s._stats["features.0"].count == 100 * 24 * 24
+    # wrong input shape for the network: refused, the previous calibration data stays
+    buf = io.BytesIO()
+    torch.save(torch.randn(10, 3, 8, 8), buf)
+    assert not s.load_calibration_upload(buf.getvalue(), "wrong.pt")
+    assert "mine.pt" in s.calibration_description and s.calibrate
