@@ -73,6 +73,11 @@ __all__ = [
 
 #: uploads over this many MB are refused (env ``TENSORSCOPE_MAX_UPLOAD_MB``, default 50)
 MAX_UPLOAD_MB = float(os.environ.get("TENSORSCOPE_MAX_UPLOAD_MB", "50") or 50)
+#: the most work one request may start on a shared server: CP-ALS costs about rank x weight
+#: entries per sweep (env ``TENSORSCOPE_EXPLORER_MAX_CP_WORK``), and no factorized layer may
+#: hold more parameters than this (env ``TENSORSCOPE_EXPLORER_MAX_LAYER_PARAMS``)
+MAX_CP_WORK = float(os.environ.get("TENSORSCOPE_EXPLORER_MAX_CP_WORK", "5e8") or 5e8)
+MAX_LAYER_PARAMS = float(os.environ.get("TENSORSCOPE_EXPLORER_MAX_LAYER_PARAMS", "5e7") or 5e7)
 #: the live preview evaluates at most this many samples
 EVAL_SAMPLES = 1000
 #: samples of the calibration batch used when there is no evaluation data
@@ -1150,6 +1155,7 @@ class ExplorerState(param.Parameterized):
                 m = get_method(method)
                 r = self.default_rank(name, method) if rank is None else rank
                 canon = m.resolve_rank(layer.geometry, r)
+                _check_work(name, layer, method, canon)
                 plan = self.plan.with_layer(name, method, _jsonable_rank(canon))
             with self._lock:
                 self._set_plan(plan, focus=name)
@@ -1612,6 +1618,21 @@ class ExplorerState(param.Parameterized):
             self._layers = {}
             self._export_memo = None
         self._upload_dir.cleanup()
+
+
+def _check_work(name: str, layer: _Layer, method: str, rank: Any) -> None:
+    """Refuse a request that would tie up a shared server (see MAX_CP_WORK, MAX_LAYER_PARAMS)."""
+    geom = layer.geometry
+    params = get_method(method).count_params(geom, rank)
+    if params > MAX_LAYER_PARAMS:
+        raise DataError(f"{name}: {method} at rank {_rank_text(rank)} would hold {params:,} parameters; this server "
+                        f"allows at most {MAX_LAYER_PARAMS:,.0f} per layer (TENSORSCOPE_EXPLORER_MAX_LAYER_PARAMS)")
+    if method == "cp":
+        numel = layer.module.weight.numel()
+        if rank * numel > MAX_CP_WORK:
+            top = max(1, int(MAX_CP_WORK // numel))
+            raise DataError(f"{name}: CP rank {rank} on {numel:,} weights is more work than this server allows per "
+                            f"request; choose a rank of at most {top} (or raise TENSORSCOPE_EXPLORER_MAX_CP_WORK)")
 
 
 def _shrink(rank: Any) -> Any:

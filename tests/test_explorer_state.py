@@ -631,3 +631,14 @@ def test_calibration_upload(aware, tmp_path):
     torch.save(torch.randn(10, 3, 8, 8), buf)
     assert not s.load_calibration_upload(buf.getvalue(), "wrong.pt")
     assert "mine.pt" in s.calibration_description and s.calibrate
+
+
+def test_work_caps_refuse_requests_that_would_tie_up_the_server(fresh, monkeypatch):
+    s = fresh
+    monkeypatch.setattr(X, "MAX_CP_WORK", 25_050 * 10)  # features.3 holds 25,000 weights
+    assert s.set_layer("features.3", "cp", 10), s.error
+    assert not s.set_layer("features.3", "cp", 11)
+    assert "at most 10" in s.error and "TENSORSCOPE_EXPLORER_MAX_CP_WORK" in s.error
+    assert s.layer_choice("features.3") == ("cp", 10)  # the plan kept what it had
+    monkeypatch.setattr(X, "MAX_LAYER_PARAMS", 1000)
+    assert not s.set_layer("classifier.1", "svd", 8) and "TENSORSCOPE_EXPLORER_MAX_LAYER_PARAMS" in s.error
