@@ -616,6 +616,16 @@ def _load_state(
         if k in expected and isinstance(sd[k], Tensor) and isinstance(expected[k], Tensor)
         and tuple(sd[k].shape) != tuple(expected[k].shape)
     ]
+    # torch's load_state_dict would cast these silently (int -> float, complex -> real drops
+    # the imaginary part) or fail deep inside (sparse, meta): garbage weights, not an error
+    not_dense = [f"{k}: {v.layout} on {v.device}" for k, v in sd.items()
+                 if isinstance(v, Tensor) and (v.layout != torch.strided or v.device.type == "meta")]
+    wrong_dtype = [
+        f"{k}: file {sd[k].dtype} vs model {expected[k].dtype}"
+        for k in sd
+        if k in expected and isinstance(sd[k], Tensor) and isinstance(expected[k], Tensor)
+        and _dtype_kind(sd[k]) != _dtype_kind(expected[k])
+    ]
     problems = []
     if missing and strict:
         problems.append(f"missing keys: {_fmt_keys(missing)}")
@@ -623,6 +633,10 @@ def _load_state(
         problems.append(f"unexpected keys: {_fmt_keys(unexpected)}")
     if wrong:
         problems.append(f"wrong shapes: {_fmt_keys(wrong)}")
+    if not_dense:
+        problems.append(f"not dense tensors: {_fmt_keys(not_dense)}")
+    if wrong_dtype:
+        problems.append(f"wrong dtypes: {_fmt_keys(wrong_dtype)}")
     if problems:
         raise CheckpointError(
             f"the checkpoint {path!r} does not match {source}: " + "; ".join(problems)
@@ -652,12 +666,24 @@ def _load_state(
         raise CheckpointError(f"the checkpoint {path!r} does not match {source}: {e}") from None
 
 
+def _dtype_kind(t: Tensor) -> str:
+    if t.dtype == torch.bool:
+        return "bool"
+    return "complex" if t.is_complex() else "floating" if t.is_floating_point() else "integer"
+
+
+def _non_finite(v: Any) -> bool:
+    if not (isinstance(v, Tensor) and (v.is_floating_point() or v.is_complex()) and v.numel()):
+        return False
+    if v.layout != torch.strided or v.device.type == "meta":
+        return False  # refused by _load_state
+    if v.dtype.itemsize == 1:  # float8 types have no isfinite kernel
+        v = v.float()
+    return not bool(torch.isfinite(v).all())
+
+
 def _warn_non_finite(sd: Mapping[str, Any], path: str) -> None:
-    bad = [
-        k for k, v in sd.items()
-        if isinstance(v, Tensor) and (v.is_floating_point() or v.is_complex()) and v.numel()
-        and not bool(torch.isfinite(v).all())
-    ]
+    bad = [k for k, v in sd.items() if _non_finite(v)]
     if bad:
         warnings.warn(
             f"{path!r}: tensor(s) {_fmt_keys(bad)} hold NaN or Inf; loaded as saved",

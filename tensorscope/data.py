@@ -261,7 +261,12 @@ def parse_data_file(data: bytes, filename: str) -> tuple[Tensor, Tensor | None]:
                 arrays = {k: z[k] for k in z.files}
         except Exception as e:
             raise DataError(f"{filename!r} is not a readable .npz file: {type(e).__name__}: {e}") from None
-        obj: Any = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
+        for k, v in arrays.items():  # np.load gives raw bytes for a member that is not a .npy
+            if not isinstance(v, np.ndarray) or v.dtype.kind not in "biuf":
+                what = f"an array of dtype {v.dtype}" if isinstance(v, np.ndarray) else type(v).__name__
+                raise DataError(f"{filename!r}: entry {k!r} holds {what}, not numbers")
+        # reshape: ascontiguousarray turns a 0-d array into a 1-d one
+        obj: Any = {k: torch.from_numpy(np.ascontiguousarray(v).reshape(v.shape)) for k, v in arrays.items()}
     elif name.endswith((".pt", ".pth")):
         try:
             obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
@@ -273,9 +278,14 @@ def parse_data_file(data: bytes, filename: str) -> tuple[Tensor, Tensor | None]:
     else:
         raise DataError(f"data files must be .pt/.pth (torch.save) or .npz; got {filename!r}")
     x, y = _inputs_and_labels(obj, filename)
+    for what, t in (("inputs", x), ("labels", y)):
+        if isinstance(t, Tensor) and (t.layout != torch.strided or t.device.type != "cpu"):
+            raise DataError(f"{filename!r}: the {what} must be a dense tensor; got a {t.layout} tensor on {t.device}")
     if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[0] == 0:
         raise DataError(f"{filename!r}: the inputs must be a non-empty tensor with samples along dim 0")
-    if not x.is_floating_point():
+    if x.is_complex():  # .float() would silently drop the imaginary part
+        raise DataError(f"{filename!r}: the inputs must be real numbers; got {x.dtype}")
+    if not x.is_floating_point() or x.dtype.itemsize == 1:  # float8 types have no isfinite
         x = x.float()
     if y is not None:
         if not isinstance(y, Tensor) or y.dim() != 1 or y.shape[0] != x.shape[0]:
@@ -283,8 +293,11 @@ def parse_data_file(data: bytes, filename: str) -> tuple[Tensor, Tensor | None]:
                 f"{filename!r}: labels must be a 1-D tensor with one class index per sample "
                 f"({x.shape[0]}); got {tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__}"
             )
+        if y.is_complex():
+            raise DataError(f"{filename!r}: labels must be integer class indices; got {y.dtype}")
         if y.is_floating_point():
-            if not bool((y == y.round()).all()):
+            yf = y.double()  # inf == inf.round() and 1e30 is integral: neither casts to a valid index
+            if not bool((torch.isfinite(yf) & (yf == yf.round()) & (yf.abs() < 2**53)).all()):
                 raise DataError(f"{filename!r}: labels must be integer class indices")
         y = y.long()
     if not bool(torch.isfinite(x).all()):

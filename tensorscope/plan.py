@@ -96,7 +96,7 @@ def _parse_entry(name: Any, entry: Any) -> LayerPlan:
             f"layer {name!r}: each entry is an object like {{\"method\": \"svd\", \"rank\": 8}}; got {entry!r}"
         )
     if "method" not in entry or "rank" not in entry:
-        raise PlanError(f"layer {name!r}: an entry needs both \"method\" and \"rank\"; got keys {sorted(entry)}")
+        raise PlanError(f"layer {name!r}: an entry needs both \"method\" and \"rank\"; got keys {sorted(entry, key=repr)}")
     method = entry["method"]
     if not isinstance(method, str):
         raise PlanError(f"layer {name!r}: method must be a string; got {method!r}")
@@ -105,7 +105,7 @@ def _parse_entry(name: Any, entry: Any) -> LayerPlan:
     unknown = set(options) - OPTION_KEYS.get(method, set())
     if unknown:
         allowed = sorted(OPTION_KEYS.get(method, set()) | {"method", "rank"})
-        raise PlanError(f"layer {name!r}: unknown key(s) {sorted(unknown)} for method {method!r}; allowed: {allowed}")
+        raise PlanError(f"layer {name!r}: unknown key(s) {sorted(unknown, key=repr)} for method {method!r}; allowed: {allowed}")
     for k in ("in_shape", "out_shape"):
         if k in options:
             v = options[k]
@@ -188,7 +188,7 @@ class Plan:
             )
         extra = set(doc) - {"tensorscope_plan", "layers"}
         if extra:
-            raise PlanError(f"unknown top-level key(s) in plan: {sorted(extra)}")
+            raise PlanError(f"unknown top-level key(s) in plan: {sorted(extra, key=repr)}")
         layers = doc.get("layers", {})
         if not isinstance(layers, Mapping):
             raise PlanError(f'"layers" must be an object mapping layer names to entries; got {type(layers).__name__}')
@@ -196,13 +196,18 @@ class Plan:
 
     @classmethod
     def from_json(cls, text: str | bytes) -> "Plan":
-        if isinstance(text, bytes):
-            text = text.decode("utf-8", errors="strict")
+        if isinstance(text, (bytes, bytearray)):
+            try:
+                text = bytes(text).decode("utf-8", errors="strict")
+            except UnicodeDecodeError as e:
+                raise PlanError(f"plan is not UTF-8 text: {e}") from None
+        if not isinstance(text, str):
+            raise PlanError(f"plan JSON must be text (str or bytes); got {type(text).__name__}")
         if len(text) > MAX_PLAN_BYTES:
             raise PlanError(f"plan is {len(text):,} characters; plans over {MAX_PLAN_BYTES:,} are refused")
         try:
             doc = json.loads(text)
-        except (json.JSONDecodeError, RecursionError) as e:
+        except (ValueError, RecursionError) as e:  # ValueError: also an integer over 4300 digits
             raise PlanError(f"plan is not valid JSON: {e}") from None
         return cls.from_dict(doc)
 
