@@ -30,6 +30,9 @@ from .progress import Progress
 from .spectra import Tradeoff, tradeoff
 
 DEFAULT_METHODS = ("svd", "tucker2")
+#: with heldout="auto", layers with fewer calibration input rows than this many times their
+#: input size are scored held out
+HELDOUT_ROWS = 4
 
 
 @dataclass
@@ -42,10 +45,12 @@ class _Option:
     flops: int | None
 
 
-def _menu(info: LayerInfo, module: nn.Module, methods: Sequence[str], by: str, stats: Any) -> list[_Option]:
+def _menu(info: LayerInfo, module: nn.Module, methods: Sequence[str], by: str, stats: Any,
+          halves: tuple | None = None, heldout: bool | str = "auto") -> list[_Option]:
     """The layer's Pareto options: cheapest first, each strictly better than the cheaper ones.
 
     "Keep it dense" (method ``None``) is one of them unless a cheaper rank is already exact.
+    ``halves``: statistics of two halves of the data, to score ``svd`` ranks held out.
     """
     geom = info.geometry
     dense = _Option(float(geom.dense_params if by == "params" else geom.dense_flops), 0.0, None, None,
@@ -58,11 +63,20 @@ def _menu(info: LayerInfo, module: nn.Module, methods: Sequence[str], by: str, s
         if t is None:
             continue
         cost = t.params if by == "params" else t.flops
+        losses = np.asarray(t.errors, dtype=np.float64) ** 2
+        if m == "svd" and halves is not None:
+            from .calibration import heldout_svd_errors
+
+            a, b = halves
+            if heldout == "auto" and stats is not None and stats.count >= HELDOUT_ROWS * stats.patch.shape[-1]:
+                pass  # plenty of rows: the in-sample score is reliable
+            else:
+                losses = 0.5 * (heldout_svd_errors(module, a, b) ** 2 + heldout_svd_errors(module, b, a) ** 2)
         for i, rank in enumerate(t.ranks):
             c = float(cost[i])
             if c >= dense.cost:
                 continue
-            opts.append(_Option(c, float(t.errors[i]) ** 2, m, rank, int(t.params[i]),
+            opts.append(_Option(c, float(losses[i]), m, rank, int(t.params[i]),
                                 None if t.flops is None else int(t.flops[i])))
     opts.sort(key=lambda o: (o.cost, o.loss))
     pareto: list[_Option] = []
@@ -70,6 +84,31 @@ def _menu(info: LayerInfo, module: nn.Module, methods: Sequence[str], by: str, s
         if not pareto or o.loss < pareto[-1].loss - 1e-15:
             pareto.append(o)
     return pareto
+
+
+def _halves(batches: list) -> tuple[list, list] | None:
+    """Two halves of the calibration data: alternate batches, or the rows of a single batch
+    (a tensor, or a dict of keyword tensors); ``None`` when it cannot be split."""
+    if len(batches) >= 2:
+        return batches[0::2], batches[1::2]
+    if len(batches) != 1:
+        return None
+    from .data import split_batch
+
+    b = split_batch(batches[0])
+    n = b.size
+    if n < 2:
+        return None
+    if len(b.args) == 1 and not b.kwargs:
+        x = b.args[0]
+        return [x[: n // 2]], [x[n // 2:]]
+    if b.kwargs and not b.args:
+        def rows(sl: slice) -> dict:
+            return {k: v[sl] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == n else v
+                    for k, v in b.kwargs.items()}
+
+        return [rows(slice(0, n // 2))], [rows(slice(n // 2, n))]
+    return None
 
 
 def _allocate(menus: list[list[_Option]], budget: float, floor: float, bins: int) -> list[int]:
@@ -138,6 +177,7 @@ def plan_for_budget(
     example_input: Any = None,
     layers: Iterable[str] | None = None,
     tolerance: float = 0.02,
+    heldout: bool | str = "auto",
     progress: Any = False,
 ) -> Plan:
     """A plan keeping about ``keep`` of the model's parameters (or FLOPs), losing as little as possible.
@@ -151,6 +191,13 @@ def plan_for_budget(
         curve, i.e. ``svd`` and ``tucker2``).
     data : iterable of batches, optional
         Use the layers' output errors on this data (whitened spectra) instead of weight errors.
+    heldout : bool or "auto"
+        With ``data``: score each ``svd`` rank on the half of the batches its factors were not
+        fitted to (both ways, averaged), not on the data it fits. In-sample scores flatter
+        wide layers with few calibration samples, which then take the damage. ``"auto"``
+        (default) does it for the layers that saw fewer than ``4 x`` as many input rows as
+        they have inputs, where in-sample scores are known to mislead; with plenty of rows
+        both agree and the in-sample score is the less noisy one.
     example_input : optional
         Needed for ``by="flops"`` (the first batch of ``data`` is used otherwise).
     layers : names, optional
@@ -169,10 +216,12 @@ def plan_for_budget(
         methods = (methods,)
     for m in methods:
         get_method(m)
-    if example_input is None and data is not None:
+    if data is not None:
         from .data import iter_batches
 
-        example_input = next(iter(iter_batches(data, max_batches=1)), None)
+        data = list(iter_batches(data))  # read once: a generator would be spent by the first pass
+        if example_input is None:
+            example_input = data[0] if data else None
     if by == "flops" and example_input is None:
         raise BudgetError('a FLOPs budget needs an example input: pass example_input= (or data=)')
     infos = inspect(model, example_input)
@@ -184,17 +233,25 @@ def plan_for_budget(
     total = count_params(model) if by == "params" else count_flops(model, example_input)
     if keep >= 1.0:
         return Plan()
-    stats = None
+    stats = halves = None
     if data is not None:
         from .calibration import collect_stats
 
-        stats = collect_stats(model, data, [i.name for i in infos], progress=progress)
+        names_ = [i.name for i in infos]
+        stats = collect_stats(model, data, names_, progress=progress)
+        if heldout not in (True, False, "auto"):
+            raise BudgetError(f'heldout must be True, False or "auto"; got {heldout!r}')
+        parts = _halves(data) if heldout else None
+        if parts is not None:
+            halves = (collect_stats(model, parts[0], names_), collect_stats(model, parts[1], names_))
     modules = dict(model.named_modules())
     menus: dict[str, list[_Option]] = {}
     with Progress(progress, total=len(infos), desc="planning") as bar:
         for info in infos:
             bar.set_message(info.name)
-            menus[info.name] = _menu(info, modules[info.name], methods, by, stats.get(info.name) if stats else None)
+            n = info.name
+            menus[n] = _menu(info, modules[n], methods, by, stats.get(n) if stats else None,
+                             (halves[0][n], halves[1][n]) if halves else None, heldout)
             bar.update(1)
     names = list(menus)
     # not the menus' last options: on rank-deficient weights a low rank is as exact as dense

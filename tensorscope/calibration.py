@@ -271,3 +271,26 @@ def refit_output(layer: nn.Module, stats: LayerStats, inner: torch.Tensor) -> tu
     den = float(wl.norm())
     err = float((wl - a @ bl).norm()) / den if den > 0 else 0.0
     return a, err
+
+
+def heldout_svd_errors(layer: nn.Module, fit: LayerStats, check: LayerStats) -> np.ndarray:
+    """Relative output error on ``check``'s data of the whitened SVD fitted on ``fit``'s, at every rank.
+
+    The in-sample error of a whitened truncation (the tail of the whitened spectrum) is
+    optimistic when the calibration set is small next to the layer's width: it fits those
+    inputs and generalises worse. Scoring ranks on data the factors were not fitted to is
+    what lets a budget planner see which layers really suffer. With ``W_r = U_r S_r B_r`` the
+    factors from ``fit`` and ``L`` the whitener of ``check``, the orthonormal ``U`` makes the
+    squared error a cumulative sum over ranks, so all ranks cost one pass.
+    """
+    u, s, back = whitened_svd(layer, fit)  # (g, o, k), (g, k), (g, k, n)
+    L = check.whitener("patch")
+    wl = _grouped_matrix(layer) @ L  # (g, o, n)
+    z = back @ L  # (g, k, n)
+    total = float((wl ** 2).sum())
+    if total <= 0:
+        return np.zeros(s.shape[1])
+    cross = (torch.einsum("gok,gon,gkn->gk", u, wl, z) * s).sum(0)
+    sq = ((s ** 2) * (z ** 2).sum(-1)).sum(0)
+    err2 = total - 2 * torch.cumsum(cross, 0) + torch.cumsum(sq, 0)
+    return np.sqrt(np.clip(err2.numpy() / total, 0.0, None))

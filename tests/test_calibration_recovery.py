@@ -183,3 +183,36 @@ def test_hugging_face_dict_batches():
         exact = ts.compress(model, full, data=[batch])
     with torch.no_grad():
         assert_close(exact(**batch).logits, model(**batch).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_heldout_errors_equal_a_direct_computation():
+    """The held-out curve (fit on one half, score on the other) matches reconstructing each
+    rank's weight and measuring its output error on the other half's inputs."""
+    from tensorscope.calibration import heldout_svd_errors, whitened_svd
+
+    torch.manual_seed(0)
+    layer = nn.Linear(24, 16)
+    xa, xb = torch.randn(40, 24) @ torch.randn(24, 24), torch.randn(50, 24) @ torch.randn(24, 24)
+    model = nn.Sequential(layer)
+    a = ts.collect_stats(model, [xa], ["0"])["0"]
+    b = ts.collect_stats(model, [xb], ["0"])["0"]
+    got = heldout_svd_errors(layer, a, b)
+    u, s, back = whitened_svd(layer, a)
+    L = b.whitener("patch")[0]
+    w = layer.weight.detach().double()
+    for r in range(1, 17):
+        w_r = (u[0, :, :r] * s[0, :r]) @ back[0, :r]
+        want = float(((w - w_r) @ L).norm() / (w @ L).norm())
+        assert got[r - 1] == pytest.approx(want, rel=1e-6, abs=1e-9)
+    assert got[-1] == pytest.approx(0.0, abs=1e-6)  # full rank is exact on any data
+
+
+@pytest.mark.parametrize("heldout", [True, False, "auto"])
+def test_budget_with_data_hits_its_target_in_every_scoring_mode(digits_mlp, heldout):
+    model, (xtr, ytr), _ = digits_mlp
+    for data in ([xtr[:300]], [xtr[i:i + 100] for i in range(0, 300, 100)]):  # one batch is split by rows
+        plan = ts.plan_for_budget(model, 0.3, data=data, heldout=heldout)
+        kept = ts.plan_cost(model, plan)["params_after"] / ts.count_params(model)
+        assert abs(kept / 0.3 - 1) <= 0.02, (heldout, kept)
+    with pytest.raises(ts.BudgetError):
+        ts.plan_for_budget(model, 0.3, data=[xtr[:300]], heldout="sometimes")
