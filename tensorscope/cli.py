@@ -66,6 +66,13 @@ def _load(args: argparse.Namespace) -> _Loaded:
         return _Loaded(ex.model, spec, ex.example_input(1), ex.test_loader(), ex.calibration())
     kwargs = json.loads(args.arch_kwargs) if getattr(args, "arch_kwargs", None) else None
     model = load_model(spec, arch=args.arch, arch_kwargs=kwargs, trust=args.trust)
+    if shape is None:  # a built-in example's architecture knows its input
+        from ._arch import get_arch
+
+        ref = str((get_arch(model) or {}).get("ref", ""))
+        name = ref.partition("tensorscope.examples:")[2]
+        if ref.startswith("tensorscope.examples:") and name in examples.list_examples():
+            shape = examples.example_info(name).input_shape
     x = torch.randn(1, *shape, generator=torch.Generator().manual_seed(0)) if shape else None
     return _Loaded(model, os.path.basename(os.path.normpath(spec)), x)
 

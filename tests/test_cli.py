@@ -70,6 +70,11 @@ def test_compress_with_a_plan_file_then_export_runs_in_torch(capsys, tmp_path):
     x = torch.randn(3, 1, 28, 28)
     with torch.no_grad():
         torch.testing.assert_close(prog(x), small(x), rtol=1e-4, atol=1e-4)
+    # a built-in example's architecture knows its input shape; torchscript works too
+    rc, _, err = run(capsys, "export", str(tmp_path / "s.pt"), "-o", str(tmp_path / "s.ts"), "--format", "torchscript", "-q")
+    assert rc == 0, err
+    with torch.no_grad():
+        torch.testing.assert_close(torch.jit.load(str(tmp_path / "s.ts"))(x), small(x), rtol=1e-4, atol=1e-4)
 
 
 def test_compress_with_data_and_finetune(capsys, tmp_path):

@@ -249,3 +249,20 @@ def test_sessions_do_not_share_state(browser, server):
     finally:
         for ctx in contexts:
             ctx.close()
+
+
+def test_data_aware_switch_and_fine_tune(page):
+    page.locator(".ts-auto button").click()  # a plan to fine-tune: the budget at 25%
+    wait_change(page, ".ts-params-exact", "431,080")
+    acc_plain = wait_quality_settled(page)
+    page.locator(".ts-calibrate").first.click()  # "use calibration data"
+    page.locator(".ts-message").get_by_text("Data-aware mode on").wait_for()
+    page.get_by_text("what each layer's", exact=False).first.wait_for()  # the sidebar says what is shown
+    wait_quality_settled(page)
+    page.locator(".ts-finetune-steps input").fill("20")
+    page.locator(".ts-finetune-steps input").press("Enter")
+    page.locator(".ts-finetune button").click()
+    page.locator(".ts-message").get_by_text("Fine-tuned 20 steps").wait_for()
+    page.get_by_text("exports are the fine-tuned model", exact=False).first.wait_for()
+    assert not page.locator(".ts-error").is_visible()
+    assert re.fullmatch(r"\d+\.\d%", acc_plain)
