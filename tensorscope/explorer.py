@@ -897,7 +897,7 @@ class ExplorerState(param.Parameterized):
 
         return bool(self._guard("Data-aware mode", work))
 
-    def finetune(self, steps: int = FINETUNE_STEPS, lr: float = 1e-3) -> bool:
+    def finetune(self, steps: int = FINETUNE_STEPS, lr: float | None = None) -> bool:
         """Recover the current plan's compressed model: a short fine-tune on the calibration data,
         distilled from the original (with its labels too, where it has them). Blocking.
 
@@ -929,8 +929,11 @@ class ExplorerState(param.Parameterized):
                 train = _batches(x, y, 64)
                 evaluation = _batches(self._data.inputs, self._data.targets, CHUNK)
                 before = evaluate(small, evaluation, reference=self._model)
-                tuned = finetune(small, train, teacher=self._model, steps=n_steps, lr=lr,
-                                 progress=lambda f, m: self._report(0.05 + 0.9 * f, f"fine-tuning: {m}"))
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    tuned = finetune(small, train, teacher=self._model, steps=n_steps,
+                                     **({} if lr is None else {"lr": lr}),
+                                     progress=lambda f, m: self._report(0.05 + 0.9 * f, f"fine-tuning: {m}"))
                 after = evaluate(tuned, evaluation, reference=self._model)
             metric = "accuracy" if "accuracy" in after else "agreement"
             with self._lock:
@@ -947,8 +950,9 @@ class ExplorerState(param.Parameterized):
                          "plan": plan.to_json(indent=None) + "|tuned", "tuned": True}
                 hist = [h for h in self.history if h["plan"] != entry["plan"]] + [entry]
                 self.param.update(recovery=rec, history=hist[-MAX_HISTORY:])
+            note = next((f" ({w.message})" for w in caught if "did not improve" in str(w.message)), "")
             self.message = (f"Fine-tuned {n_steps} steps on {desc}: {metric} {before.get(metric, 0):.1%} -> "
-                            f"{after.get(metric, 0):.1%}. Exports of this plan are the fine-tuned model.")
+                            f"{after.get(metric, 0):.1%}. Exports of this plan are the fine-tuned model.{note}")
             return True
 
         return bool(self._guard("Fine-tuning", work))

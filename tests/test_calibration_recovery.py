@@ -216,3 +216,32 @@ def test_budget_with_data_hits_its_target_in_every_scoring_mode(digits_mlp, held
         assert abs(kept / 0.3 - 1) <= 0.02, (heldout, kept)
     with pytest.raises(ts.BudgetError):
         ts.plan_for_budget(model, 0.3, data=[xtr[:300]], heldout="sometimes")
+
+
+def test_finetune_with_the_default_lr_improves_and_warns_when_it_cannot(digits_mlp):
+    model, (xtr, ytr), (xte, yte) = digits_mlp
+    small = ts.compress(model, {"0": {"method": "svd", "rank": 3}, "2": {"method": "svd", "rank": 3}})
+    train = [(xtr[i:i + 100], ytr[i:i + 100]) for i in range(0, len(xtr) - 200, 100)]
+    val = [(xtr[-200:], ytr[-200:])]
+    base = ts.evaluate(small, [(xte, yte)], reference=model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the default must not need tuning to do something
+        tuned = ts.finetune(small, train, teacher=model, steps=150, val_data=val)
+    assert not all(torch.equal(a, b) for a, b in zip(tuned.state_dict().values(), small.state_dict().values()))
+    assert ts.evaluate(tuned, [(xte, yte)], reference=model)["relative_error"] < base["relative_error"]
+    with pytest.warns(UserWarning, match="did not improve"):  # absurd lr: the start is returned, and said
+        same = ts.finetune(small, train, teacher=model, steps=60, lr=10.0, val_data=val, eval_every=10, patience=2)
+    assert all(torch.equal(a, b) for a, b in zip(same.state_dict().values(), small.state_dict().values()))
+
+
+def test_sequential_refinement_corrects_what_reaches_a_layer(digits_mlp):
+    model, (xtr, _), (xte, yte) = digits_mlp
+    calib = [xtr[i:i + 200] for i in range(0, 1000, 200)]
+    plan = {"0": {"method": "svd", "rank": 4}, "2": {"method": "svd", "rank": 4}}
+    small = ts.compress(model, plan, data=calib)  # each layer already optimal on its own inputs
+    base = ts.evaluate(small, [(xte, yte)], reference=model)["relative_error"]
+    seq = ts.refine_layerwise(small, model, calib, steps=80)
+    alone = ts.refine_layerwise(small, model, calib, steps=80, sequential=False)
+    e_seq = ts.evaluate(seq, [(xte, yte)], reference=model)["relative_error"]
+    e_alone = ts.evaluate(alone, [(xte, yte)], reference=model)["relative_error"]
+    assert e_seq < base and e_seq <= e_alone + 1e-6, (base, e_seq, e_alone)
