@@ -9,14 +9,73 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import weakref
 from collections import OrderedDict
 from typing import Any, Callable, Hashable
 
 import torch
 
 
+class TensorMemo:
+    """Per-tensor memo of a value derived from its contents, valid while the tensor is unchanged.
+
+    Keyed weakly by the tensor object and checked against its storage pointer, version
+    counter (bumped by in-place writes), shape, dtype and strides, so an edited or swapped
+    weight (``layer.weight.data = w``) is never served a stale value. Hashing or scanning a
+    64 MB weight takes tens of milliseconds: a slider move must not pay it each time.
+    """
+
+    def __init__(self):
+        self._memo: dict[int, tuple] = {}  # id(tensor) -> (weakref, state, value, sample)
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _state(t: torch.Tensor) -> tuple:
+        return (t.data_ptr(), t._version, tuple(t.shape), t.dtype, tuple(t.stride()), t.device)
+
+    @staticmethod
+    def _sample(t: torch.Tensor) -> torch.Tensor | None:
+        """64 evenly spaced entries: writes through ``.data`` do not bump the version counter."""
+        d = t.detach()
+        if not d.is_contiguous() or d.numel() == 0:
+            return None
+        flat = d.view(-1)
+        return flat[:: max(1, flat.numel() // 64)][:64].clone()
+
+    def get(self, t: torch.Tensor, compute: Callable[[torch.Tensor], Any]) -> Any:
+        state, sample = self._state(t), self._sample(t)
+        key = id(t)
+        with self._lock:
+            hit = self._memo.get(key)
+        if (hit is not None and hit[0]() is t and hit[1] == state
+                and (sample is None) == (hit[3] is None) and (sample is None or torch.equal(sample, hit[3]))):
+            return hit[2]
+        value = compute(t)
+        try:
+            ref = weakref.ref(t, lambda _r, key=key: self._forget(key, _r))
+        except TypeError:  # not weak-referenceable: do not memoise
+            return value
+        with self._lock:
+            self._memo[key] = (ref, state, value, sample)
+        return value
+
+    def _forget(self, key: int, ref: "weakref.ref") -> None:
+        with self._lock:
+            if key in self._memo and self._memo[key][0] is ref:
+                del self._memo[key]
+
+
+_fingerprints = TensorMemo()
+#: whether a parameter holds only finite values (see ``methods.base.check_finite``)
+finite_memo = TensorMemo()
+
+
 def fingerprint(t: torch.Tensor) -> str:
-    """A content hash of a tensor (shape, dtype and bytes)."""
+    """A content hash of a tensor (shape, dtype and bytes), memoised while it is unchanged."""
+    return _fingerprints.get(t, _fingerprint)
+
+
+def _fingerprint(t: torch.Tensor) -> str:
     t = t.detach()
     if t.device.type != "cpu":
         t = t.cpu()
@@ -86,6 +145,12 @@ class FactorCache:
             del self._pending[key]
         pending.set()
         return value
+
+    def peek(self, key: Hashable) -> Any:
+        """The cached value for ``key``, or None; never computes."""
+        with self._lock:
+            hit = self._data.get(key)
+            return None if hit is None else hit[0]
 
     def clear(self) -> None:
         with self._lock:

@@ -166,8 +166,7 @@ def _grouped_values(layer: nn.Module, unfolding: str) -> tuple[np.ndarray, tuple
     g, o, i = w.shape[:3]
     khw = w.shape[3] * w.shape[4]
     if unfolding == "out":
-        _, s, _ = linalg.svd(layer)
-        return s.double().numpy(), (o, i * khw)
+        return linalg.singular_values(layer).double().numpy(), (o, i * khw)
     if unfolding == "in":
         vals, _ = linalg.mode_eig(layer, 1)
         # the Gram of a tall unfolding (i > o*kh*kw) has i eigenvalues, only o*kh*kw of them nonzero

@@ -399,7 +399,7 @@ def test_same_weights_in_another_model_hit_the_cache(model, counter):
     with torch.no_grad():
         twin.fc1.weight.mul_(2.0)
     s = ts.spectrum(twin, "fc1")
-    assert counter.calls["svd"] + counter.calls["eigh"] >= 1
+    assert counter.total >= 1  # (spectra need values only: svdvals)
     np.testing.assert_allclose(s.values, 2 * ts.spectrum(model, "fc1").values, rtol=1e-5)
 
 
@@ -408,6 +408,9 @@ def test_rank_changes_never_recompute(model, counter):
     ts.spectra(model)
     for name in ("block1.conv2", "grouped", "dilated", "block2.shortcut.0"):
         tradeoff(model.get_submodule(name), "tucker2", name)
+    # spectra keep singular values only (memory); the first factorization computes the vectors
+    for name in ("block1.conv2", "grouped", "fc1", "dilated"):
+        preview_weights(model, ts.Plan({name: {"method": "svd", "rank": 1}}))
     counter.reset()
     for name in ("block1.conv2", "grouped", "fc1", "dilated"):
         layer = model.get_submodule(name)
@@ -538,7 +541,7 @@ def test_concurrent_requests_compute_each_factorization_once(monkeypatch):
     factor_cache.clear()
     entered = threading.Event()
     calls = []
-    orig = torch.linalg.svd
+    orig = torch.linalg.svdvals  # a spectrum needs the values only
 
     def slow_svd(*a, **k):
         calls.append(1)
@@ -546,7 +549,7 @@ def test_concurrent_requests_compute_each_factorization_once(monkeypatch):
         threading.Event().wait(0.3)  # the first computation is still running when the second asks
         return orig(*a, **k)
 
-    monkeypatch.setattr(torch.linalg, "svd", slow_svd)
+    monkeypatch.setattr(torch.linalg, "svdvals", slow_svd)
     results = []
     first = threading.Thread(target=lambda: results.append(layer_spectrum(layer, "a")))
     first.start()

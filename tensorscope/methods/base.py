@@ -232,10 +232,19 @@ class Method(abc.ABC):
 # ---- helpers shared by the methods -------------------------------------------------------
 
 
+def _all_finite(t: torch.Tensor) -> bool:
+    return bool(torch.isfinite(t.detach()).all())
+
+
 def check_finite(layer: nn.Module, name: str = "") -> None:
-    """Refuse NaN/Inf weights before any factorization (LAPACK can hang on them)."""
+    """Refuse NaN/Inf weights before any factorization (LAPACK can hang on them).
+
+    Memoised per parameter while it is unchanged: the explorer asks on every slider move.
+    """
+    from .._cache import finite_memo
+
     for pname, p in layer.named_parameters(recurse=False):
-        if not torch.isfinite(p).all():
+        if not finite_memo.get(p, _all_finite):
             bad = int((~torch.isfinite(p)).sum())
             where = f"layer {name!r} " if name else ""
             raise NonFiniteWeightError(

@@ -34,6 +34,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
+from .. import linalg
 from ..errors import DecompositionError, PlanError, RankError
 from ..layers import FactorizedLayer
 from ..tt_layers import TTConv2d, TTLinear, tt_conv_flops, tt_sweep_direction, tt_sweep_flops
@@ -226,23 +227,7 @@ def _bond_max(modes: Sequence[int]) -> tuple[int, ...]:
 
 
 def _thin_svd(mat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``torch.linalg.svd(mat, full_matrices=False)``, through a QR first when ``mat`` is far from square.
-
-    LAPACK's SVD of a long thin matrix is several times slower than a QR of it followed by
-    the SVD of the small triangular factor (float32 64 x 262144, the first unfolding of a
-    4096 x 4096 weight, MKL on 2 busy cores: 3-4x faster over two runs); the result is the
-    same up to float error.
-    """
-    m, n = mat.shape
-    if m >= 2 * n:
-        q, r = torch.linalg.qr(mat)
-        u, s, vh = torch.linalg.svd(r)
-        return q @ u, s, vh
-    if n >= 2 * m:
-        q, r = torch.linalg.qr(mat.T)  # mat = r.T q.T = vh.T s (q u).T
-        u, s, vh = torch.linalg.svd(r)
-        return vh.T, s, (q @ u).T
-    return torch.linalg.svd(mat, full_matrices=False)
+    return linalg.thin_svd(mat)
 
 
 def tt_svd(tensor: torch.Tensor, rank: Sequence[int]) -> list[torch.Tensor]:
