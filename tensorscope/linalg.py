@@ -117,3 +117,20 @@ def mode_eig(layer: nn.Module, mode: int) -> tuple[torch.Tensor, torch.Tensor]:
         return gram_eig(m)
 
     return factor_cache.get(_key(layer, f"eig{mode}"), compute)
+
+
+def hosvd_core(layer: nn.Module) -> torch.Tensor:
+    """The full Tucker-2 core ``U_out^T W U_in`` per group ``(g, o, i, kh, kw)``, float64.
+
+    Every HOSVD truncation at ranks ``(a, b)`` has the core ``core[:, :a, :b]``: the live
+    preview slices it instead of contracting the weight again, and the energy table of all
+    rank pairs is its 2-D cumulative sum.
+    """
+
+    def compute():
+        w = grouped_weight(layer).to(torch.float64)
+        u_out = mode_eig(layer, 0)[1]
+        u_in = mode_eig(layer, 1)[1]
+        return torch.einsum("goikl,goa,gib->gabkl", w, u_out, u_in)
+
+    return factor_cache.get(_key(layer, "hosvd-core"), compute)

@@ -315,11 +315,7 @@ def tucker2_retained(layer: nn.Module) -> np.ndarray:
     key = (fingerprint(layer.weight), linalg.groups_of(layer), "tucker2-energy")
 
     def compute():
-        w = linalg.grouped_weight(layer).to(torch.float64)
-        u_out = linalg.mode_eig(layer, 0)[1]
-        u_in = linalg.mode_eig(layer, 1)[1]
-        core = torch.einsum("goikl,goa,gib->gabkl", w, u_out, u_in)
-        e = core.pow(2).sum(dim=(0, 3, 4))
+        e = linalg.hosvd_core(layer).pow(2).sum(dim=(0, 3, 4))
         return e.cumsum(0).cumsum(1)
 
     return factor_cache.get(key, compute).numpy()
