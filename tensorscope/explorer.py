@@ -27,6 +27,7 @@ default, for tests and notebooks) plan edits refresh the quality synchronously.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import json
@@ -102,6 +103,67 @@ EXECUTOR = ThreadPoolExecutor(
     max_workers=int(os.environ.get("TENSORSCOPE_EXPLORER_WORKERS", "4")),
     thread_name_prefix="tensorscope-explorer",
 )
+
+
+class _TraceGuard:
+    """No forward pass while ``torch.fx`` traces, in any session.
+
+    ``fx.symbolic_trace`` patches ``nn.Module.__call__`` for the whole process while it runs:
+    a forward in another thread meanwhile fails with ``NameError: module is not installed as
+    a submodule`` (reproduced every time with two threads). Work on the explorer's worker
+    threads holds this guard shared; tracing holds it alone. A thread already holding it
+    shared may trace (its own hold is set aside meanwhile), and waiting tracers go first, so
+    a stream of evaluations cannot starve a session that is loading.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._tracing = False
+        self._waiting = 0
+        self._local = threading.local()
+
+    @contextlib.contextmanager
+    def running(self):
+        depth = getattr(self._local, "depth", 0)
+        if depth == 0:
+            with self._cond:
+                while self._tracing or self._waiting:
+                    self._cond.wait()
+                self._readers += 1
+        self._local.depth = depth + 1
+        try:
+            yield
+        finally:
+            self._local.depth -= 1
+            if self._local.depth == 0:
+                with self._cond:
+                    self._readers -= 1
+                    self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def tracing(self):
+        held = getattr(self._local, "depth", 0) > 0
+        with self._cond:
+            if held:
+                self._readers -= 1
+            self._waiting += 1
+            while self._tracing or self._readers:
+                self._cond.wait()
+            self._waiting -= 1
+            self._tracing = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._tracing = False
+                if held:
+                    self._readers += 1
+                self._cond.notify_all()
+
+
+#: shared by every session of the process (see _TraceGuard)
+TRACE_GUARD = _TraceGuard()
 
 
 class _Superseded(Exception):
@@ -225,7 +287,8 @@ class _Evaluator:
         import torch.fx as fx
 
         try:
-            gm = fx.symbolic_trace(self.model)
+            with TRACE_GUARD.tracing():
+                gm = fx.symbolic_trace(self.model)
         except Exception:  # data-dependent control flow, unsupported ops: run the model whole
             return
         nodes = list(gm.graph.nodes)
@@ -1363,7 +1426,8 @@ class ExplorerState(param.Parameterized):
             with self._lock:
                 want = self._quality_wanted
             try:
-                self._guard("Quality", self.refresh_quality)
+                with TRACE_GUARD.running():
+                    self._guard("Quality", self.refresh_quality)
             except BaseException:
                 with self._lock:
                     self._quality_running = False
@@ -1600,9 +1664,13 @@ class ExplorerState(param.Parameterized):
 
         def call():
             try:
-                return fn(*args, **kwargs)
+                with TRACE_GUARD.running():
+                    return fn(*args, **kwargs)
             except TensorscopeError as e:
                 self.error = str(e)
+                raise
+            except Exception as e:  # never fail silently in a worker thread: the page must say
+                self.error = f"{getattr(fn, '__name__', 'work')} failed: {type(e).__name__}: {e}"
                 raise
 
         if self.executor is None:

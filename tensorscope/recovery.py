@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Sequence

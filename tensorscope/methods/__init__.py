@@ -15,11 +15,7 @@ from .base import (
 )
 
 # importing a method module registers it
-from . import svd, tucker2, cp
-try:
-    from . import tt
-except ImportError:  # TODO remove once tt lands
-    pass  # noqa: E402,F401
+from . import cp, svd, tt, tucker2  # noqa: E402,F401
 
 __all__ = [
     "BreakEvenWarning",

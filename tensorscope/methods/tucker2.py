@@ -102,7 +102,7 @@ class Tucker2(Method):
             return self._data_aware(layer, rank, opts, stats, refine)
         u_out = _top(linalg.mode_eig(layer, 0)[1], r_out)
         u_in = _top(linalg.mode_eig(layer, 1)[1], r_in)
-        g, o, i = layer.groups, layer.out_channels // layer.groups, layer.in_channels // layer.groups
+        o, i = layer.out_channels // layer.groups, layer.in_channels // layer.groups
         full = r_out == o and r_in == i
         sweeps = int(opts.get("sweeps", DEFAULT_SWEEPS)) if refine and not full else 0
         if sweeps == 0:  # a truncation of the cached HOSVD: a slice of its core, no contraction
