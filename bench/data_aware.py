@@ -48,6 +48,9 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 import tensorscope as ts  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import report  # noqa: E402
 from tensorscope._cache import factor_cache  # noqa: E402
 
 SECTION = "Data-aware compression and recovery"
@@ -450,20 +453,6 @@ def interpretation_blame(results: list[dict]) -> str:
 
 # ---- output -------------------------------------------------------------------------------
 
-def write_section(text: str) -> None:
-    DOC.parent.mkdir(parents=True, exist_ok=True)
-    old = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    head = f"## {SECTION}"
-    lines = old.splitlines()
-    start = next((i for i, l in enumerate(lines) if l.strip() == head), None)
-    if start is None:
-        new = old.rstrip("\n") + "\n\n" + text
-    else:
-        end = next((j for j in range(start + 1, len(lines)) if lines[j].startswith("## ")), len(lines))
-        new = "\n".join(lines[:start] + text.rstrip("\n").splitlines() + [""] + lines[end:])
-    DOC.write_text(new.rstrip("\n") + "\n")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=1,
@@ -493,7 +482,7 @@ def main() -> None:
         print(f"# {r['label']}: target {verdict(r)[1]}")
     print(f"# total {meta['total']:.0f} s")
     if not args.no_write and not args.quick:
-        write_section(text)
+        report.write_section(SECTION, text)
         print(f"wrote section '{SECTION}' of {DOC}")
 
 

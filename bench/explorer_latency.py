@@ -47,6 +47,8 @@ sys.path.insert(0, str(ROOT))
 from tensorscope import examples  # noqa: E402
 from tensorscope import explorer as X  # noqa: E402
 from tensorscope._cache import factor_cache  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import report  # noqa: E402
 
 DOC = ROOT / "docs" / "benchmarks.md"
 SECTION = "Explorer latency"
@@ -246,20 +248,6 @@ def render(results: list[dict], meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(text: str) -> None:
-    DOC.parent.mkdir(parents=True, exist_ok=True)
-    old = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    head = f"## {SECTION}"
-    lines = old.splitlines()
-    start = next((i for i, l in enumerate(lines) if l.strip() == head), None)
-    if start is None:
-        new = old.rstrip("\n") + "\n\n" + text
-    else:
-        end = next((j for j in range(start + 1, len(lines)) if lines[j].startswith("## ")), len(lines))
-        new = "\n".join(lines[:start] + text.rstrip("\n").splitlines() + [""] + lines[end:])
-    DOC.write_text(new.rstrip("\n") + "\n")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=5)
@@ -281,7 +269,7 @@ def main() -> None:
     text = render(results, meta)
     print(text)
     if not args.no_write:
-        write_section(text)
+        report.write_section(SECTION, text)
         print(f"wrote section '{SECTION}' of {DOC}")
 
 

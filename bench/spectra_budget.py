@@ -46,6 +46,7 @@ import torch  # noqa: E402
 
 import tensorscope as ts  # noqa: E402
 from tensorscope._cache import factor_cache  # noqa: E402
+import report  # noqa: E402
 
 SECTION = "Spectra and budgets"
 DOC = ROOT / "docs" / "benchmarks.md"
@@ -255,20 +256,6 @@ def render(timings: list[dict], acc_rows: list[dict], dense_acc: float, rss: dic
     return "\n".join(lines)
 
 
-def write_section(text: str) -> None:
-    DOC.parent.mkdir(parents=True, exist_ok=True)
-    old = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    head = f"## {SECTION}"
-    lines = old.splitlines()
-    start = next((i for i, l in enumerate(lines) if l.strip() == head), None)
-    if start is None:
-        new = old.rstrip("\n") + "\n\n" + text
-    else:
-        end = next((j for j in range(start + 1, len(lines)) if lines[j].startswith("## ")), len(lines))
-        new = "\n".join(lines[:start] + text.rstrip("\n").splitlines() + [""] + lines[end:])
-    DOC.write_text(new.rstrip("\n") + "\n")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
@@ -304,7 +291,7 @@ def main() -> None:
     print()
     print(text)
     if not args.no_write:
-        write_section(text)
+        report.write_section(SECTION, text)
         print(f"wrote section '{SECTION}' of {DOC}")
 
 
