@@ -38,6 +38,7 @@ except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
 
 from tensorscope.examples import list_examples
+from tensorscope.methods import available_methods, get_method
 from tensorscope.explorer import (
     DENSE,
     EXECUTOR,
@@ -650,9 +651,12 @@ class ExplorerView(pn.viewable.Viewer):
         err = row["rel. error"]
         err_text = "computing…" if pd.isna(err) else f"{err:.3f}"
         m = s.layers[name].metrics
+        method = s.layer_choice(name)[0]
+        note = get_method(method).speed_note if method in available_methods() else ""
         return (f"{format_count(row['params'])} → **{format_count(row['params after'])}** params "
                 f"({row['ratio']:.2f}×) · relative error {err_text}<br>"
-                f"stable rank {m['stable_rank']:.1f} · effective rank {m['effective_rank']:.1f} of {m['max_rank']}")
+                f"stable rank {m['stable_rank']:.1f} · effective rank {m['effective_rank']:.1f} of {m['max_rank']}"
+                + (f"<br><span class='ts-speed-note'>⚠ {note}</span>" if note else ""))
 
     def _render_spectrum(self) -> None:
         self._tick += 1

@@ -245,3 +245,16 @@ def test_sequential_refinement_corrects_what_reaches_a_layer(digits_mlp):
     e_seq = ts.evaluate(seq, [(xte, yte)], reference=model)["relative_error"]
     e_alone = ts.evaluate(alone, [(xte, yte)], reference=model)["relative_error"]
     assert e_seq < base and e_seq <= e_alone + 1e-6, (base, e_seq, e_alone)
+
+
+def test_tt_says_it_ignores_calibration_data():
+    from tensorscope.methods.tt import DataIgnoredWarning
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16))
+    plan = {"0": {"method": "tt", "rank": [1, 2, 1], "in_shape": [4, 4], "out_shape": [4, 4]}}
+    with pytest.warns(DataIgnoredWarning, match="tt ignores the calibration data"):
+        aware = ts.compress(model, plan, data=[torch.randn(32, 16)])
+    plain = ts.compress(model, plan)
+    x = torch.randn(5, 16)
+    assert_close(aware(x), plain(x))  # the same (data-free) factors, and said so

@@ -141,6 +141,8 @@ class Method(abc.ABC):
     kinds: ClassVar[tuple[str, ...]]
     #: whether a rank is a single int or a tuple (documented per method)
     description: ClassVar[str] = ""
+    #: what docs/benchmarks.md measured about this form's CPU latency, where it is not a speed-up
+    speed_note: ClassVar[str] = ""
 
     # ---- what can be decomposed -------------------------------------------------------
     def unsupported_reason(self, geom: LayerGeometry) -> str | None:

@@ -74,6 +74,8 @@ def balance(weights: torch.Tensor, factors: list[torch.Tensor]) -> list[torch.Te
 @register_method
 class CP(Method):
     name = "cp"
+    speed_note = ("CP chains (depthwise kx1 and 1xk convs) ran 1.2-1.4x slower than the dense conv on CPU "
+                  "at 4x fewer parameters (docs/benchmarks.md): fewer parameters, not a speed-up")
     kinds = ("conv2d",)
     description = "CP: 1x1, depthwise kx1, depthwise 1xk, 1x1; rank R"
 

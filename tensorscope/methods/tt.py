@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from functools import lru_cache
 from typing import Any, Mapping, Sequence
 
@@ -36,6 +37,10 @@ from torch import nn
 
 from .. import linalg
 from ..errors import DecompositionError, PlanError, RankError
+
+
+class DataIgnoredWarning(UserWarning):
+    """Calibration data was given to a method that cannot use it."""
 from ..layers import FactorizedLayer
 from ..tt_layers import TTConv2d, TTLinear, tt_conv_flops, tt_sweep_direction, tt_sweep_flops
 from .base import (
@@ -273,6 +278,8 @@ def tt_svd(tensor: torch.Tensor, rank: Sequence[int]) -> list[torch.Tensor]:
 
 @register_method
 class TT(Method):
+    speed_note = ("TT layers contract their cores per sample: at batch 128 a TT Linear ran 50-117x slower "
+                  "than the dense layer on CPU (docs/benchmarks.md); TT buys parameters, not speed")
     """Tensor-Train: TT-matrix for Linear (Novikov et al. 2015), TT-conv for Conv2d (Garipov et al. 2016).
 
     Canonical rank: the tuple of bond ranks with 1 at both ends (``d + 1`` ints for Linear,
@@ -390,6 +397,10 @@ class TT(Method):
         factorization, and data-aware TT is not implemented yet.
         """
         check_finite(layer)
+        if stats is not None:
+            warnings.warn("tt ignores the calibration data: its factors minimise the weight's error, not the "
+                          "output's (data-aware TT is not implemented); svd, tucker2 and cp use the data",
+                          DataIgnoredWarning, stacklevel=3)
         geom = LayerGeometry.of(layer)
         self._check(geom)
         in_shape, out_shape = _resolve_shapes(geom, options)
