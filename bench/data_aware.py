@@ -387,8 +387,9 @@ def interpretation(r: dict) -> str:
     refine_moves = [abs(x["c"]["rel"] - x["b"]["rel"]) / max(x["b"]["rel"], 1e-12) for x in r["rows"]]
     if max(refine_moves) < 0.05:
         parts.append("`refine_layerwise` after whitened factors changes the output error by under 5% at every "
-                     "budget: on its own calibration inputs the whitened SVD is already the least-squares optimum "
-                     "it fits to.")
+                     "budget: the whitened factors are already the least-squares optimum on the calibration inputs, "
+                     "and little error reaches a layer from the ones before it (which the sequential refinement "
+                     "would correct).")
     big = [k for k, x in rows.items() if k > 0.1]
     if big:
         spread = max(abs(gap(r["orig"], rows[k][s]["acc"])) for k in big for s in "abcd")
