@@ -1,5 +1,6 @@
-"""Fixtures shared by the browser tests: one ``panel serve apps/explorer.py`` and one headless
-Chromium for the whole session (starting the server takes 10-15 s on this machine).
+"""Fixtures shared by the browser tests: ``panel serve apps/explorer.py`` once per test module
+(each module's sessions start from a quiet server; starting it takes 10-15 s here) and one
+headless Chromium for the whole run.
 
 Chromium is Debian's (``/usr/bin/chromium``, or ``$TENSORSCOPE_CHROMIUM``), never one
 Playwright downloads; without it, or without Playwright, the tests that use these skip.
@@ -25,7 +26,7 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disa
 START_TIMEOUT = 120  # s: server start and first page on a busy 2-core machine
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """``panel serve apps/explorer.py`` on a free port, with the example cache warmed first."""
     from tensorscope import examples

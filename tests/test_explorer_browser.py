@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from explorer_page import select_layer, text, wait_loaded
+
 pytestmark = pytest.mark.browser
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,21 +45,6 @@ def page(browser, server):
     context.close()
 
 
-def wait_loaded(pg) -> None:
-    """Until the default example is loaded and its quality measured."""
-    pg.locator(".ts-params-exact").filter(has_text="431,080").wait_for()
-    pg.locator(".ts-quality-value").filter(has_text=re.compile(r"\d+\.\d%")).wait_for()
-    pg.locator(".ts-stat.ts-quality .ts-pending").wait_for(state="detached")
-
-
-def text(pg, css: str) -> str:
-    return pg.locator(css).first.inner_text().strip()
-
-
-def exact_params(pg) -> int:
-    return int(text(pg, ".ts-params-exact").replace(",", ""))
-
-
 def wait_change(pg, css: str, old: str, timeout: float = UI_TIMEOUT / 1000) -> str:
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -71,11 +58,6 @@ def wait_change(pg, css: str, old: str, timeout: float = UI_TIMEOUT / 1000) -> s
 def wait_quality_settled(pg) -> str:
     pg.locator(".ts-stat.ts-quality .ts-pending").wait_for(state="detached")
     return text(pg, ".ts-quality-value")
-
-
-def select_layer(pg, name: str) -> None:
-    pg.locator(".ts-table").get_by_text(name, exact=True).first.click()
-    pg.locator(".ts-spectrum-card").get_by_text(f"Spectrum of {name}").wait_for()
 
 
 def test_page_loads_with_the_example(page):

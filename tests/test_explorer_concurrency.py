@@ -24,6 +24,9 @@ from pathlib import Path
 
 import pytest
 
+from explorer_page import BASE, select_layer, text, wait_loaded
+from explorer_page import exact_params as params
+
 pytestmark = pytest.mark.browser
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,7 +38,6 @@ UI_TIMEOUT = 90_000  # ms: a wait for something the page computes (five sessions
 RESPONSIVE_S = 20.0  # s: the most another session may take to show a slider move during the slow job
 SLOW_JOB_TIMEOUT = 300  # s: CP-ALS at rank ~300 of a 50x20x5x5 kernel takes ~45 s on an idle core
 N_SESSIONS = 5
-BASE = 431_080  # lenet5's parameters
 
 playwright_sync = pytest.importorskip("playwright.sync_api")
 if not Path(CHROMIUM).exists():
@@ -66,7 +68,7 @@ def pages(browser, server):
             pg = ctx.new_page()
             pg.set_default_timeout(UI_TIMEOUT)
             pg.goto(server, timeout=START_TIMEOUT * 1000)
-            wait_loaded(pg)
+            wait_loaded(pg, START_TIMEOUT * 1000)
             result.append(pg)
         yield result
     finally:
@@ -82,20 +84,6 @@ def expected_counts():
     counts = [ts.plan_cost(model, {layer: {"method": "svd", "rank": r}})["params_after"] for layer, _, r in PLANS]
     assert len(set(counts)) == len(counts) and BASE not in counts
     return counts
-
-
-def wait_loaded(pg) -> None:
-    pg.locator(".ts-params-exact").filter(has_text=f"{BASE:,}").wait_for(timeout=START_TIMEOUT * 1000)
-    pg.locator(".ts-quality-value").filter(has_text=re.compile(r"\d+\.\d%")).wait_for()
-    pg.locator(".ts-stat.ts-quality .ts-pending").wait_for(state="detached")
-
-
-def text(pg, css: str) -> str:
-    return pg.locator(css).first.inner_text().strip()
-
-
-def params(pg) -> int:
-    return int(text(pg, ".ts-params-exact").replace(",", ""))
 
 
 def wait_params(pg, want: int, timeout: float = UI_TIMEOUT / 1000) -> float:
@@ -118,11 +106,6 @@ def wait_params_change(pg, old: int, timeout: float) -> tuple[int, float]:
             return now, time.perf_counter() - t0
         time.sleep(0.05)
     raise AssertionError(f"the parameter count stayed {old:,} for {timeout:.0f} s")
-
-
-def select_layer(pg, name: str) -> None:
-    pg.locator(".ts-table").get_by_text(name, exact=True).first.click()
-    pg.locator(".ts-spectrum-card").get_by_text(f"Spectrum of {name}").wait_for()
 
 
 def choose_method(pg, method: str) -> None:
