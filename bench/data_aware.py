@@ -74,12 +74,6 @@ def settings(quick: bool) -> dict:
 
 # ---- helpers ------------------------------------------------------------------------------
 
-def load_avg() -> str:
-    try:
-        return " ".join(f"{x:.1f}" for x in os.getloadavg())
-    except OSError:
-        return "n/a"
-
 
 def fmt_s(s: float) -> str:
     return f"{s * 1000:.0f} ms" if s < 1 else f"{s:.1f} s"
@@ -467,14 +461,14 @@ def main() -> None:
     cfg = settings(args.quick)
     t_start = time.perf_counter()
     meta = {"machine": f"{platform.machine()} Linux, {os.cpu_count()} CPU(s)", "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "load_start": load_avg(), "quick": args.quick}
+            "threads": torch.get_num_threads(), "load_start": report.load_average(), "quick": args.quick}
     print(f"# {meta}", flush=True)
     results = []
     for name, label in NETWORKS:
         net = Net(name, label, cfg["batch"])
         print(f"{name}: original {net.orig:.1%}, {net.params:,} params", flush=True)
         results.append(bench_network(net, cfg))
-    meta["load_end"] = load_avg()
+    meta["load_end"] = report.load_average()
     meta["total"] = time.perf_counter() - t_start
     text = render(results, meta, cfg)
     print()

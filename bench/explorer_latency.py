@@ -54,13 +54,6 @@ DOC = ROOT / "docs" / "benchmarks.md"
 SECTION = "Explorer latency"
 
 
-def load_avg() -> str:
-    try:
-        return " ".join(f"{x:.1f}" for x in os.getloadavg())
-    except OSError:
-        return "n/a"
-
-
 def median_ms(fn, repeats: int) -> float:
     times = []
     for _ in range(repeats):
@@ -259,13 +252,13 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     meta = {"machine": f"{platform.machine()} Linux, {os.cpu_count()} CPU(s)", "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "load_start": load_avg(), "repeats": args.repeats,
+            "threads": torch.get_num_threads(), "load_start": report.load_average(), "repeats": args.repeats,
             "train": args.train}
     results = []
     for name in args.examples:
         print(f"{name} ...", flush=True)
         results.append(bench_example(name, args.repeats, args.train))
-    meta["load_end"] = load_avg()
+    meta["load_end"] = report.load_average()
     text = render(results, meta)
     print(text)
     if not args.no_write:

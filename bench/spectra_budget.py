@@ -88,13 +88,6 @@ def fmt_s(s: float) -> str:
     return f"{s * 1000:.0f} ms" if s < 1 else f"{s:.2f} s"
 
 
-def load_avg() -> str:
-    try:
-        return " ".join(f"{x:.1f}" for x in os.getloadavg())
-    except OSError:
-        return "n/a"
-
-
 # ---- peak memory in a fresh process -------------------------------------------------------
 
 def _rss_child(threads: int | None) -> None:
@@ -272,7 +265,7 @@ def main() -> None:
     from tensorscope.examples import load_example
 
     meta = {"machine": f"{platform.machine()} Linux, {os.cpu_count()} CPU(s)", "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "load": load_avg(), "repeats": args.repeats}
+            "threads": torch.get_num_threads(), "load": report.load_average(), "repeats": args.repeats}
     print(f"# {meta}", flush=True)
     g = torch.Generator().manual_seed(0)
     lenet = load_example("lenet5").model.eval()

@@ -82,12 +82,6 @@ ALPHA = 0.6  # decay exponent of the synthetic weights' mode scales
 
 # ---- helpers ------------------------------------------------------------------------------
 
-def load_avg() -> str:
-    try:
-        return " ".join(f"{x:.1f}" for x in os.getloadavg())
-    except OSError:
-        return "n/a"
-
 
 def fmt_s(s: float) -> str:
     if s < 0.01:
@@ -995,7 +989,7 @@ def main() -> None:
     t_start = time.perf_counter()
     sections: dict[str, float] = {}
     meta = {"machine": f"{platform.machine()} Linux, {os.cpu_count()} CPU(s)", "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "load_start": load_avg(), "quick": q}
+            "threads": torch.get_num_threads(), "load_start": report.load_average(), "quick": q}
     print(f"# {meta}", flush=True)
     warnings.filterwarnings("ignore", module="tensorly")
     warnings.filterwarnings("ignore", module="tltorch")
@@ -1053,7 +1047,7 @@ def main() -> None:
     scale = bench_scale([0.3125, 1.0] if q else [0.3125, 1.0, 3.0], [32, 128] if q else [32, 128, 512])
 
     sections["scale"] = time.perf_counter() - t_start - sum(sections.values())
-    meta["load_end"] = load_avg()
+    meta["load_end"] = report.load_average()
     meta["total"] = time.perf_counter() - t_start
     meta["sections"] = sections
     print(f"# section times: { {k: round(v) for k, v in sections.items()} }", flush=True)
