@@ -188,7 +188,7 @@ class ExplorerView(pn.viewable.Viewer):
         self.eval_text = pn.pane.Markdown("", styles={"font-size": "12px", "color": "#52606d"}, margin=(0, 10))
         # data-aware mode and recovery
         self.calibrate_switch = pn.widgets.Switch(value=s.calibrate, css_classes=["ts-calibrate"], width=40,
-                                                  sizing_mode="fixed", margin=(8, 10))
+                                                  height=24, sizing_mode="fixed", margin=(8, 10))
         self.calib_file = pn.widgets.FileInput(accept=".pt,.pth,.npz", css_classes=["ts-calib-file"])
         self.calib_text = pn.pane.Markdown("", styles={"font-size": "12px", "color": "#52606d"}, margin=(0, 10))
         self.finetune_steps = pn.widgets.IntInput(name="Fine-tune steps", value=FINETUNE_STEPS, start=1, end=5000,
@@ -710,7 +710,8 @@ class ExplorerView(pn.viewable.Viewer):
             self.eval_select, self.eval_file, self.shape_input, self.eval_text,
             pn.pane.Markdown("### Data-aware compression and recovery", margin=(10, 10, 0, 10)),
             pn.Row(self.calibrate_switch, pn.pane.Markdown("**use calibration data**", margin=(0, 0, 0, 8),
-                                                           sizing_mode="fixed", width=220), sizing_mode="fixed", width=300),
+                                                           sizing_mode="fixed", width=220, height=36),
+                   sizing_mode="fixed", width=300, height=44),
             self.calib_file, self.calib_text,
             pn.Row(self.finetune_steps, self.finetune_button),
             pn.pane.Markdown("### Let it choose", margin=(10, 10, 0, 10)),
