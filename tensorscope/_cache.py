@@ -94,6 +94,8 @@ def _nbytes(v: Any) -> int:
         return sum(_nbytes(x) for x in v)
     if isinstance(v, dict):
         return sum(_nbytes(x) for x in v.values())
+    if isinstance(getattr(v, "tensors", None), dict):  # a method's Factors
+        return _nbytes(v.tensors)
     return 64
 
 

@@ -22,14 +22,16 @@ import numpy as np
 import torch
 from torch import nn
 
+from .calibration import collect_stats
+from .data import forward, iter_batches, split_batch
 from .errors import BudgetError
+from .evaluate import evaluate
 from .inventory import LayerInfo, count_flops, count_params, inspect
-from .methods import get_method
-from .plan import Plan
+from .methods import get_method, planner_methods
+from .plan import Plan, as_plan
+from .preview import preview_weights, swapped_weights
 from .progress import Progress
 from .spectra import Tradeoff, tradeoff
-
-DEFAULT_METHODS = ("svd", "tucker2")
 #: with heldout="auto", layers with fewer calibration input rows than this many times their
 #: input size are scored held out
 HELDOUT_ROWS = 4
@@ -64,14 +66,15 @@ def _menu(info: LayerInfo, module: nn.Module, methods: Sequence[str], by: str, s
             continue
         cost = t.params if by == "params" else t.flops
         losses = np.asarray(t.errors, dtype=np.float64) ** 2
-        if m == "svd" and halves is not None:
-            from .calibration import heldout_svd_errors
-
+        if halves is not None:
             a, b = halves
             if heldout == "auto" and stats is not None and stats.count >= HELDOUT_ROWS * stats.patch.shape[-1]:
                 pass  # plenty of rows: the in-sample score is reliable
             else:
-                losses = 0.5 * (heldout_svd_errors(module, a, b) ** 2 + heldout_svd_errors(module, b, a) ** 2)
+                method = get_method(m)
+                ab, ba = method.heldout_errors(module, a, b), method.heldout_errors(module, b, a)
+                if ab is not None and ba is not None:
+                    losses = 0.5 * (np.asarray(ab) ** 2 + np.asarray(ba) ** 2)
         for i, rank in enumerate(t.ranks):
             c = float(cost[i])
             if c >= dense.cost:
@@ -93,8 +96,6 @@ def _halves(batches: list) -> tuple[list, list] | None:
         return batches[0::2], batches[1::2]
     if len(batches) != 1:
         return None
-    from .data import split_batch
-
     b = split_batch(batches[0])
     n = b.size
     if n < 2:
@@ -172,7 +173,7 @@ def plan_for_budget(
     keep: float,
     *,
     by: str = "params",
-    methods: Sequence[str] | str = DEFAULT_METHODS,
+    methods: Sequence[str] | str = "auto",
     data: Any = None,
     example_input: Any = None,
     layers: Iterable[str] | None = None,
@@ -187,8 +188,10 @@ def plan_for_budget(
     keep : float in (0, 1]
         Fraction of the whole model's parameters (``by="params"``) or FLOPs (``by="flops"``).
     methods : names, or "auto"
-        Methods the planner may choose between, per layer ("auto": all with a cheap error
-        curve, i.e. ``svd`` and ``tucker2``).
+        Methods the planner may choose between, per layer ("auto", the default: every
+        registered method with a cheap error curve, i.e. ``svd`` and ``tucker2`` built in).
+        Methods without one (``cp``, ``tt``) cannot be planned: each rank would need its own
+        factorization.
     data : iterable of batches, optional
         Use the layers' output errors on this data (whitened spectra) instead of weight errors.
     heldout : bool or "auto"
@@ -211,14 +214,15 @@ def plan_for_budget(
     if by not in ("params", "flops"):
         raise BudgetError(f'by must be "params" or "flops"; got {by!r}')
     if methods == "auto":
-        methods = DEFAULT_METHODS
+        methods = planner_methods()
     if isinstance(methods, str):
         methods = (methods,)
-    for m in methods:
-        get_method(m)
+    no_curve = [m for m in methods if not get_method(m).error_curve]
+    if no_curve:
+        raise BudgetError(
+            f"method(s) {no_curve} have no cheap error curve: each of their ranks needs its own factorization, so "
+            f"the budget planner cannot price them; plan with {planner_methods()} (or set their ranks by hand)")
     if data is not None:
-        from .data import iter_batches
-
         data = list(iter_batches(data))  # read once: a generator would be spent by the first pass
         if example_input is None:
             example_input = data[0] if data else None
@@ -235,8 +239,6 @@ def plan_for_budget(
         return Plan()
     stats = halves = None
     if data is not None:
-        from .calibration import collect_stats
-
         names_ = [i.name for i in infos]
         stats = collect_stats(model, data, names_, progress=progress)
         if heldout not in (True, False, "auto"):
@@ -310,8 +312,6 @@ def _fill(menus: dict[str, list[_Option]], chosen: dict[str, int], spent: float,
 
 def plan_cost(model: nn.Module, plan: Any, example_input: Any = None) -> dict[str, Any]:
     """Parameters (and FLOPs per sample with an example input) before and after ``plan``, without building."""
-    from .plan import as_plan
-
     plan = as_plan(plan)
     infos = inspect(model, example_input).by_name()
     resolved = plan.validate(model, {n: i.geometry for n, i in infos.items()})
@@ -349,9 +349,6 @@ def sensitivity(
     relative output error against the original without them. Uses the fast preview (the
     original architecture with truncated weights), so nothing is built.
     """
-    from .evaluate import evaluate
-    from .preview import preview_weights, swapped_weights
-
     infos = inspect(model)
     if layers is not None:
         wanted = set(layers)
@@ -380,8 +377,6 @@ def sensitivity(
 
 
 def _materialise(data: Any, max_batches: int | None) -> list:
-    from .data import iter_batches
-
     return list(iter_batches(data, max_batches=max_batches))
 
 
@@ -390,8 +385,6 @@ class _Frozen(nn.Module):
 
     def __init__(self, model: nn.Module, batches: list):
         super().__init__()
-        from .data import forward
-
         with torch.no_grad():
             self._outs = [forward(model, b) for b in batches]
         self._i = 0

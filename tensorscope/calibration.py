@@ -1,4 +1,4 @@
-"""Activation statistics and data-aware (whitened) factorizations.
+"""Activation statistics: the second moments of each layer's inputs on calibration data.
 
 What matters is the error of a layer's *output* on real inputs, ``E||(W - W_r) x||^2 =
 ||(W - W_r) L||_F^2`` where ``C = E[x x^T] = L L^T`` is the second moment of the layer's
@@ -7,7 +7,8 @@ inputs (for a conv, of its input patches). Factorizing ``M = W L`` and mapping b
 (Eckart-Young in the whitened space), and the discarded output energy is exactly the tail
 of ``M``'s spectrum. Tucker-2 and CP whiten their input-channel mode the same way with the
 channel second moment. A small ridge keeps ``C`` invertible, so every method stays exact at
-full rank.
+full rank. This module only gathers the statistics; each method's data-aware factorization
+lives with the method (``methods/``), and the shared numerics in ``linalg``.
 
 Statistics are sums, streamed over batches in memory bounded by the layer widths (never by
 the amount of data), so one batch or ten give the same result.
@@ -19,7 +20,6 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -65,8 +65,6 @@ class LayerStats:
     def token(self) -> str:
         """A content hash of the statistics: keys memoised results computed from them."""
         if "token" not in self._memo:
-            from ._cache import fingerprint
-
             self._memo["token"] = f"{fingerprint(self.patch)}|{self.count}|{self.ridge}"
         return self._memo["token"]
 
@@ -187,110 +185,3 @@ def collect_stats(
     if missing:
         raise DataError(f"the calibration data never reached layer(s) {missing[:5]}: their inputs are unknown")
     return {n: a.result() for n, a in accs.items()}
-
-
-# ---- whitened factorizations --------------------------------------------------------------
-
-
-def _grouped_matrix(layer: nn.Module) -> torch.Tensor:
-    from .linalg import grouped_weight
-
-    w = grouped_weight(layer).to(torch.float64)
-    return w.reshape(w.shape[0], w.shape[1], -1)
-
-
-def whitened_svd(layer: nn.Module, stats: LayerStats):
-    """SVD of ``W L`` per group, returned as ``(U, S, V^T L^{-1})`` so that truncations map back."""
-    key = ("svd", fingerprint(layer.weight), stats.ridge)
-    if key not in stats._memo:
-        L = stats.whitener("patch")
-        m = _grouped_matrix(layer) @ L
-        u, s, vh = torch.linalg.svd(m, full_matrices=False)
-        # vh @ L^{-1}: solve L^T X^T = vh^T
-        back = torch.linalg.solve_triangular(L.transpose(-1, -2), vh.transpose(-1, -2), upper=True).transpose(-1, -2)
-        stats._memo[key] = (u, s, back)
-    return stats._memo[key]
-
-
-def whitened_values(layer: nn.Module, stats: LayerStats, unfolding: str = "out") -> tuple[np.ndarray, tuple[int, int]]:
-    """Singular values a data-aware truncation cuts: of ``W L`` (out) or of the input-whitened mode (in)."""
-    from .linalg import gram_eig, grouped_weight
-
-    if unfolding == "out":
-        _, s, _ = whitened_svd(layer, stats)
-        m = _grouped_matrix(layer)
-        return s.numpy(), (m.shape[1], m.shape[2])
-    w = grouped_weight(layer).to(torch.float64)  # (g, o, i, kh, kw)
-    L = stats.whitener("channel")
-    m = torch.einsum("goikl,gij->gjokl", w, L).reshape(w.shape[0], w.shape[2], -1)
-    vals, _ = gram_eig(m)
-    return vals[:, : min(m.shape[1], m.shape[2])].sqrt().numpy(), (m.shape[1], m.shape[2])
-
-
-def whitened_tucker2(layer: nn.Conv2d, rank, stats: LayerStats, sweeps: int = 2):
-    """Tucker-2 of ``W`` with its input mode whitened by the channel second moment.
-
-    With ``M = W x_1 L^T`` factorized as ``U_out, core, Q``, the first 1x1 conv is
-    ``Q^T L^{-1}``: exact at full rank, and the input projection keeps what the data uses.
-    """
-    from .linalg import gram_eig, grouped_weight
-    from .methods.base import Factors
-    from .methods.tucker2 import hooi_sweeps
-
-    r_out, r_in = rank
-    w = grouped_weight(layer).to(torch.float64)
-    L = stats.whitener("channel")
-    m = torch.einsum("goikl,gij->gojkl", w, L)
-    g, o, i = m.shape[:3]
-    u_out = gram_eig(m.reshape(g, o, -1))[1][..., :r_out]
-    q = gram_eig(m.transpose(1, 2).reshape(g, i, -1))[1][..., :r_in]
-    u_out, q = hooi_sweeps(m, u_out, q, sweeps)
-    core = torch.einsum("goikl,goa,gib->gabkl", m, u_out, q)
-    u_in = torch.linalg.solve_triangular(L.transpose(-1, -2), q, upper=True)  # L^{-T} Q
-    return Factors("tucker2", (r_out, r_in), {"u_out": u_out, "core": core, "u_in": u_in})
-
-
-# ---- least-squares refit of the output factor (data reconstruction, Su et al.) --------------
-
-
-def refit_output(layer: nn.Module, stats: LayerStats, inner: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """The output factor ``A`` minimising the calibration output error of ``W ~ A @ inner``.
-
-    ``inner`` is ``(g, r, n)``: what the stages before a factorized layer's last 1x1 conv
-    compute, as a matrix on input patches (Tucker-2: core times input projection; CP: the
-    rank-one spatial-and-input filters). Minimising ``||(W - A inner) L||_F`` with ``L L^T``
-    the (ridged) patch moment is linear least squares in ``A``: the "data reconstruction"
-    refinement of the last factor. Returns ``A`` ``(g, o, r)`` and the relative output
-    error reached. Exact at full rank whenever ``W`` lies in the row space of ``inner``.
-    """
-    w = _grouped_matrix(layer)  # (g, o, n) float64
-    L = stats.whitener("patch")  # (g, n, n)
-    wl = w @ L
-    bl = inner.to(torch.float64) @ L  # (g, r, n)
-    a = torch.linalg.lstsq(bl.transpose(1, 2), wl.transpose(1, 2)).solution.transpose(1, 2)  # (g, o, r)
-    den = float(wl.norm())
-    err = float((wl - a @ bl).norm()) / den if den > 0 else 0.0
-    return a, err
-
-
-def heldout_svd_errors(layer: nn.Module, fit: LayerStats, check: LayerStats) -> np.ndarray:
-    """Relative output error on ``check``'s data of the whitened SVD fitted on ``fit``'s, at every rank.
-
-    The in-sample error of a whitened truncation (the tail of the whitened spectrum) is
-    optimistic when the calibration set is small next to the layer's width: it fits those
-    inputs and generalises worse. Scoring ranks on data the factors were not fitted to is
-    what lets a budget planner see which layers really suffer. With ``W_r = U_r S_r B_r`` the
-    factors from ``fit`` and ``L`` the whitener of ``check``, the orthonormal ``U`` makes the
-    squared error a cumulative sum over ranks, so all ranks cost one pass.
-    """
-    u, s, back = whitened_svd(layer, fit)  # (g, o, k), (g, k), (g, k, n)
-    L = check.whitener("patch")
-    wl = _grouped_matrix(layer) @ L  # (g, o, n)
-    z = back @ L  # (g, k, n)
-    total = float((wl ** 2).sum())
-    if total <= 0:
-        return np.zeros(s.shape[1])
-    cross = (torch.einsum("gok,gon,gkn->gk", u, wl, z) * s).sum(0)
-    sq = ((s ** 2) * (z ** 2).sum(-1)).sum(0)
-    err2 = total - 2 * torch.cumsum(cross, 0) + torch.cumsum(sq, 0)
-    return np.sqrt(np.clip(err2.numpy() / total, 0.0, None))

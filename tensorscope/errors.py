@@ -19,6 +19,7 @@ __all__ = [
     "BudgetError",
     "DataError",
     "ArchitectureError",
+    "MissingExtraError",
 ]
 
 
@@ -64,3 +65,12 @@ class DataError(TensorscopeError, ValueError):
 
 class ArchitectureError(TensorscopeError, ValueError):
     """An architecture reference ``package.module:factory`` cannot be imported or called."""
+
+
+class MissingExtraError(TensorscopeError, ImportError):
+    """An optional dependency (an extra such as ``tensorscope[onnx]``) is not installed."""
+
+
+class PluginError(TensorscopeError, TypeError):
+    """A method cannot be registered: not a Method, no name, a taken name, or a plugin that
+    failed to import. The message names the class or the entry point."""

@@ -15,7 +15,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from torch.utils.flop_counter import FlopCounterMode
+
+from .data import split_batch
+from .layers import FactorizedLayer
 from .methods import LayerGeometry, get_method, methods_for
+from .units import format_count, text_table
 
 # Parents whose forward reads a child's ``.weight`` directly: replacing that child by a chain
 # would break them (nn.MultiheadAttention calls F.multi_head_attention_forward with
@@ -59,13 +64,9 @@ class LayerList(list):
 
     def __str__(self) -> str:
         """A table: what ``print(ts.inspect(model, x))`` shows."""
-        from .units import format_count, text_table
-
-        def rank(r: Any) -> str:
-            return "x".join(map(str, r)) if isinstance(r, (tuple, list)) else str(r)
-
         rows = [[i.name, i.kind, "x".join(map(str, i.weight_shape)), format_count(i.params),
-                 format_count(i.flops, "FLOPs"), ", ".join(f"{m} {rank(r)}" for m, r in i.max_rank.items())]
+                 format_count(i.flops, "FLOPs"),
+                 ", ".join(f"{m} {get_method(m).rank_text(r)}" for m, r in i.max_rank.items())]
                 for i in self]
         text = text_table(rows, ["layer", "type", "weight", "params", "FLOPs", "max rank per method"], "llrrrl")
         for i in self.skipped:
@@ -91,8 +92,6 @@ class ModelIndex:
 
     def reason(self, name: str) -> str | None:
         """Why layer ``name`` is left alone, or None when it can be decomposed."""
-        from .layers import FactorizedLayer
-
         module = self.modules[name]
         if not isinstance(module, (nn.Linear, nn.Conv2d)):
             return _type_reason(module)
@@ -139,8 +138,6 @@ def _has_matrix_weight(module: nn.Module) -> bool:
 
 def record_input_sizes(model: nn.Module, example_input: Any, names: list[str]) -> tuple[dict[str, tuple], int]:
     """Run one forward pass and record each named layer's input shape; returns (shapes, batch)."""
-    from .data import split_batch
-
     modules = dict(model.named_modules())
     shapes: dict[str, tuple] = {}
     hooks = []
@@ -229,10 +226,6 @@ def count_params(model: nn.Module) -> int:
 
 def count_flops(model: nn.Module, example_input: Any) -> int:
     """FLOPs per sample of one forward pass, as ``FlopCounterMode`` counts them."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from .data import split_batch
-
     batch = split_batch(example_input)
     counter = FlopCounterMode(display=False)
     was_training = model.training

@@ -1,17 +1,52 @@
-"""Cached matricizations and factorizations of layer weights.
+"""Cached matricizations and factorizations of layer weights, and the numerics methods share.
 
 Everything expensive about a layer (its SVD, the eigendecompositions of its unfoldings'
-Gram matrices) is computed once per distinct weight and kept in :data:`factor_cache`;
-any rank is then a truncation. Weights are viewed per group: ``(g, O/g, I/g*kh*kw)``.
+Gram matrices, its whitened SVD) is computed once per distinct weight and kept in
+:data:`factor_cache` (or in the statistics' own memo); any rank is then a truncation.
+Weights are viewed per group: ``(g, O/g, I/g*kh*kw)``.
+
+This module sits below ``methods/``: it imports nothing from it, so every method, the
+spectra and the planner can share one copy of each numerical building block.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
+import numpy as np
 import torch
 from torch import nn
 
-from ._cache import factor_cache, fingerprint
-from .methods.base import check_finite, compute_dtype
+from ._cache import factor_cache, finite_memo, fingerprint
+from .errors import NonFiniteWeightError
+
+#: the two unfoldings a spectrum can be taken of: output channels x the rest, input channels x the rest
+UNFOLDINGS = ("out", "in")
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    return bool(torch.isfinite(t.detach()).all())
+
+
+def check_finite(layer: nn.Module, name: str = "") -> None:
+    """Refuse NaN/Inf weights before any factorization (LAPACK can hang on them).
+
+    Memoised per parameter while it is unchanged: the explorer asks on every slider move.
+    """
+    for pname, p in layer.named_parameters(recurse=False):
+        if not finite_memo.get(p, _all_finite):
+            bad = int((~torch.isfinite(p)).sum())
+            where = f"layer {name!r} " if name else ""
+            raise NonFiniteWeightError(
+                f"{where}{pname} holds {bad} NaN/Inf value(s) of {p.numel()}; "
+                "factorizing it would fail or produce garbage. Fix the checkpoint (or the "
+                "training run that produced it) before compressing."
+            )
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Factorize in float64 for float64 weights, float32 otherwise (half types lack LAPACK)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def groups_of(layer: nn.Module) -> int:
@@ -134,3 +169,76 @@ def hosvd_core(layer: nn.Module) -> torch.Tensor:
         return torch.einsum("goikl,goa,gib->gabkl", w, u_out, u_in)
 
     return factor_cache.get(_key(layer, "hosvd-core"), compute)
+
+
+# ---- spectra of the two unfoldings, plain or whitened by input statistics -----------------
+
+
+def grouped_matrix(layer: nn.Module) -> torch.Tensor:
+    """The weight as ``(g, O/g, I/g*kh*kw)`` in float64."""
+    w = grouped_weight(layer).to(torch.float64)
+    return w.reshape(w.shape[0], w.shape[1], -1)
+
+
+def whitened_svd(layer: nn.Module, stats: Any):
+    """SVD of ``W L`` per group (``L L^T`` the ridged input moment of ``stats``), returned as
+    ``(U, S, V^T L^{-1})`` so that truncations map back to the layer's own inputs.
+
+    Memoised in the statistics object, keyed by the weight's content.
+    """
+    key = ("svd", fingerprint(layer.weight), stats.ridge)
+    if key not in stats._memo:
+        L = stats.whitener("patch")
+        m = grouped_matrix(layer) @ L
+        u, s, vh = torch.linalg.svd(m, full_matrices=False)
+        # vh @ L^{-1}: solve L^T X^T = vh^T
+        back = torch.linalg.solve_triangular(L.transpose(-1, -2), vh.transpose(-1, -2), upper=True).transpose(-1, -2)
+        stats._memo[key] = (u, s, back)
+    return stats._memo[key]
+
+
+def unfolding_values(layer: nn.Module, unfolding: str = "out", stats: Any = None) -> tuple[np.ndarray, tuple[int, int]]:
+    """Singular values ``(g, k)`` of one unfolding per group, and that unfolding's ``(rows, cols)``.
+
+    ``out`` is ``O/g x I/g*kh*kw`` (what ``svd`` truncates), ``in`` is ``I/g x O/g*kh*kw``
+    (Tucker-2's input mode). With ``stats``, the values a data-aware truncation cuts: of
+    ``W L`` (out), or of the kernel with its input mode whitened by the channel moment (in).
+    """
+    if unfolding not in UNFOLDINGS:
+        raise ValueError(f"unfolding must be one of {UNFOLDINGS}; got {unfolding!r}")
+    w = grouped_weight(layer)
+    g, o, i = w.shape[:3]
+    khw = w.shape[3] * w.shape[4]
+    if stats is not None:
+        if unfolding == "out":
+            _, s, _ = whitened_svd(layer, stats)
+            return s.numpy(), (o, i * khw)
+        L = stats.whitener("channel")
+        m = torch.einsum("goikl,gij->gjokl", w.to(torch.float64), L).reshape(g, i, -1)
+        vals, _ = gram_eig(m)
+        return vals[:, : min(m.shape[1], m.shape[2])].sqrt().numpy(), (m.shape[1], m.shape[2])
+    if unfolding == "out":
+        return singular_values(layer).double().numpy(), (o, i * khw)
+    vals, _ = mode_eig(layer, 1)
+    # the Gram of a tall unfolding (i > o*kh*kw) has i eigenvalues, only o*kh*kw of them nonzero
+    return vals[:, : min(i, o * khw)].sqrt().numpy(), (i, o * khw)
+
+
+def refit_output(layer: nn.Module, stats: Any, inner: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """The output factor ``A`` minimising the calibration output error of ``W ~ A @ inner``.
+
+    ``inner`` is ``(g, r, n)``: what the stages before a factorized layer's last 1x1 conv
+    compute, as a matrix on input patches (Tucker-2: core times input projection; CP: the
+    rank-one spatial-and-input filters). Minimising ``||(W - A inner) L||_F`` with ``L L^T``
+    the (ridged) patch moment is linear least squares in ``A``: the "data reconstruction"
+    refinement of the last factor (Su et al.). Returns ``A`` ``(g, o, r)`` and the relative
+    output error reached. Exact at full rank whenever ``W`` lies in the row space of ``inner``.
+    """
+    w = grouped_matrix(layer)  # (g, o, n) float64
+    L = stats.whitener("patch")  # (g, n, n)
+    wl = w @ L
+    bl = inner.to(torch.float64) @ L  # (g, r, n)
+    a = torch.linalg.lstsq(bl.transpose(1, 2), wl.transpose(1, 2)).solution.transpose(1, 2)  # (g, o, r)
+    den = float(wl.norm())
+    err = float((wl - a @ bl).norm()) / den if den > 0 else 0.0
+    return a, err

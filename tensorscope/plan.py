@@ -23,20 +23,13 @@ from typing import Any, Iterator, Mapping
 
 from torch import nn
 
+from ._io import atomic_write_bytes
 from .errors import PlanError, RankError
-from .methods import LayerGeometry, get_method
-from .methods.base import Method
+from .inventory import ModelIndex
+from .methods import LayerGeometry, Method, get_method
 
 FORMAT_VERSION = 1
 MAX_PLAN_BYTES = 8 << 20  # a plan is a few KB; refuse absurd documents before parsing
-
-#: per-method options a plan entry may carry besides "method" and "rank"
-OPTION_KEYS = {
-    "svd": set(),
-    "tucker2": {"sweeps"},
-    "cp": {"iters", "seed"},
-    "tt": {"in_shape", "out_shape"},
-}
 
 
 @dataclass(frozen=True)
@@ -100,21 +93,8 @@ def _parse_entry(name: Any, entry: Any) -> LayerPlan:
     method = entry["method"]
     if not isinstance(method, str):
         raise PlanError(f"layer {name!r}: method must be a string; got {method!r}")
-    get_method(method)  # raises PlanError naming the known methods
-    options = {k: v for k, v in entry.items() if k not in ("method", "rank")}
-    unknown = set(options) - OPTION_KEYS.get(method, set())
-    if unknown:
-        allowed = sorted(OPTION_KEYS.get(method, set()) | {"method", "rank"})
-        raise PlanError(f"layer {name!r}: unknown key(s) {sorted(unknown, key=repr)} for method {method!r}; allowed: {allowed}")
-    for k in ("in_shape", "out_shape"):
-        if k in options:
-            v = options[k]
-            if not (isinstance(v, (list, tuple)) and v and all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in v)):
-                raise PlanError(f"layer {name!r}: {k} must be a list of positive integers; got {v!r}")
-            options[k] = tuple(v)
-    for k in ("sweeps", "iters", "seed"):
-        if k in options and not (isinstance(options[k], int) and not isinstance(options[k], bool) and 0 <= options[k] <= 10_000):
-            raise PlanError(f"layer {name!r}: {k} must be an integer in [0, 10000]; got {options[k]!r}")
+    m = get_method(method)  # raises PlanError naming the known methods (or the plugin that failed)
+    options = m.check_options({k: v for k, v in entry.items() if k not in ("method", "rank")}, f"layer {name!r}: ")
     return LayerPlan(method, _check_rank_shape(name, entry["rank"]), options)
 
 
@@ -225,8 +205,6 @@ class Plan:
             raise PlanError(f"plan file {os.fspath(path)!r} is not UTF-8 text") from None
 
     def save(self, path: str | os.PathLike) -> None:
-        from ._io import atomic_write_bytes
-
         atomic_write_bytes(path, (self.to_json() + "\n").encode())
 
     # ---- checking against a model ----------------------------------------------------
@@ -236,8 +214,6 @@ class Plan:
         Raises :class:`PlanError` (unknown layer, layer not decomposable, method not valid for
         the layer) or :class:`RankError`, naming the layer and the fix.
         """
-        from .inventory import ModelIndex
-
         index = ModelIndex(model)
         modules = index.modules
         resolved = []

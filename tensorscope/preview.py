@@ -17,7 +17,25 @@ import torch
 from torch import nn
 
 from ._cache import factor_cache, fingerprint
+from .methods import Factors
 from .plan import ResolvedLayer, as_plan
+
+
+def _key(r: ResolvedLayer, what: str, refine: bool, stats: Any) -> tuple:
+    return (fingerprint(r.module.weight), getattr(r.module, "groups", 1), what, r.method.name,
+            json.dumps(r.rank, default=list), json.dumps(dict(r.options), sort_keys=True, default=list), refine,
+            None if stats is None else stats.token)
+
+
+def cached_factors(r: ResolvedLayer, refine: bool = False, stats: Any = None) -> Factors:
+    """``r.method.factorize`` of ``r``, memoised by weight content, method, rank, options and
+    statistics: the live preview and ``compress``/export share one factorization per key
+    (a slow CP-ALS previewed at a rank is not run again when that plan is exported).
+
+    The result is shared: callers must not modify its tensors (``build`` copies them).
+    """
+    return factor_cache.get(_key(r, "factors", refine, stats),
+                            lambda: r.method.factorize(r.module, r.rank, r.options, stats=stats, refine=refine))
 
 
 def reconstructed_weight(r: ResolvedLayer, refine: bool = False, stats: Any = None) -> torch.Tensor:
@@ -26,15 +44,8 @@ def reconstructed_weight(r: ResolvedLayer, refine: bool = False, stats: Any = No
     With ``stats`` (the layer's :class:`~tensorscope.calibration.LayerStats`), the data-aware
     factors ``compress(..., data=...)`` builds.
     """
-    key = (fingerprint(r.module.weight), getattr(r.module, "groups", 1), "recon", r.method.name,
-           json.dumps(r.rank, default=list), json.dumps(dict(r.options), sort_keys=True, default=list), refine,
-           None if stats is None else stats.token)
-
-    def compute():
-        factors = r.method.factorize(r.module, r.rank, r.options, stats=stats, refine=refine)
-        return r.method.reconstruct(r.module, factors).detach()
-
-    return factor_cache.get(key, compute)
+    return factor_cache.get(_key(r, "recon", refine, stats),
+                            lambda: r.method.reconstruct(r.module, cached_factors(r, refine, stats)).detach())
 
 
 @contextlib.contextmanager

@@ -16,8 +16,9 @@ and Long, "The singular values of convolutional layers", ICLR 2019.
 
 from __future__ import annotations
 
+import difflib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterable
 
 import numpy as np
@@ -26,12 +27,15 @@ from torch import nn
 
 from . import linalg
 from ._cache import factor_cache, fingerprint
+from .calibration import collect_stats
 from .errors import PlanError
-from .methods import LayerGeometry, get_method
-from .methods.base import check_finite
+from .inventory import ModelIndex, inspect
+from .linalg import UNFOLDINGS, check_finite
+from .methods import LayerGeometry, Tradeoff, get_method
 from .progress import Progress
 
-UNFOLDINGS = ("out", "in")
+__all__ = ["Spectrum", "Tradeoff", "UNFOLDINGS", "layer_spectrum", "operator_spectrum", "powerlaw_alpha",
+           "spectra", "spectrum", "tradeoff"]
 
 
 @dataclass
@@ -50,7 +54,8 @@ class Spectrum:
 
     @property
     def values(self) -> np.ndarray:
-        return np.sort(self.grouped.reshape(-1))[::-1]
+        # contiguous: a reversed view has a negative stride, which torch.as_tensor refuses
+        return np.ascontiguousarray(np.sort(self.grouped.reshape(-1))[::-1])
 
     @property
     def groups(self) -> int:
@@ -161,26 +166,9 @@ def powerlaw_alpha(eigs: np.ndarray, min_tail: int = 10, candidates: int = 256) 
 # ---- computing spectra --------------------------------------------------------------------
 
 
-def _grouped_values(layer: nn.Module, unfolding: str) -> tuple[np.ndarray, tuple[int, int]]:
-    w = linalg.grouped_weight(layer)
-    g, o, i = w.shape[:3]
-    khw = w.shape[3] * w.shape[4]
-    if unfolding == "out":
-        return linalg.singular_values(layer).double().numpy(), (o, i * khw)
-    if unfolding == "in":
-        vals, _ = linalg.mode_eig(layer, 1)
-        # the Gram of a tall unfolding (i > o*kh*kw) has i eigenvalues, only o*kh*kw of them nonzero
-        return vals[:, : min(i, o * khw)].sqrt().numpy(), (i, o * khw)
-    raise ValueError(f"unfolding must be one of {UNFOLDINGS}; got {unfolding!r}")
-
-
 def _layer(model: nn.Module, name: str) -> nn.Module:
-    from .inventory import ModelIndex
-
     index = ModelIndex(model)
     if name not in index.modules or not name:
-        import difflib
-
         close = difflib.get_close_matches(name, [n for n in index.modules if n], n=3)
         hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
         raise PlanError(f"the model has no layer {name!r}{hint}")
@@ -193,13 +181,8 @@ def _layer(model: nn.Module, name: str) -> nn.Module:
 def layer_spectrum(layer: nn.Module, name: str = "", unfolding: str = "out", stats: Any = None) -> Spectrum:
     """The spectrum of one layer module (``stats``: whitened by its input statistics)."""
     check_finite(layer, name)
-    if stats is not None:
-        from .calibration import whitened_values
-
-        values, shape = whitened_values(layer, stats, unfolding)
-        return Spectrum(name, unfolding, values, shape, whitened=True)
-    values, shape = _grouped_values(layer, unfolding)
-    return Spectrum(name, unfolding, values, shape)
+    values, shape = linalg.unfolding_values(layer, unfolding, stats)
+    return Spectrum(name, unfolding, values, shape, whitened=stats is not None)
 
 
 def spectrum(model: nn.Module, layer: str, *, unfolding: str = "out", data: Any = None) -> Spectrum:
@@ -211,8 +194,6 @@ def spectrum(model: nn.Module, layer: str, *, unfolding: str = "out", data: Any 
     module = _layer(model, layer)
     stats = None
     if data is not None:
-        from .calibration import collect_stats
-
         stats = collect_stats(model, data, [layer])[layer]
     return layer_spectrum(module, layer, unfolding, stats)
 
@@ -226,14 +207,10 @@ def spectra(
     progress: Any = False,
 ) -> dict[str, Spectrum]:
     """Spectra of all decomposable layers (or of ``layers``), computed once and cached."""
-    from .inventory import inspect
-
     names = list(layers) if layers is not None else [l.name for l in inspect(model)]
     modules = {n: _layer(model, n) for n in names} if layers is not None else dict(model.named_modules())
     stats = None
     if data is not None:
-        from .calibration import collect_stats
-
         stats = collect_stats(model, data, names, progress=progress)
     out = {}
     with Progress(progress, total=len(names), desc="spectra") as bar:
@@ -279,86 +256,15 @@ def operator_spectrum(layer: nn.Conv2d, n: int = 32) -> np.ndarray:
 # ---- error against cost, over all ranks ---------------------------------------------------
 
 
-@dataclass
-class Tradeoff:
-    """Relative error against parameter count for every rank of one layer and method."""
-
-    layer: str
-    method: str
-    ranks: list[Any]
-    params: np.ndarray
-    errors: np.ndarray  # relative Frobenius error (or relative output error with data)
-    flops: np.ndarray | None = None
-    dense_params: int = 0
-    dense_flops: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def pareto(self) -> "Tradeoff":
-        """Only the ranks no other rank beats on both parameters and error."""
-        order = np.lexsort((self.errors, self.params))
-        keep, best = [], np.inf
-        for i in order:
-            if self.errors[i] < best - 1e-15:
-                keep.append(i)
-                best = self.errors[i]
-        keep = np.array(keep, dtype=int)
-        return Tradeoff(self.layer, self.method, [self.ranks[i] for i in keep], self.params[keep], self.errors[keep],
-                        None if self.flops is None else self.flops[keep], self.dense_params, self.dense_flops)
-
-
-def tucker2_retained(layer: nn.Module) -> np.ndarray:
-    """Energy ``E[a, b]`` kept by the HOSVD truncation at ranks (a+1, b+1), all pairs at once.
-
-    The HOSVD core for every rank pair is a corner of one full core, so its energy is a 2-D
-    cumulative sum of the full core's squared entries: no factorization per rank.
-    """
-    key = (fingerprint(layer.weight), linalg.groups_of(layer), "tucker2-energy")
-
-    def compute():
-        e = linalg.hosvd_core(layer).pow(2).sum(dim=(0, 3, 4))
-        return e.cumsum(0).cumsum(1)
-
-    return factor_cache.get(key, compute).numpy()
-
-
 def tradeoff(layer: nn.Module, method: str, name: str = "", geom: LayerGeometry | None = None,
              stats: Any = None) -> Tradeoff | None:
     """The error-versus-parameters curve of ``method`` on ``layer`` over all its ranks.
 
-    A by-product of cached factors for ``svd`` and ``tucker2`` (all rank pairs); ``None``
-    for methods whose error needs a new factorization per rank (``cp``, ``tt``).
+    A by-product of cached factors for methods with a cheap error curve (``svd``; ``tucker2``
+    over all rank pairs); ``None`` for methods whose error needs a new factorization per rank.
     """
     geom = geom or LayerGeometry.of(layer)
     m = get_method(method)
     if m.unsupported_reason(geom):
         return None
-    dense_p, dense_f = geom.dense_params, geom.dense_flops
-    if method == "svd":
-        spec = layer_spectrum(layer, name, "out", stats)
-        total = spec.total_energy
-        sq = (spec.grouped.astype(np.float64) ** 2).sum(axis=0)
-        tail = np.concatenate([np.cumsum(sq[::-1])[::-1][1:], [0.0]])
-        errs = np.sqrt(np.clip(tail / total, 0, None)) if total > 0 else np.zeros_like(tail)
-        ranks = list(range(1, spec.max_rank + 1))
-        params = np.array([m.count_params(geom, r) for r in ranks])
-        flops = None if dense_f is None else np.array([m.count_flops(geom, r) for r in ranks])
-        return Tradeoff(name, method, ranks, params, errs, flops, dense_p, dense_f)
-    if method == "tucker2":
-        if stats is not None:
-            return None
-        e = tucker2_retained(layer)
-        total = float(linalg.grouped_weight(layer).to(torch.float64).pow(2).sum())
-        mo, mi = e.shape
-        a, b = np.meshgrid(np.arange(1, mo + 1), np.arange(1, mi + 1), indexing="ij")
-        a, b = a.reshape(-1), b.reshape(-1)
-        errs = np.sqrt(np.clip(1.0 - e.reshape(-1) / total, 0, None)) if total > 0 else np.zeros(a.size)
-        g, k = geom.groups, geom.khw
-        params = a * b * g * k + b * geom.in_features + a * geom.out_features + (geom.out_features if geom.bias else 0)
-        flops = None
-        if dense_f is not None:
-            p_in = geom.in_size[0] * geom.in_size[1]
-            p_out = geom.positions
-            flops = 2 * (p_in * b * geom.in_features + p_out * g * a * b * k + p_out * geom.out_features * a)
-        ranks = list(zip(a.tolist(), b.tolist()))
-        return Tradeoff(name, method, ranks, params, errs, flops, dense_p, dense_f).pareto()
-    return None
+    return m.tradeoff(layer, geom, stats, name)

@@ -17,7 +17,9 @@ from torch import nn
 
 from .errors import DecompositionError, TensorscopeError
 from .methods.base import BreakEvenWarning, check_finite, warn_if_past_break_even
+from .calibration import collect_stats
 from .plan import Plan, ResolvedLayer, as_plan
+from .preview import cached_factors
 from .progress import Progress
 
 PLAN_ATTR = "_tensorscope_plan"
@@ -130,8 +132,6 @@ def compress(
     if data is not None and stats is not None:
         raise TypeError("compress takes data= or stats=, not both")
     if data is not None and resolved:
-        from .calibration import collect_stats
-
         stats = collect_stats(new, data, [r.name for r in resolved], max_batches=max_batches, progress=progress)
     bar = Progress(progress, total=len(resolved), desc="decomposing")
     try:
@@ -150,7 +150,7 @@ def _decompose_one(r: ResolvedLayer, stats: Any, refine: bool) -> nn.Module:
     warn_if_past_break_even(r.method, r.geometry, r.rank, r.options, name=r.name)
     try:
         layer_stats = stats.get(r.name) if stats is not None else None
-        factors = r.method.factorize(r.module, r.rank, r.options, stats=layer_stats, refine=refine)
+        factors = cached_factors(r, refine, layer_stats)
         built = r.method.build(r.module, factors)
     except TensorscopeError as e:
         raise type(e)(f"layer {r.name!r}: {e}") from e

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
@@ -11,7 +12,8 @@ from torch.testing import assert_close
 from torch.utils.data import DataLoader, TensorDataset
 
 import tensorscope as ts
-from tensorscope.calibration import collect_stats, whitened_svd
+from tensorscope.calibration import collect_stats
+from tensorscope.linalg import whitened_svd
 from tensorscope.methods import get_method
 from tensorscope.recovery import dense_weight
 
@@ -188,7 +190,7 @@ def test_hugging_face_dict_batches():
 def test_heldout_errors_equal_a_direct_computation():
     """The held-out curve (fit on one half, score on the other) matches reconstructing each
     rank's weight and measuring its output error on the other half's inputs."""
-    from tensorscope.calibration import heldout_svd_errors, whitened_svd
+    from tensorscope.methods.svd import heldout_svd_errors
 
     torch.manual_seed(0)
     layer = nn.Linear(24, 16)
@@ -200,10 +202,13 @@ def test_heldout_errors_equal_a_direct_computation():
     u, s, back = whitened_svd(layer, a)
     L = b.whitener("patch")[0]
     w = layer.weight.detach().double()
+    # the curve is a square root of a difference of cumulative sums: near zero error its
+    # absolute error is about sqrt(n * eps) of float64, whatever the BLAS (1.6e-8 seen on ARM)
+    tol = 10 * math.sqrt(w.numel() * torch.finfo(torch.float64).eps)
     for r in range(1, 17):
         w_r = (u[0, :, :r] * s[0, :r]) @ back[0, :r]
         want = float(((w - w_r) @ L).norm() / (w @ L).norm())
-        assert got[r - 1] == pytest.approx(want, rel=1e-6, abs=1e-9)
+        assert got[r - 1] == pytest.approx(want, rel=1e-6, abs=tol)
     assert got[-1] == pytest.approx(0.0, abs=1e-6)  # full rank is exact on any data
 
 

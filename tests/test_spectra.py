@@ -19,7 +19,8 @@ from tensorscope._cache import factor_cache
 from tensorscope.errors import NonFiniteWeightError, PlanError
 from tensorscope.methods import get_method
 from tensorscope.preview import preview_weights
-from tensorscope.spectra import Spectrum, layer_spectrum, tradeoff, tucker2_retained
+from tensorscope.methods.tucker2 import tucker2_retained
+from tensorscope.spectra import Spectrum, layer_spectrum, tradeoff
 
 import nets
 

@@ -14,7 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from tensorscope.errors import DecompositionError, NonFiniteWeightError, PlanError, RankError
 from tensorscope.layers import FactorizedLayer
-from tensorscope.methods.base import LayerGeometry, get_method
+from tensorscope.methods import LayerGeometry, get_method
 from tensorscope.methods.tt import TT, default_tt_order, tt_shapes, tt_svd
 from tensorscope.tt_layers import TTConv2d, TTLinear, tt_sweep_flops
 

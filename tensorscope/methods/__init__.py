@@ -1,6 +1,9 @@
 """Decomposition methods, one module each, registered by name.
 
-``get_method("tucker2")`` returns the method object; ``available_methods()`` lists them.
+``get_method("tucker2")`` returns the method object; ``available_methods()`` lists them,
+plugins included. Writing a method: subclass :class:`Method` in one module and decorate it
+with :func:`register_method` (or announce it with an entry point in the group
+``tensorscope.methods``); see the README's "Adding a method".
 """
 
 from .base import (
@@ -8,22 +11,36 @@ from .base import (
     Factors,
     LayerGeometry,
     Method,
+    Option,
+    RankAxis,
+    Tradeoff,
+)
+from .registry import (
+    ENTRY_POINT_GROUP,
+    PluginWarning,
     available_methods,
     get_method,
     methods_for,
+    planner_methods,
     register_method,
 )
 
-# importing a method module registers it
-from . import cp, svd, tt, tucker2  # noqa: E402,F401
+# importing a method module registers it; this order is the registry's (svd first)
+from . import svd, tucker2, cp, tt  # noqa: E402,F401,I001
 
 __all__ = [
     "BreakEvenWarning",
+    "ENTRY_POINT_GROUP",
     "Factors",
     "LayerGeometry",
     "Method",
+    "Option",
+    "PluginWarning",
+    "RankAxis",
+    "Tradeoff",
     "available_methods",
     "get_method",
     "methods_for",
+    "planner_methods",
     "register_method",
 ]

@@ -1,9 +1,21 @@
-"""What every decomposition method provides, and the geometry of the layers they act on.
+"""The method contract: what every decomposition method declares, and what everything else asks.
 
-A method turns one ``nn.Linear`` or ``nn.Conv2d`` into a small chain of ordinary torch
-layers. Each method module (``svd``, ``tucker2``, ``cp``, ``tt``) defines one subclass of
-:class:`Method` and registers it with :func:`register_method`, so the planner, the CLI, the
-explorer and the tests all list methods from one place.
+A method turns one layer (``nn.Linear``, ``nn.Conv2d``) into a small chain of ordinary torch
+layers. One module per method (``svd``, ``tucker2``, ``cp``, ``tt``, or a plugin's own)
+defines one subclass of :class:`Method` and registers it (:mod:`.registry`). The plan, the
+budget planner, the presets, the CLI, the explorer's state and its sliders all ask the
+method, never its name:
+
+- identity: ``name``, ``kinds``, ``description``, ``speed_note``;
+- ranks: ``rank_axes`` (one slider each), ``rank_from_axes``/``axis_values``, ``resolve_rank``,
+  ``max_rank``, and the written forms ``rank_text``/``rank_to_json``/``rank_from_text``;
+- options: ``option_specs`` and ``check_options``;
+- cost from geometry alone: ``count_params``, ``count_flops``, ``work``;
+- behaviour flags: ``error_curve`` (a cheap error-versus-cost curve for the planner and
+  presets), ``slow`` (refits per rank: memoised, shown as pending, capped by ``work``),
+  ``uses_data`` (calibration statistics change its factors);
+- work: ``factorize``, ``build``, ``empty_factors``, ``reconstruct``, ``tradeoff``,
+  ``cheap_error``, ``heldout_errors``.
 
 Counting functions take a :class:`LayerGeometry` and a rank only: the planner and the
 explorer price thousands of candidate ranks without building (or factorizing) anything.
@@ -15,14 +27,23 @@ from __future__ import annotations
 
 import abc
 import math
+import re
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Mapping
+from typing import Any, Callable, ClassVar, Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
-from ..errors import DecompositionError, NonFiniteWeightError, PlanError, RankError
+from ..densify import probe_dense
+from ..errors import DecompositionError, PlanError, RankError
+from ..linalg import check_finite, compute_dtype
+
+__all__ = [
+    "BreakEvenWarning", "Factors", "LayerGeometry", "Method", "Option", "RankAxis", "Tradeoff",
+    "as_pair", "check_finite", "compute_dtype", "resolve_int_rank", "warn_if_past_break_even",
+]
 
 Rank = Any  # int, or a tuple of ints; each method documents its canonical form
 
@@ -133,16 +154,116 @@ class Factors:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class Tradeoff:
+    """Relative error against parameter count for every rank of one layer and method."""
+
+    layer: str
+    method: str
+    ranks: list[Any]
+    params: np.ndarray
+    errors: np.ndarray  # relative Frobenius error (or relative output error with data)
+    flops: np.ndarray | None = None
+    dense_params: int = 0
+    dense_flops: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def pareto(self) -> "Tradeoff":
+        """Only the ranks no other rank beats on both parameters and error."""
+        order = np.lexsort((self.errors, self.params))
+        keep, best = [], np.inf
+        for i in order:
+            if self.errors[i] < best - 1e-15:
+                keep.append(i)
+                best = self.errors[i]
+        keep = np.array(keep, dtype=int)
+        return Tradeoff(self.layer, self.method, [self.ranks[i] for i in keep], self.params[keep], self.errors[keep],
+                        None if self.flops is None else self.flops[keep], self.dense_params, self.dense_flops)
+
+
+@dataclass(frozen=True)
+class RankAxis:
+    """One integer a rank is made of: one slider in the explorer, one column of a rank table.
+
+    ``unfolding`` names the spectrum (``"out"`` or ``"in"``) whose energy or VBMF rank
+    suggests a value for this axis (rules and presets fill it from there); ``truncates``
+    says the axis literally cuts that spectrum, so plots can mark where.
+    """
+
+    name: str
+    label: str
+    low: int
+    high: int
+    default: int
+    unfolding: str | None = None
+    truncates: bool = False
+    help: str = ""
+
+    def clip(self, value: int) -> int:
+        return int(min(max(int(value), self.low), self.high))
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option key a plan entry may carry besides ``method`` and ``rank``.
+
+    ``kind`` is ``"int"`` (an integer in ``[low, high]``), ``"float"`` (a finite number in
+    ``[low, high]``), ``"bool"`` or ``"shape"`` (a non-empty list of positive integers).
+    """
+
+    kind: str
+    low: float = 0
+    high: float = 10_000
+    help: str = ""
+
+    def check(self, key: str, value: Any, where: str = "") -> Any:
+        """The value in canonical form (shapes become tuples); PlanError naming key and value."""
+        if self.kind == "int":
+            if isinstance(value, bool) or not isinstance(value, int) or not self.low <= value <= self.high:
+                raise PlanError(f"{where}{key} must be an integer in [{self.low:g}, {self.high:g}]; got {value!r}")
+            return int(value)
+        if self.kind == "float":
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            if not ok or not self.low <= value <= self.high:
+                raise PlanError(f"{where}{key} must be a number in [{self.low:g}, {self.high:g}]; got {value!r}")
+            return float(value)
+        if self.kind == "bool":
+            if not isinstance(value, bool):
+                raise PlanError(f"{where}{key} must be true or false; got {value!r}")
+            return value
+        if self.kind == "shape":
+            if not (isinstance(value, (list, tuple)) and value
+                    and all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in value)):
+                raise PlanError(f"{where}{key} must be a list of positive integers; got {value!r}")
+            return tuple(int(x) for x in value)
+        raise PlanError(f"{where}{key}: option kind {self.kind!r} is not one of int, float, bool, shape")
+
+
+_RANK_TEXT_SPLIT = re.compile(r"\s*[×xX,\-\s]\s*")
+
+
 class Method(abc.ABC):
-    """One decomposition method. Subclasses are stateless; register one instance each."""
+    """One decomposition method. Subclasses are stateless; the registry holds one instance each."""
 
     name: ClassVar[str]
     #: layer kinds this method handles ("linear", "conv2d")
     kinds: ClassVar[tuple[str, ...]]
-    #: whether a rank is a single int or a tuple (documented per method)
+    #: one line for lists and tooltips
     description: ClassVar[str] = ""
     #: what docs/benchmarks.md measured about this form's CPU latency, where it is not a speed-up
     speed_note: ClassVar[str] = ""
+    #: option keys a plan entry may carry, and their checks
+    option_specs: ClassVar[Mapping[str, Option]] = {}
+    #: a cheap error-versus-cost curve over all ranks (``tradeoff``): the planner and presets use it
+    error_curve: ClassVar[bool] = False
+    #: ``cheap_error`` is the error of exactly what ``factorize`` builds (no need to measure)
+    cheap_error_is_exact: ClassVar[bool] = False
+    #: refits per rank (iterative): previews are memoised and shown pending, work is capped
+    slow: ClassVar[bool] = False
+    #: calibration statistics change its factors (data-aware)
+    uses_data: ClassVar[bool] = False
+    #: the string that separates the integers of a multi-axis rank in text
+    rank_separator: ClassVar[str] = "-"
 
     # ---- what can be decomposed -------------------------------------------------------
     def unsupported_reason(self, geom: LayerGeometry) -> str | None:
@@ -150,6 +271,20 @@ class Method(abc.ABC):
         if geom.kind not in self.kinds:
             return f"method {self.name!r} handles {', '.join(self.kinds)} layers, not {geom.kind}"
         return None
+
+    # ---- options -----------------------------------------------------------------------
+    def check_options(self, options: Mapping[str, Any] | None, where: str = "") -> dict[str, Any]:
+        """Options in canonical form; PlanError for an unknown key or a bad value.
+
+        ``where`` prefixes messages (e.g. ``"layer 'fc1': "``).
+        """
+        options = dict(options or {})
+        unknown = set(options) - set(self.option_specs)
+        if unknown:
+            allowed = sorted(set(self.option_specs) | {"method", "rank"})
+            raise PlanError(f"{where}unknown key(s) {sorted(unknown, key=repr)} for method {self.name!r}; "
+                            f"allowed: {allowed}")
+        return {k: self.option_specs[k].check(k, v, where) for k, v in options.items()}
 
     # ---- ranks -----------------------------------------------------------------------
     @abc.abstractmethod
@@ -163,6 +298,88 @@ class Method(abc.ABC):
         Raises :class:`RankError` naming the value and the valid range.
         """
 
+    def rank_axes(self, geom: LayerGeometry, options: Mapping[str, Any] | None = None) -> tuple[RankAxis, ...]:
+        """The integers a rank is made of, with their bounds and defaults (one slider each).
+
+        Default: one axis ``rank`` for an integer maximum, one per entry for a tuple.
+        """
+        mx = self.max_rank(geom, options)
+        if isinstance(mx, tuple):
+            return tuple(RankAxis(f"rank{k}", f"rank {k + 1}", 1, int(m), max(1, int(m) // 2))
+                         for k, m in enumerate(mx))
+        return (RankAxis("rank", "rank", 1, int(mx), max(1, int(mx) // 2)),)
+
+    def rank_from_axes(self, geom: LayerGeometry, values: Sequence[int], options: Mapping[str, Any] | None = None) -> Rank:
+        """The canonical rank for one value per axis (the inverse of :meth:`axis_values`)."""
+        values = [int(v) for v in values]
+        return self.resolve_rank(geom, values[0] if len(values) == 1 else tuple(values), options)
+
+    def axis_values(self, rank: Rank) -> tuple[int, ...]:
+        """One integer per rank axis, from a canonical rank."""
+        return tuple(int(r) for r in rank) if isinstance(rank, (tuple, list)) else (int(rank),)
+
+    def rank_text(self, rank: Rank) -> str:
+        """A canonical rank as people read it: ``"32"``, ``"16×8"``, ``"1-8-8-1"``."""
+        if rank is None:
+            return ""
+        if isinstance(rank, (tuple, list)):
+            return self.rank_separator.join(str(int(r)) for r in rank)
+        if isinstance(rank, float):
+            return f"{rank:g}"
+        return str(int(rank))
+
+    def rank_to_json(self, rank: Rank) -> Any:
+        """A canonical rank as a plan writes it: an int, a float fraction, or a list of ints."""
+        if isinstance(rank, (tuple, list)):
+            return [int(r) for r in rank]
+        return rank if isinstance(rank, float) else int(rank)
+
+    def rank_from_text(self, text: str) -> Any:
+        """Read what :meth:`rank_text` writes (also ``16x8``, ``16,8``, a fraction ``0.5``)."""
+        t = str(text).strip()
+        try:
+            if re.fullmatch(r"[0-9]*\.[0-9]+|[0-9]+\.[0-9]*", t):
+                return float(t)
+            parts = [p for p in _RANK_TEXT_SPLIT.split(t) if p]
+            ints = [int(p) for p in parts]
+        except ValueError:
+            ints = []
+        if not ints:
+            raise RankError(f"{self.name}: cannot read a rank from {text!r}; write e.g. "
+                            f"{self.rank_text(1)!r} or a fraction such as '0.5'")
+        return ints[0] if len(ints) == 1 else tuple(ints)
+
+    def suggest_rank(self, geom: LayerGeometry, pick: Callable[[str], int] | None = None,
+                     options: Mapping[str, Any] | None = None) -> Rank:
+        """A rank from a rule: each axis with an ``unfolding`` takes ``pick(unfolding)`` (an
+        energy or VBMF rank of that spectrum), clipped to its bounds; the others their default."""
+        values = [ax.clip(pick(ax.unfolding)) if (pick is not None and ax.unfolding) else ax.default
+                  for ax in self.rank_axes(geom, options)]
+        return self.rank_from_axes(geom, values, options)
+
+    def shrink_rank(self, geom: LayerGeometry, rank: Rank, options: Mapping[str, Any] | None = None) -> Rank | None:
+        """A smaller rank (every axis to 80%), or None when no axis can go lower."""
+        axes = self.rank_axes(geom, options)
+        values = self.axis_values(rank)
+        smaller = [max(ax.low, int(v * 0.8)) for ax, v in zip(axes, values)]
+        if list(smaller) == list(values):
+            return None
+        return self.rank_from_axes(geom, smaller, options)
+
+    def default_rank(self, geom: LayerGeometry, pick: Callable[[str], int] | None = None,
+                     options: Mapping[str, Any] | None = None) -> Rank:
+        """A sensible starting rank: :meth:`suggest_rank`, stepped down while the factorized
+        layer would not be smaller than the dense one (where a smaller rank exists)."""
+        r = self.suggest_rank(geom, pick, options)
+        for _ in range(64):
+            if self.count_params(geom, r, options) < geom.dense_params:
+                break
+            smaller = self.shrink_rank(geom, r, options)
+            if smaller is None:
+                break
+            r = smaller
+        return r
+
     # ---- cost without building -------------------------------------------------------
     @abc.abstractmethod
     def count_params(self, geom: LayerGeometry, rank: Rank, options: Mapping[str, Any] | None = None) -> int:
@@ -171,6 +388,29 @@ class Method(abc.ABC):
     @abc.abstractmethod
     def count_flops(self, geom: LayerGeometry, rank: Rank, options: Mapping[str, Any] | None = None) -> int | None:
         """FLOPs of one sample through the built module (None if the input size is unknown)."""
+
+    def work(self, geom: LayerGeometry, rank: Rank, options: Mapping[str, Any] | None = None) -> float | None:
+        """Fitting work of one factorization in "rank x weight entries" units, for methods whose
+        cost grows with the rank (``slow``); None when it is bounded by one SVD."""
+        return None
+
+    # ---- errors without factorizing -----------------------------------------------------
+    def tradeoff(self, layer: nn.Module, geom: LayerGeometry | None = None, stats: Any = None,
+                 name: str = "") -> Tradeoff | None:
+        """The error-versus-cost curve over all ranks from cached factors (``error_curve``
+        methods); None when each rank's error needs its own factorization."""
+        return None
+
+    def cheap_error(self, layer: nn.Module, rank: Rank, stats: Any = None,
+                    options: Mapping[str, Any] | None = None) -> float | None:
+        """The relative error at ``rank`` from cached factors (with ``stats``: of the output on
+        the calibration data), or None when it must be measured."""
+        return None
+
+    def heldout_errors(self, layer: nn.Module, fit: Any, check: Any) -> np.ndarray | None:
+        """Relative output error on ``check``'s data of factors fitted on ``fit``'s, at every
+        rank of the curve (None when the method cannot score held out)."""
+        return None
 
     # ---- factorize and build ---------------------------------------------------------
     @abc.abstractmethod
@@ -206,9 +446,9 @@ class Method(abc.ABC):
         """The dense weight the factors represent (same shape as ``layer.weight``).
 
         Used by live previews, which run the original architecture with this weight.
-        Default: probe the built module, which is exact but slow; methods override it.
+        Default: probe the built module (exact for any linear layer, slower than a contraction).
         """
-        raise NotImplementedError
+        return probe_dense(self.build(layer, factors), layer)[0].to(layer.weight.dtype)
 
     def decompose(
         self,
@@ -230,35 +470,14 @@ class Method(abc.ABC):
         factors = self.factorize(layer, canon, options, stats=stats, refine=refine)
         return self.build(layer, factors)
 
+    def describe(self) -> dict[str, Any]:
+        """What the method declares, for listings (CLI, explorer tooltips)."""
+        return {"name": self.name, "kinds": list(self.kinds), "description": self.description,
+                "options": sorted(self.option_specs), "error_curve": self.error_curve, "slow": self.slow,
+                "uses_data": self.uses_data, "speed_note": self.speed_note}
+
 
 # ---- helpers shared by the methods -------------------------------------------------------
-
-
-def _all_finite(t: torch.Tensor) -> bool:
-    return bool(torch.isfinite(t.detach()).all())
-
-
-def check_finite(layer: nn.Module, name: str = "") -> None:
-    """Refuse NaN/Inf weights before any factorization (LAPACK can hang on them).
-
-    Memoised per parameter while it is unchanged: the explorer asks on every slider move.
-    """
-    from .._cache import finite_memo
-
-    for pname, p in layer.named_parameters(recurse=False):
-        if not finite_memo.get(p, _all_finite):
-            bad = int((~torch.isfinite(p)).sum())
-            where = f"layer {name!r} " if name else ""
-            raise NonFiniteWeightError(
-                f"{where}{pname} holds {bad} NaN/Inf value(s) of {p.numel()}; "
-                "factorizing it would fail or produce garbage. Fix the checkpoint (or the "
-                "training run that produced it) before compressing."
-            )
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Factorize in float64 for float64 weights, float32 otherwise (half types lack LAPACK)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def resolve_int_rank(method: str, geom: LayerGeometry, rank: Any, max_rank: int, what: str = "rank") -> int:
@@ -301,33 +520,3 @@ def warn_if_past_break_even(method: Method, geom: LayerGeometry, rank: Rank, opt
 
 def as_pair(v: Any) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else tuple(v)  # type: ignore[return-value]
-
-
-# ---- registry ----------------------------------------------------------------------------
-
-_REGISTRY: dict[str, Method] = {}
-
-
-def register_method(cls: type[Method]) -> type[Method]:
-    """Class decorator: put one instance of a method in the registry under ``cls.name``."""
-    _REGISTRY[cls.name] = cls()
-    return cls
-
-
-def get_method(name: str) -> Method:
-    try:
-        return _REGISTRY[name]
-    except (KeyError, TypeError):
-        raise PlanError(
-            f"unknown method {name!r}; available methods: {', '.join(sorted(_REGISTRY))}"
-        ) from None
-
-
-def available_methods() -> list[str]:
-    return sorted(_REGISTRY)
-
-
-def methods_for(geom: LayerGeometry) -> list[str]:
-    """Names of the methods that can decompose a layer of this geometry."""
-    return [n for n, m in sorted(_REGISTRY.items()) if m.unsupported_reason(geom) is None]
-

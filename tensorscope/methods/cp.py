@@ -30,7 +30,8 @@ from torch import nn
 from .. import linalg
 from ..errors import DecompositionError
 from ..layers import FactorizedLayer
-from .base import Factors, LayerGeometry, Method, check_finite, register_method, resolve_int_rank
+from .base import Factors, LayerGeometry, Method, Option, RankAxis, check_finite, resolve_int_rank
+from .registry import register_method
 
 DEFAULT_ITERS = 100
 PREVIEW_ITERS = 25
@@ -78,6 +79,22 @@ class CP(Method):
                   "at 4x fewer parameters (docs/benchmarks.md): fewer parameters, not a speed-up")
     kinds = ("conv2d",)
     description = "CP: 1x1, depthwise kx1, depthwise 1xk, 1x1; rank R"
+    option_specs = {
+        "iters": Option("int", 0, 10_000, f"CP-ALS iterations (default {DEFAULT_ITERS}; previews {PREVIEW_ITERS})"),
+        "seed": Option("int", 0, 10_000, "seed of the ALS initialisation"),
+    }
+    slow = True
+    uses_data = True
+
+    def rank_axes(self, geom: LayerGeometry, options=None) -> tuple[RankAxis, ...]:
+        mx = self.max_rank(geom)
+        # the out unfolding's energy rank is a fair first guess for R; it does not cut that spectrum
+        return (RankAxis("rank", "rank R", 1, mx, max(1, min(mx, geom.out_features // geom.groups // 4)),
+                         unfolding="out", help="rank-one components: the width of the two depthwise convs"),)
+
+    def work(self, geom: LayerGeometry, rank: int, options=None) -> float:
+        """CP-ALS costs about rank x weight entries per iteration."""
+        return float(rank) * (geom.dense_params - (geom.out_features if geom.bias else 0))
 
     def max_rank(self, geom: LayerGeometry, options=None) -> int:
         g = geom.groups
@@ -118,15 +135,13 @@ class CP(Method):
         whitened by the channel moment, and CP of the plain kernel, each with the last 1x1
         conv refit by least squares against the layer's outputs; the better one wins (the
         channel whitening ignores spatial correlations and can lose to the plain kernel)."""
-        from ..calibration import refit_output
-
         best, best_err = None, math.inf
         for whiten in (True, False):
             f = self._factorize(layer, rank, options, stats if whiten else None, refine)
             t = f.tensors
             g = t["a_in"].shape[0]
             inner = torch.einsum("gir,gyr,gxr->griyx", *(t[k].to(torch.float64) for k in ("a_in", "a_h", "a_w")))
-            a_out, err = refit_output(layer, stats, inner.reshape(g, rank, -1))
+            a_out, err = linalg.refit_output(layer, stats, inner.reshape(g, rank, -1))
             if err < best_err:
                 best_err = err
                 best = Factors("cp", rank, {**t, "a_out": a_out.to(t["a_out"].dtype)})

@@ -37,21 +37,23 @@ from torch import nn
 
 from .. import linalg
 from ..errors import DecompositionError, PlanError, RankError
-
-
-class DataIgnoredWarning(UserWarning):
-    """Calibration data was given to a method that cannot use it."""
 from ..layers import FactorizedLayer
 from ..tt_layers import TTConv2d, TTLinear, tt_conv_flops, tt_sweep_direction, tt_sweep_flops
 from .base import (
     Factors,
     LayerGeometry,
     Method,
+    Option,
+    RankAxis,
     check_finite,
     compute_dtype,
-    register_method,
     resolve_int_rank,
 )
+from .registry import register_method
+
+
+class DataIgnoredWarning(UserWarning):
+    """Calibration data was given to a method that cannot use it."""
 
 __all__ = ["TT", "tt_shapes", "tt_svd", "default_tt_order"]
 
@@ -290,6 +292,29 @@ class TT(Method):
     name = "tt"
     kinds = ("linear", "conv2d")
     description = "Tensor-Train: cores (r, m_k, n_k, r') contracted one GEMM at a time; rank is the list of bonds"
+    option_specs = {
+        "in_shape": Option("shape", help="factors of the input size (channels for a conv), one per core"),
+        "out_shape": Option("shape", help="factors of the output size, one per core"),
+    }
+    slow = True
+
+    def rank_axes(self, geom: LayerGeometry, options: Mapping[str, Any] | None = None) -> tuple[RankAxis, ...]:
+        """One axis per inner bond (the 1s at both ends are fixed); default bonds of at most 16
+        (TT pays off at small bonds; FLOPs grow with their product)."""
+        inner = self.max_rank(geom, options)[1:-1]
+        first = 1 if geom.kind == "conv2d" else 0
+        axes = []
+        for k, b in enumerate(inner, 1):
+            what = "spatial core to channel cores" if first and k == 1 else f"cores {k - first} and {k - first + 1}"
+            axes.append(RankAxis(f"bond{k}", f"TT bond {k}", 1, int(b), max(1, min(int(b) // 2, 16)),
+                                 help=f"the bond between {what}"))
+        return tuple(axes)
+
+    def rank_from_axes(self, geom: LayerGeometry, values, options=None) -> tuple[int, ...]:
+        return self.resolve_rank(geom, (1, *(int(v) for v in values), 1), options)
+
+    def axis_values(self, rank) -> tuple[int, ...]:
+        return tuple(int(r) for r in rank[1:-1])
 
     def unsupported_reason(self, geom: LayerGeometry) -> str | None:
         reason = super().unsupported_reason(geom)

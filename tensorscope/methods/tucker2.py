@@ -22,16 +22,18 @@ approximation of higher-order tensors", SIAM J. Matrix Anal. Appl. 2000 (HOOI).
 from __future__ import annotations
 
 import math
+from typing import Any
 
-from typing import Any, Mapping
-
+import numpy as np
 import torch
 from torch import nn
 
 from .. import linalg
+from .._cache import factor_cache, fingerprint
 from ..errors import RankError
 from ..layers import FactorizedLayer
-from .base import Factors, LayerGeometry, Method, check_finite, register_method, resolve_int_rank
+from .base import Factors, LayerGeometry, Method, Option, RankAxis, Tradeoff, check_finite, resolve_int_rank
+from .registry import register_method
 
 DEFAULT_SWEEPS = 1  # within 1% of full HOOI on random and trained kernels (FINDINGS.md), at a fraction of its cost
 
@@ -54,11 +56,91 @@ def hooi_sweeps(w: torch.Tensor, u_out: torch.Tensor, u_in: torch.Tensor, sweeps
     return u_out, u_in
 
 
+def tucker2_retained(layer: nn.Module) -> np.ndarray:
+    """Energy ``E[a, b]`` kept by the HOSVD truncation at ranks (a+1, b+1), all pairs at once.
+
+    The HOSVD core for every rank pair is a corner of one full core, so its energy is a 2-D
+    cumulative sum of the full core's squared entries: no factorization per rank.
+    """
+    key = (fingerprint(layer.weight), linalg.groups_of(layer), "tucker2-energy")
+
+    def compute():
+        e = linalg.hosvd_core(layer).pow(2).sum(dim=(0, 3, 4))
+        return e.cumsum(0).cumsum(1)
+
+    return factor_cache.get(key, compute).numpy()
+
+
+def whitened_tucker2(layer: nn.Conv2d, rank, stats, sweeps: int = 2) -> Factors:
+    """Tucker-2 of ``W`` with its input mode whitened by the channel second moment.
+
+    With ``M = W x_1 L^T`` factorized as ``U_out, core, Q``, the first 1x1 conv is
+    ``Q^T L^{-1}``: exact at full rank, and the input projection keeps what the data uses.
+    """
+    r_out, r_in = rank
+    w = linalg.grouped_weight(layer).to(torch.float64)
+    L = stats.whitener("channel")
+    m = torch.einsum("goikl,gij->gojkl", w, L)
+    g, o, i = m.shape[:3]
+    u_out = linalg.gram_eig(m.reshape(g, o, -1))[1][..., :r_out]
+    q = linalg.gram_eig(m.transpose(1, 2).reshape(g, i, -1))[1][..., :r_in]
+    u_out, q = hooi_sweeps(m, u_out, q, sweeps)
+    core = torch.einsum("goikl,goa,gib->gabkl", m, u_out, q)
+    u_in = torch.linalg.solve_triangular(L.transpose(-1, -2), q, upper=True)  # L^{-T} Q
+    return Factors("tucker2", (r_out, r_in), {"u_out": u_out, "core": core, "u_in": u_in})
+
+
 @register_method
 class Tucker2(Method):
     name = "tucker2"
     kinds = ("conv2d",)
     description = "Tucker-2: 1x1, kxk core, 1x1; rank [r_out, r_in]"
+    option_specs = {"sweeps": Option("int", 0, 10_000, "HOOI sweeps after the HOSVD (default 1)")}
+    error_curve = True
+    uses_data = True
+    rank_separator = "×"
+
+    def rank_axes(self, geom: LayerGeometry, options=None) -> tuple[RankAxis, ...]:
+        mo, mi = self.max_rank(geom)
+        return (
+            RankAxis("r_out", "rank r_out (output channels)", 1, mo, max(1, mo // 4), unfolding="out",
+                     truncates=True, help="channels of the core's output: the width of the last 1x1 conv's input"),
+            RankAxis("r_in", "rank r_in (input channels)", 1, mi, max(1, mi // 4), unfolding="in",
+                     truncates=True, help="channels of the core's input: the width of the first 1x1 conv's output"),
+        )
+
+    def tradeoff(self, layer: nn.Module, geom: LayerGeometry | None = None, stats=None, name: str = "") -> Tradeoff | None:
+        """Every rank pair's HOSVD error from one energy table (no curve with data: the
+        data-aware factors are refit per rank)."""
+        if stats is not None:
+            return None
+        geom = geom or LayerGeometry.of(layer)
+        e = tucker2_retained(layer)
+        total = float(linalg.grouped_weight(layer).to(torch.float64).pow(2).sum())
+        mo, mi = e.shape
+        a, b = np.meshgrid(np.arange(1, mo + 1), np.arange(1, mi + 1), indexing="ij")
+        a, b = a.reshape(-1), b.reshape(-1)
+        errs = np.sqrt(np.clip(1.0 - e.reshape(-1) / total, 0, None)) if total > 0 else np.zeros(a.size)
+        g, k = geom.groups, geom.khw
+        params = a * b * g * k + b * geom.in_features + a * geom.out_features + (geom.out_features if geom.bias else 0)
+        flops = None
+        if geom.dense_flops is not None:
+            p_in = geom.in_size[0] * geom.in_size[1]
+            p_out = geom.positions
+            flops = 2 * (p_in * b * geom.in_features + p_out * g * a * b * k + p_out * geom.out_features * a)
+        ranks = list(zip(a.tolist(), b.tolist()))
+        return Tradeoff(name, self.name, ranks, params, errs, flops, geom.dense_params, geom.dense_flops).pareto()
+
+    def cheap_error(self, layer: nn.Module, rank, stats=None, options=None) -> float | None:
+        """The HOSVD truncation's error from the energy table (refined factors do a little better)."""
+        if stats is not None:
+            return None
+        e = tucker2_retained(layer)
+        total = float(e[-1, -1])  # the full core holds all of ||W||^2 (orthonormal bases)
+        if total <= 0:
+            return 0.0
+        kept = float(e[rank[0] - 1, rank[1] - 1])
+        return math.sqrt(max(0.0, 1.0 - kept / total))
 
     def max_rank(self, geom: LayerGeometry, options=None) -> tuple[int, int]:
         return (geom.out_features // geom.groups, geom.in_features // geom.groups)
@@ -122,8 +204,6 @@ class Tucker2(Method):
         is the plain projection with a refit output factor that reconstructs outputs best;
         choosing by the measured error means data never makes a layer worse on that data.
         """
-        from ..calibration import refit_output, whitened_tucker2
-
         sweeps = int(opts.get("sweeps", DEFAULT_SWEEPS)) if refine else 0
         candidates = [whitened_tucker2(layer, rank, stats, sweeps=sweeps),
                       self.factorize(layer, rank, opts, refine=refine)]
@@ -132,7 +212,7 @@ class Tucker2(Method):
             t = f.tensors
             g = t["core"].shape[0]
             inner = torch.einsum("gabkl,gib->gaikl", t["core"].to(torch.float64), t["u_in"].to(torch.float64))
-            u_out, err = refit_output(layer, stats, inner.reshape(g, rank[0], -1))
+            u_out, err = linalg.refit_output(layer, stats, inner.reshape(g, rank[0], -1))
             if err < best_err:
                 best_err = err
                 best = Factors("tucker2", tuple(rank), {"u_out": u_out, "core": t["core"], "u_in": t["u_in"]})
