@@ -38,11 +38,15 @@ from .ranks import energy_rank, evbmf, vbmf_rank, weakened_rank
 from .spectra import Spectrum, operator_spectrum, spectra, spectrum, tradeoff
 from .surgery import compress, fold_batchnorm, plan_of
 
+# export is imported here, not lazily: the function shares its name with its module, and
+# importing tensorscope.export first (tensorscope.checkpoint re-exports it) would otherwise
+# leave ts.export bound to the module instead of the function
+from .export import export
+
 # loaded on first use: they pull in heavier dependencies or are optional
 _LAZY = {
     "save": "checkpoint",
     "load": "checkpoint",
-    "export": "checkpoint",
     "load_model": "checkpoint",
     "describe": "checkpoint",
     "finetune": "recovery",

@@ -19,6 +19,8 @@ from __future__ import annotations
 import io
 import itertools
 import os
+import stat
+import zipfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,7 +28,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .errors import DataError
+from . import file_limits
+from .errors import CheckpointError, DataError, FileTooLargeError
 
 __all__ = [
     "Batch",
@@ -331,16 +334,10 @@ def load_data_file(path: str | os.PathLike, *, batch_size: int = 256, max_bytes:
     Refuses a file over the size limit (``TENSORSCOPE_MAX_FILE_BYTES``, default 4 GiB) and
     a zip whose entries declare more than that once unpacked, before reading it.
     """
-    import stat
-    import zipfile
-
-    from .checkpoint import _check_zip, _limit_hint, _max_bytes
-    from .errors import CheckpointError, FileTooLargeError
-
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise DataError(f"batch_size must be a positive integer; got {batch_size!r}")
     path = os.fspath(path)
-    limit = _max_bytes(max_bytes)
+    limit = file_limits.max_bytes(max_bytes)
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -348,10 +345,10 @@ def load_data_file(path: str | os.PathLike, *, batch_size: int = 256, max_bytes:
     if not stat.S_ISREG(st.st_mode):
         raise DataError(f"{path!r} is not a regular file (a folder, device or pipe?)")
     if st.st_size > limit:
-        raise FileTooLargeError(f"data file {path!r} is {st.st_size:,} bytes; {_limit_hint(limit)}")
+        raise FileTooLargeError(f"data file {path!r} is {st.st_size:,} bytes; {file_limits.limit_hint(limit)}")
     if zipfile.is_zipfile(path):
         try:
-            _check_zip(path, limit)  # a zip bomb is refused by its declared sizes
+            file_limits.check_zip(path, limit)  # a zip bomb is refused by its declared sizes
         except FileTooLargeError:
             raise
         except CheckpointError as e:

@@ -754,7 +754,7 @@ def test_failed_save_leaves_nothing_and_keeps_existing(tmp_path, good, x, compre
             f.write(b"\x00" * 100)
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(ckpt, "_st_save_file", half_write)
+    monkeypatch.setattr(ckpt.format, "_st_save_file", half_write)
     with pytest.raises(OSError, match="No space"):
         save(compressed["svd"], target)
     with pytest.raises(OSError):
