@@ -1,6 +1,7 @@
 """``tensorscope``: inspect, plan, compress and export from the shell (scripts and CI).
 
     tensorscope examples
+    tensorscope methods
     tensorscope inspect lenet5
     tensorscope spectra model.safetensors --arch mypkg.nets:resnet --plot spectra.png
     tensorscope compress lenet5 --keep 0.25 [--by flops] [--data calib.pt --finetune 200] -o small.pt
@@ -29,7 +30,7 @@ from torch import nn
 
 from . import __version__
 from .errors import TensorscopeError
-from .units import format_count, text_table
+from .units import format_count, parse_shape, text_table
 
 EXIT_BAD_INPUT = 2
 
@@ -43,24 +44,13 @@ class _Loaded:
         self.example_input, self.test, self.calibration = example_input, test, calibration
 
 
-def _parse_shape(text: str | None) -> tuple[int, ...] | None:
-    if not text:
-        return None
-    try:
-        shape = tuple(int(p) for p in text.replace("x", ",").split(",") if p.strip())
-    except ValueError:
-        raise TensorscopeError(f"--input-shape must be integers like 1,28,28 (one sample, no batch); got {text!r}") from None
-    if not shape or any(d <= 0 for d in shape):
-        raise TensorscopeError(f"--input-shape must be positive integers like 1,28,28; got {text!r}")
-    return shape
-
-
 def _load(args: argparse.Namespace) -> _Loaded:
     from . import examples
     from .checkpoint import load_model
 
     spec = args.model
-    shape = _parse_shape(getattr(args, "input_shape", None))  # checked before any loading
+    text = getattr(args, "input_shape", None)
+    shape = parse_shape(text, "--input-shape") if text else None  # checked before any loading
     if spec in examples.list_examples() and not os.path.exists(spec):
         ex = examples.load_example(spec, progress=not args.quiet)
         return _Loaded(ex.model, spec, ex.example_input(1), ex.test_loader(), ex.calibration())
@@ -103,6 +93,18 @@ def _rank_text(rank: Any) -> str:
 
 
 # ---- commands -----------------------------------------------------------------------------
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from .methods import available_methods, get_method
+
+    rows = []
+    for n in available_methods():
+        d = get_method(n).describe()
+        flags = [f for f, on in (("budget", d["error_curve"]), ("data-aware", d["uses_data"]), ("slow", d["slow"])) if on]
+        rows.append([n, ", ".join(d["kinds"]), ", ".join(d["options"]) or "-", ", ".join(flags) or "-", d["description"]])
+    print(text_table(rows, ["method", "layers", "options", "traits", "what it builds"], "lllll"))
+    return 0
 
 
 def cmd_examples(args: argparse.Namespace) -> int:
@@ -204,7 +206,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         plan = Plan.load(args.plan)
         plan.validate(model)  # every error before any work
     else:
-        plan = plan_for_budget(model, args.keep, by=args.by, methods=args.methods.split(","), data=data,
+        plan = plan_for_budget(model, args.keep, by=args.by, methods=args.methods if args.methods == "auto" else args.methods.split(","), data=data,
                                example_input=example, progress=not args.quiet)
     small = compress(model, plan, data=data, fold_bn=args.fold_bn, progress=not args.quiet)
     if args.finetune:
@@ -288,6 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("examples", help="list the built-in example networks")
     p.set_defaults(func=cmd_examples)
 
+    p = sub.add_parser("methods", help="list the decomposition methods, plugins included")
+    p.set_defaults(func=cmd_methods)
+
     p = sub.add_parser("inspect", help="the decomposable layers: shapes, params, FLOPs, max ranks")
     _model_args(p)
     p.add_argument("--json", action="store_true")
@@ -307,7 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", help="a plan JSON file")
     p.add_argument("--keep", type=float, help="keep this fraction of the parameters (or FLOPs with --by flops)")
     p.add_argument("--by", choices=["params", "flops"], default="params")
-    p.add_argument("--methods", default="svd,tucker2", help="methods the budget planner may use (comma-separated)")
+    p.add_argument("--methods", default="auto",
+                   help="methods the budget planner may use, comma-separated (default: all with a cheap error curve)")
     p.add_argument("--data", help="calibration data (.pt/.npz): data-aware factors and budget")
     p.add_argument("--eval", help="evaluation data (.pt/.npz); default: a built-in example's test split")
     p.add_argument("--batch-size", type=int, default=256)

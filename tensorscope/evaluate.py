@@ -18,7 +18,7 @@ from .data import iter_batches, output_tensor, split_batch
 from .errors import DataError
 from .progress import Progress, ProgressArg
 
-__all__ = ["evaluate", "predict", "IGNORE_INDEX"]
+__all__ = ["evaluate", "predict", "metrics", "RunningMetrics", "IGNORE_INDEX"]
 
 IGNORE_INDEX = -100  # targets equal to this are skipped, as in Hugging Face and F.cross_entropy
 
@@ -86,6 +86,114 @@ def _class_targets(out: Tensor, target: Tensor) -> bool:
     )
 
 
+class RunningMetrics:
+    """Running sums of every quality metric, updated one batch of outputs at a time.
+
+    The one place tensorscope turns outputs into numbers: :func:`evaluate` feeds it batch by
+    batch, :func:`metrics` all at once, and the explorer's live preview through
+    :func:`metrics`, so the three always agree. See :func:`evaluate` for the keys.
+    """
+
+    def __init__(self) -> None:
+        self.samples = 0
+        self.correct = 0
+        self.counted = 0  # target positions not ignored
+        self.loss_sum = 0.0
+        self.sq_err = 0.0  # for mse
+        self.sq_n = 0
+        self.agree = 0
+        self.agree_n = 0
+        self.diff_sq = 0.0
+        self.ref_sq = 0.0
+        self.cos_sum = 0.0
+        self.seen_target = False
+        self.seen_reference = False
+
+    def update(self, out: Tensor, target: Tensor | None = None, reference: Tensor | None = None,
+               size: int | None = None) -> None:
+        """Add one batch: the model's outputs, its targets and/or the reference's outputs.
+
+        ``size`` is the number of samples in the batch (default: ``out.shape[0]``).
+        """
+        n = int(size) if size is not None else (int(out.shape[0]) if out.dim() >= 1 else 1)
+        self.samples += n
+        if target is not None:
+            self.seen_target = True
+            t = target.to(out.device)
+            if _class_targets(out, t):
+                mask = t != IGNORE_INDEX
+                pred = out.argmax(dim=-1)
+                self.correct += int((pred == t)[mask].sum())
+                self.counted += int(mask.sum())
+                logits = out.reshape(-1, out.shape[-1]).float()
+                self.loss_sum += float(
+                    F.cross_entropy(logits, t.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+                )
+            elif t.is_floating_point() and tuple(t.shape) == tuple(out.shape):
+                self.sq_err += float(((out.double() - t.double()) ** 2).sum())
+                self.sq_n += out.numel()
+            else:
+                raise DataError(
+                    f"targets of shape {tuple(t.shape)} and dtype {t.dtype} do not fit the "
+                    f"model's output of shape {tuple(out.shape)}: expected integer class "
+                    f"indices of shape {tuple(out.shape[:-1])} (classes along the last "
+                    f"dim, {IGNORE_INDEX} ignored) or float targets of the output's shape"
+                )
+        if reference is not None:
+            self.seen_reference = True
+            y_ref = reference.to(out.device)
+            if y_ref.shape != out.shape:
+                raise DataError(
+                    f"model and reference give outputs of different shapes on the same "
+                    f"batch: {tuple(out.shape)} and {tuple(y_ref.shape)}"
+                )
+            if out.dim() >= 2 and out.shape[-1] > 0:
+                self.agree += int((out.argmax(dim=-1) == y_ref.argmax(dim=-1)).sum())
+                self.agree_n += out.numel() // out.shape[-1]
+            y, r = out.double(), y_ref.double()
+            self.diff_sq += float(((y - r) ** 2).sum())
+            self.ref_sq += float((r**2).sum())
+            if out.dim() >= 1 and out.shape[0] == n and n > 0:
+                self.cos_sum += float(
+                    F.cosine_similarity(y.reshape(n, -1), r.reshape(n, -1), dim=1, eps=1e-12).sum()
+                )
+            else:
+                self.cos_sum += float(F.cosine_similarity(y.reshape(1, -1), r.reshape(1, -1), eps=1e-12)) * n
+
+    def result(self) -> dict[str, float | int]:
+        result: dict[str, float | int] = {"samples": self.samples}
+        if self.seen_target:
+            if self.counted:
+                result["accuracy"] = self.correct / self.counted
+                result["loss"] = self.loss_sum / self.counted
+            if self.sq_n:
+                result["mse"] = self.sq_err / self.sq_n
+        if self.seen_reference:
+            if self.agree_n:
+                result["agreement"] = self.agree / self.agree_n
+            if self.ref_sq > 0:
+                result["relative_error"] = math.sqrt(self.diff_sq) / math.sqrt(self.ref_sq)
+            else:
+                result["relative_error"] = 0.0 if self.diff_sq == 0 else float("inf")
+            result["cosine"] = self.cos_sum / max(self.samples, 1)
+        return result
+
+
+def metrics(outputs: Tensor, targets: Tensor | None = None, reference: Tensor | None = None) -> dict[str, float | int]:
+    """Quality numbers of a model's ``outputs`` (all samples at once), as :func:`evaluate` gives them.
+
+    ``targets``: integer class indices of shape ``outputs.shape[:-1]`` (``(N,)`` for ``(N, C)``
+    logits, ``(N, T)`` for ``(N, T, C)`` sequence logits; :data:`IGNORE_INDEX` positions are
+    left out of ``accuracy`` and ``loss``), or float targets of the outputs' own shape
+    (regression: ``mse``, no accuracy). ``reference``: the reference model's outputs on the
+    same inputs (``agreement`` of top-1 predictions along the last dim, ``relative_error``,
+    ``cosine``; embeddings and other outputs that are not logits get the last two).
+    """
+    sums = RunningMetrics()
+    sums.update(outputs, targets, reference)
+    return sums.result()
+
+
 def evaluate(
     model: nn.Module,
     data: Any,
@@ -138,19 +246,7 @@ def evaluate(
     dev = torch.device(device) if device is not None else _device_of(model)
     ref_dev = _device_of(reference) if reference is not None else None
 
-    samples = 0
-    correct = 0
-    counted = 0  # target positions not ignored
-    loss_sum = 0.0
-    sq_err = 0.0  # for mse
-    sq_n = 0
-    agree = 0
-    agree_n = 0
-    diff_sq = 0.0
-    ref_sq = 0.0
-    cos_sum = 0.0
-    seen_target = False
-
+    sums = RunningMetrics()
     batches = _progress(iter_batches(data, max_batches), data, max_batches, progress, "evaluate")
     with torch.no_grad(), _eval_mode(model, reference):
         for i, raw in enumerate(batches):
@@ -161,72 +257,13 @@ def evaluate(
                     "batches carry no targets (give (inputs, targets) batches) and no "
                     "reference= was passed (give the original model to compare with)"
                 )
-            n = b.size
-            samples += n
             out = output_tensor(b.to(dev).call(model))
+            y_ref = output_tensor(b.to(ref_dev).call(reference)) if reference is not None else None
+            sums.update(out, b.target, y_ref, size=b.size)
 
-            if b.target is not None:
-                seen_target = True
-                t = b.target.to(out.device)
-                if _class_targets(out, t):
-                    mask = t != IGNORE_INDEX
-                    pred = out.argmax(dim=-1)
-                    correct += int((pred == t)[mask].sum())
-                    counted += int(mask.sum())
-                    logits = out.reshape(-1, out.shape[-1]).float()
-                    loss_sum += float(
-                        F.cross_entropy(logits, t.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
-                    )
-                elif t.is_floating_point() and tuple(t.shape) == tuple(out.shape):
-                    sq_err += float(((out.double() - t.double()) ** 2).sum())
-                    sq_n += out.numel()
-                else:
-                    raise DataError(
-                        f"targets of shape {tuple(t.shape)} and dtype {t.dtype} do not fit the "
-                        f"model's output of shape {tuple(out.shape)}: expected integer class "
-                        f"indices of shape {tuple(out.shape[:-1])} (classes along the last "
-                        f"dim, {IGNORE_INDEX} ignored) or float targets of the output's shape"
-                    )
-
-            if reference is not None:
-                y_ref = output_tensor(b.to(ref_dev).call(reference)).to(out.device)
-                if y_ref.shape != out.shape:
-                    raise DataError(
-                        f"model and reference give outputs of different shapes on the same "
-                        f"batch: {tuple(out.shape)} and {tuple(y_ref.shape)}"
-                    )
-                if out.dim() >= 2 and out.shape[-1] > 0:
-                    agree += int((out.argmax(dim=-1) == y_ref.argmax(dim=-1)).sum())
-                    agree_n += out.numel() // out.shape[-1]
-                y, r = out.double(), y_ref.double()
-                diff_sq += float(((y - r) ** 2).sum())
-                ref_sq += float((r**2).sum())
-                if out.dim() >= 1 and out.shape[0] == n and n > 0:
-                    cos_sum += float(
-                        F.cosine_similarity(y.reshape(n, -1), r.reshape(n, -1), dim=1, eps=1e-12).sum()
-                    )
-                else:
-                    cos_sum += float(F.cosine_similarity(y.reshape(1, -1), r.reshape(1, -1), eps=1e-12)) * n
-
-    if samples == 0:
+    if sums.samples == 0:
         raise DataError("data gave no batches (or only empty ones): nothing to evaluate")
-
-    result: dict[str, float | int] = {"samples": samples}
-    if seen_target:
-        if counted:
-            result["accuracy"] = correct / counted
-            result["loss"] = loss_sum / counted
-        if sq_n:
-            result["mse"] = sq_err / sq_n
-    if reference is not None:
-        if agree_n:
-            result["agreement"] = agree / agree_n
-        if ref_sq > 0:
-            result["relative_error"] = math.sqrt(diff_sq) / math.sqrt(ref_sq)
-        else:
-            result["relative_error"] = 0.0 if diff_sq == 0 else float("inf")
-        result["cosine"] = cos_sum / samples
-    return result
+    return sums.result()
 
 
 def predict(

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import forward, iter_batches, output_tensor, split_batch
+from .densify import dense_weight  # the one implementation (probing); re-exported here
 from .errors import DataError
 from .layers import FactorizedLayer
 from .progress import Progress
@@ -249,43 +250,6 @@ def refine_layerwise(
 # ---- iterative compression ----------------------------------------------------------------
 
 
-def dense_weight(chain: FactorizedLayer, source: nn.Module) -> torch.Tensor:
-    """The dense weight a factorized chain computes, found by probing it with unit inputs.
-
-    A Linear chain applied to the identity gives ``W^T`` (plus bias); a conv chain with
-    stride, padding and dilation neutralised, applied to one-hot kh x kw patches, gives
-    each kernel entry. Works for every method, including fine-tuned factors.
-    """
-    probe = copy.deepcopy(chain).eval()
-    w = source.weight
-    with torch.no_grad():
-        if isinstance(source, nn.Linear):
-            eye = torch.eye(source.in_features, dtype=w.dtype, device=w.device)
-            out = probe(eye)
-            if source.bias is not None:
-                out = out - probe(torch.zeros_like(eye[:1]))
-            return out.t().contiguous()
-        for m in probe.modules():
-            for attr, neutral in (("stride", (1, 1)), ("dilation", (1, 1)), ("padding", (0, 0))):
-                if hasattr(m, attr) and isinstance(getattr(m, attr), (tuple, str)):
-                    setattr(m, attr, neutral)
-            if hasattr(m, "padding_mode"):
-                m.padding_mode = "zeros"
-            if hasattr(m, "_reversed_padding_repeated_twice"):
-                m._reversed_padding_repeated_twice = [0, 0, 0, 0]
-        g = source.groups
-        cin, (kh, kw) = source.in_channels, source.kernel_size
-        n = cin * kh * kw
-        basis = torch.eye(n, dtype=w.dtype, device=w.device).reshape(n, cin, kh, kw)
-        out = probe(basis)[:, :, 0, 0]  # (n, O)
-        if source.bias is not None:
-            out = out - probe(torch.zeros_like(basis[:1]))[:, :, 0, 0]
-        full = out.t().reshape(source.out_channels, cin, kh, kw)  # response to every input channel
-        o_per, i_per = source.out_channels // g, cin // g
-        blocks = [full[j * o_per:(j + 1) * o_per, j * i_per:(j + 1) * i_per] for j in range(g)]
-        return torch.cat(blocks, 0)
-
-
 def densify(compressed: nn.Module, original: nn.Module) -> nn.Module:
     """The original architecture carrying the weights the compressed model computes."""
     dense = copy.deepcopy(original)
@@ -316,7 +280,7 @@ def iterative(
     keep: float,
     steps: int = 3,
     finetune_steps: int = 100,
-    methods: Sequence[str] = ("svd", "tucker2"),
+    methods: Sequence[str] | str = "auto",
     data_aware: bool = True,
     val_data: Any = None,
     lr: float | None = None,

@@ -14,6 +14,7 @@ import torch
 
 import tensorscope as ts
 from tensorscope.cli import EXIT_BAD_INPUT, main
+from tensorscope.units import parse_shape
 
 import archs
 
@@ -111,6 +112,23 @@ def test_user_state_dict_with_an_architecture(capsys, tmp_path):
     # without --arch: told what to pass
     rc, _, err = run(capsys, "inspect", str(tmp_path / "w.pt"), "-q")
     assert rc == EXIT_BAD_INPUT and "--arch" not in err and "arch=" in err
+
+
+def test_one_shape_parser_for_the_cli_and_the_explorer():
+    for text in ("3,32,32", "3x32x32", " (3, 32, 32) ", "[3,32,32]", "3,32,32,"):
+        assert parse_shape(text) == (3, 32, 32)
+    for bad, words in (("", "empty"), ("()", "empty"), ("3,a", "integers"), ("1,-2", "positive"), ("0", "positive")):
+        with pytest.raises(ts.DataError, match=words):
+            parse_shape(bad, "--input-shape")
+    with pytest.raises(ts.DataError, match="at most"):
+        parse_shape("1000,1000,1000", max_numel=10_000_000)
+    # the explorer's input-shape field reads it too
+    from tensorscope.explorer import ExplorerState
+
+    s = ExplorerState()
+    s.input_shape = "1,a"
+    assert not s.use_eval("none") and "integers" in s.error
+    s.close()
 
 
 @pytest.mark.parametrize("case", ["random_bytes", "empty", "bad_plan", "unreachable_keep", "missing_file",

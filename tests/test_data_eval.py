@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from types import SimpleNamespace
 
@@ -14,7 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from tensorscope.data import Batch, forward, iter_batches, num_samples, output_tensor, split_batch
 from tensorscope.errors import DataError, TensorscopeError
-from tensorscope.evaluate import evaluate, predict
+from tensorscope.evaluate import evaluate, metrics, predict
 
 X = torch.arange(12.0).reshape(4, 3)
 Y = torch.tensor([0, 1, 1, 0])
@@ -321,3 +322,127 @@ def test_predict_concatenates():
         assert_close(out, net(x))
     with pytest.raises(DataError, match="no batches"):
         predict(net, [])
+
+
+# --------------------------------------------------------------------------- one metrics function
+
+
+def test_metrics_of_outputs_match_evaluate():
+    # logits with -100 labels, sequence logits, float targets, embeddings against a reference
+    torch.manual_seed(0)
+    logits = torch.randn(12, 5)
+    labels = torch.randint(0, 5, (12,))
+    labels[::4] = -100
+    ref = logits + 0.3 * torch.randn(12, 5)
+    r = metrics(logits, labels, ref)
+    assert r == pytest.approx(evaluate(Fixed(logits), [(torch.arange(12), labels)], reference=Fixed(ref)))
+    kept = labels != -100
+    assert r["accuracy"] == pytest.approx(float((logits.argmax(-1) == labels)[kept].float().mean()))
+    assert r["loss"] == pytest.approx(F.cross_entropy(logits[kept], labels[kept]).item(), rel=1e-6)
+    seq, seq_labels = torch.randn(3, 4, 6), torch.randint(0, 6, (3, 4))
+    seq_labels[:, -1] = -100
+    r = metrics(seq, seq_labels)
+    assert r["samples"] == 3 and r["accuracy"] == pytest.approx(
+        float((seq.argmax(-1) == seq_labels)[seq_labels != -100].float().mean()))
+    emb = torch.randn(8, 16)
+    r = metrics(emb, reference=emb * 2)
+    assert r["relative_error"] == pytest.approx(0.5) and r["cosine"] == pytest.approx(1.0)
+    assert "accuracy" not in r and "loss" not in r
+    r = metrics(emb, targets=emb + 1.0)
+    assert r["mse"] == pytest.approx(1.0) and "accuracy" not in r
+    assert metrics(emb) == {"samples": 8}
+
+
+def _live_and_evaluate(model, perturbed, layer, x, y, chunk):
+    """The explorer's live preview of ``perturbed``'s ``layer`` weight next to ``ts.evaluate``."""
+    from tensorscope.explorer import _EvalData, _Evaluator
+
+    ev = _Evaluator(model, _EvalData(x, y, "test", "held-out"), chunk=chunk)
+    base = ev.baseline()
+    ev.install({layer: ("perturbed", perturbed.get_submodule(layer).weight.detach().clone())})
+    live = ev.run({layer}, layer, lambda: False)
+    data = DataLoader(TensorDataset(x, y), batch_size=chunk + 3)  # batching differs from the preview's
+    return base, live, evaluate(model, data, reference=model), evaluate(perturbed, data, reference=model)
+
+
+def _assert_same(live, offline):
+    for key in ("samples", "accuracy", "loss", "agreement", "relative_error", "cosine"):
+        assert key in live and key in offline, key
+        assert live[key] == pytest.approx(offline[key], rel=1e-5, abs=1e-7), key
+
+
+def test_live_preview_equals_evaluate_with_ignored_targets():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 5)).eval()
+    perturbed = copy.deepcopy(model)
+    with torch.no_grad():
+        perturbed[2].weight.add_(0.5 * torch.randn_like(perturbed[2].weight))
+    x, y = _data(60)
+    y[::3] = -100  # a third of the samples carry no label: out of accuracy and loss
+    base, live, base_off, off = _live_and_evaluate(model, perturbed, "2", x, y, chunk=16)
+    _assert_same(base, base_off)
+    _assert_same(live, off)
+    assert live["agreement"] < 1.0  # the perturbation shows
+    kept = y != -100
+    with torch.no_grad():
+        acc = float((perturbed(x).argmax(-1) == y)[kept].float().mean())
+    assert live["accuracy"] == pytest.approx(acc)
+
+
+def test_live_preview_equals_evaluate_on_sequence_outputs():
+    class Tagger(nn.Module):  # (N, T) token ids -> (N, T, C) logits
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(11, 8)
+            self.head = nn.Linear(8, 7)
+
+        def forward(self, ids):
+            return self.head(torch.relu(self.emb(ids)))
+
+    torch.manual_seed(1)
+    model = Tagger().eval()
+    perturbed = copy.deepcopy(model)
+    with torch.no_grad():
+        perturbed.head.weight.add_(0.5 * torch.randn_like(perturbed.head.weight))
+    g = torch.Generator().manual_seed(2)
+    x = torch.randint(0, 11, (30, 5), generator=g)
+    y = torch.randint(0, 7, (30, 5), generator=g)
+    y[:, -2:] = -100  # padding positions
+    base, live, base_off, off = _live_and_evaluate(model, perturbed, "head", x, y, chunk=8)
+    _assert_same(base, base_off)
+    _assert_same(live, off)
+    assert 0.0 < live["accuracy"] < 1.0
+
+
+def test_explorer_quality_equals_evaluate_of_the_previewed_weights():
+    """Through the state: sequence labels with -100 are accepted, and the quality shown is
+    ``ts.evaluate``'s number for the network the preview ran."""
+    from tensorscope.explorer import ExplorerState
+
+    class Tagger(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(11, 16)
+            self.hidden = nn.Linear(16, 16)
+            self.head = nn.Linear(16, 7)
+
+        def forward(self, ids):
+            return self.head(torch.relu(self.hidden(self.emb(ids))))
+
+    torch.manual_seed(3)
+    model = Tagger().eval()
+    g = torch.Generator().manual_seed(4)
+    x = torch.randint(0, 11, (40, 6), generator=g)
+    with torch.no_grad():
+        y = model(x).argmax(-1)
+    y[:, -2:] = -100
+    s = ExplorerState()
+    assert s.load_network(model, x, y, name="tagger"), s.error
+    assert s.quality["metric"] == "accuracy" and s.quality["plan"] == pytest.approx(1.0)
+    assert s.set_layer("hidden", "svd", 2), s.error
+    previewed = s._evaluator.model  # the original architecture with the plan's weights
+    off = evaluate(previewed, [(x, y)], reference=s.model)
+    assert s.quality["plan"] == pytest.approx(off["accuracy"]) and s.quality["plan"] < 1.0
+    assert s.quality["loss"] == pytest.approx(off["loss"], rel=1e-5)
+    assert s.quality["agreement"] == pytest.approx(off["agreement"])
+    s.close()

@@ -345,10 +345,10 @@ def test_corrupt_upload_sets_error_and_keeps_the_model(state):
 
 def test_upload_limits_and_hostile_inputs(state, monkeypatch):
     model = state.model
-    monkeypatch.setattr(X, "MAX_UPLOAD_MB", 0.001)
+    monkeypatch.setattr(X.limits, "MAX_UPLOAD_MB", 0.001)
     assert not state.load_upload(b"x" * 5000, "big.pt")
     assert "files over 0.001 MB are refused" in state.error
-    monkeypatch.setattr(X, "MAX_UPLOAD_MB", 50.0)
+    monkeypatch.setattr(X.limits, "MAX_UPLOAD_MB", 50.0)
     sd = _bytes_of(state.model.state_dict())
     # an architecture that does not import, or could do harm when called
     assert not state.load_upload(sd, "w.pt", arch="no_such_pkg.models:net")
@@ -526,8 +526,9 @@ def test_view_builds_and_follows_the_state(state):
     nn.Conv2d(6, 9, 3, padding="same", groups=3),
     nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect", groups=4),
     nn.Conv2d(4, 6, 1, stride=2),
+    nn.Conv2d(2, 3, 3, padding=4, padding_mode="reflect"),
     nn.Linear(7, 3),
-], ids=["stride-pad", "dilation", "same-groups", "reflect-depthwise", "1x1-stride", "linear"])
+], ids=["stride-pad", "dilation", "same-groups", "reflect-depthwise", "1x1-stride", "reflect-wide-pad", "linear"])
 def test_probing_a_layer_gives_back_its_dense_weight(layer):
     """How a checkpoint's factorized layers are multiplied out: probing is exact for any geometry."""
     torch.manual_seed(0)
@@ -635,10 +636,10 @@ def test_calibration_upload(aware, tmp_path):
 
 def test_work_caps_refuse_requests_that_would_tie_up_the_server(fresh, monkeypatch):
     s = fresh
-    monkeypatch.setattr(X, "MAX_CP_WORK", 25_050 * 10)  # features.3 holds 25,000 weights
+    monkeypatch.setattr(X.limits, "MAX_CP_WORK", 25_050 * 10)  # features.3 holds 25,000 weights
     assert s.set_layer("features.3", "cp", 10), s.error
     assert not s.set_layer("features.3", "cp", 11)
     assert "at most 10" in s.error and "TENSORSCOPE_EXPLORER_MAX_CP_WORK" in s.error
     assert s.layer_choice("features.3") == ("cp", 10)  # the plan kept what it had
-    monkeypatch.setattr(X, "MAX_LAYER_PARAMS", 1000)
+    monkeypatch.setattr(X.limits, "MAX_LAYER_PARAMS", 1000)
     assert not s.set_layer("classifier.1", "svd", 8) and "TENSORSCOPE_EXPLORER_MAX_LAYER_PARAMS" in s.error

@@ -1,0 +1,89 @@
+"""The plumbing every job of an explorer session uses: progress, busy flag, errors, threads.
+
+How the explorer's state is composed: :class:`~tensorscope.explorer.ExplorerState` (in
+``state.py``) is one ``param.Parameterized`` class made of mixins, one per job (loading,
+evaluation data, data-aware mode and recovery, quality preview, exports), each in its own
+module. The mixins hold methods only: the parameters and the private attributes they read
+and write (``_model``, ``_layers``, ``_data``, ``_lock`` ...) are declared once, in
+``ExplorerState``. Every mixin derives from :class:`_Session` for the plumbing below. No
+mixin module imports ``state.py``; it imports them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import zipfile
+from concurrent.futures import Future
+from typing import Any, Callable
+
+from ..errors import TensorscopeError
+from .evaluator import TRACE_GUARD, _Superseded
+
+
+class _Session:
+    """Progress, the busy flag, error reporting and the worker threads of one session."""
+
+    def _report(self, fraction: float, message: str) -> None:
+        self.param.update(progress=float(min(max(fraction, 0.0), 1.0)), progress_message=message)
+
+    def _guard(self, what: str, fn: Callable[[], Any]) -> Any:
+        """Run ``fn``; on bad input set ``error`` (the state keeps what it had) and return None."""
+        try:
+            return fn()
+        except _Superseded:
+            return None
+        except (TensorscopeError, ValueError, KeyError, TypeError, RuntimeError, OSError,
+                EOFError, UnicodeDecodeError, zipfile.BadZipFile, AttributeError, IndexError) as e:
+            text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+            self.param.update(error=f"{what}: {text}" if text else f"{what}: {type(e).__name__}")
+            return None
+
+    def _busy(self, message: str):
+        state = self
+
+        class _Ctx:
+            def __enter__(self_):
+                state.param.update(busy=True, progress=0.0, progress_message=message, error="")
+
+            def __exit__(self_, *exc):
+                state.param.update(busy=False, progress=1.0 if exc[0] is None else state.progress)
+
+        return _Ctx()
+
+    def submit(self, fn: Callable[..., Any], *args, **kwargs) -> Future:
+        """Run ``fn(*args, **kwargs)`` on the executor (or now, without one); errors land in ``error``."""
+
+        def call():
+            try:
+                with TRACE_GUARD.running():
+                    return fn(*args, **kwargs)
+            except TensorscopeError as e:
+                self.error = str(e)
+                raise
+            except Exception as e:  # never fail silently in a worker thread: the page must say
+                self.error = f"{getattr(fn, '__name__', 'work')} failed: {type(e).__name__}: {e}"
+                raise
+
+        if self.executor is None:
+            fut: Future = Future()
+            try:
+                fut.set_result(call())
+            except Exception as e:  # noqa: BLE001 - handed to the caller through the future
+                fut.set_exception(e)
+            return fut
+        return self.executor.submit(call)
+
+
+def _release_memory() -> None:
+    """Hand memory freed by a closed session back to the OS.
+
+    glibc keeps freed blocks in per-thread arenas (the worker threads each have one), so a
+    server's resident size stays at its high-water mark after sessions close unless asked:
+    measured +12.9% after 50 sessions without this, 35-40 MB returned by each trim.
+    """
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl): nothing to do
+        pass

@@ -1,0 +1,401 @@
+"""The explorer's state: one network, one plan, and everything the dashboard shows about them.
+
+:class:`ExplorerState` is a ``param.Parameterized`` object with no Panel import, one per
+browser session; how it stays fast and how it is composed: see :mod:`tensorscope.explorer`.
+This module holds the class itself: its parameters, the attributes its job mixins share,
+and plan editing (layers, budget, presets, costs, the table, the plots' data).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import threading
+from concurrent.futures import Executor
+from typing import Any
+
+import numpy as np
+import param
+from torch import nn
+
+from .. import examples as _examples
+from ..budget import plan_for_budget
+from ..errors import DataError
+from ..inventory import LayerInfo
+from ..methods import get_method
+from ..plan import Plan, as_plan
+from ..ranks import energy_rank, vbmf_rank
+from . import limits
+from .common import DENSE, PLANNER_METHODS, _batches, _jsonable_rank, _Layer, _rank_text, _shrink
+from .data_aware import _DataAware
+from .evaluator import _EvalData, _Evaluator
+from .exports import _Exports
+from .loading import _Loading
+from .quality import _Quality
+from .session import _release_memory
+
+
+class ExplorerState(_Loading, _DataAware, _Quality, _Exports, param.Parameterized):
+    """One network, one plan, and what the explorer shows about them (one per session).
+
+    Inputs a person changes: :meth:`load_example`, :meth:`load_upload`, :meth:`load_eval_upload`,
+    :meth:`use_eval`, :meth:`select`, :meth:`set_layer`, :meth:`apply_budget`,
+    :meth:`apply_preset`. Results the view shows are parameters: ``table``, ``cost``,
+    ``quality``, ``history``, ``message``, ``error``, ``busy``, ``progress``.
+
+    The jobs are mixins, one module each (see :mod:`tensorscope.explorer.session`): loading
+    and evaluation data (``loading.py``, ``eval_data.py``), data-aware mode and fine-tuning
+    (``data_aware.py``), the quality preview (``quality.py``), exports (``exports.py``). This
+    class declares the parameters and the private attributes they share, and edits the plan.
+    """
+
+    # -- what is loaded ---------------------------------------------------------------------
+    example = param.Selector(default=None, objects=[None, *_examples.list_examples()], allow_None=True,
+                             doc="The built-in example loaded (None for an upload).")
+    source = param.String(default="", doc="What the network is, in words.")
+    eval_source = param.Selector(default="none", objects=["held-out", "uploaded", "none"],
+                                 doc="Which data the quality preview uses.")
+    eval_description = param.String(default="")
+    eval_choices = param.List(default=["none"], doc="The eval sources available now.")
+    input_shape = param.String(default="", doc="One sample's shape, e.g. '1,28,28' (uploads without data).")
+    selected = param.String(default=None, allow_None=True, doc="The layer whose controls and spectrum are shown.")
+    refine = param.Boolean(default=True, doc=(
+        "Preview and export with the refined factors (HOOI sweeps for Tucker-2, full CP-ALS), so the "
+        "accuracy shown is the exported model's; off: the cheapest factors."))
+    calibrate = param.Boolean(default=False, doc=(
+        "Data-aware mode: factors, spectra, errors and budgets from the calibration data (what each layer's "
+        "output loses on it), instead of from the weights alone."))
+    calibration_description = param.String(default="no calibration data")
+    recovery = param.Dict(default={}, doc="The last fine-tune: plan, steps and quality before and after.")
+    budget_keep = param.Number(default=0.25, bounds=(0.0, 1.0), inclusive_bounds=(False, True))
+    budget_by = param.Selector(default="params", objects=["params", "flops"])
+
+    # -- results ----------------------------------------------------------------------------
+    plan = param.ClassSelector(class_=Plan, default=Plan(), instantiate=False)
+    layer_names = param.List(default=[])
+    table = param.Parameter(default=None, doc="pandas DataFrame, one row per decomposable layer.")
+    cost = param.Dict(default={})
+    quality = param.Dict(default={})
+    quality_pending = param.Boolean(default=False)
+    history = param.List(default=[])
+    overview = param.Parameter(default=None, doc="Tidy DataFrame of all layers' normalised spectra.")
+    message = param.String(default="")
+    error = param.String(default="")
+    busy = param.Boolean(default=False)
+    progress = param.Number(default=0.0, bounds=(0.0, 1.0))
+    progress_message = param.String(default="")
+    version = param.Integer(default=0, doc="Bumped when a new network is installed.")
+    plan_version = param.Integer(default=0, doc="Bumped on every plan change.")
+
+    def __init__(self, executor: Executor | None = None, **params):
+        super().__init__(**params)
+        self.executor = executor
+        self._lock = threading.RLock()
+        self._eval_lock = threading.Lock()
+        self._model: nn.Module | None = None
+        self._layers: dict[str, _Layer] = {}
+        self._skipped: list[LayerInfo] = []
+        self._data: _EvalData | None = None
+        self._data_choices: dict[str, _EvalData] = {}
+        self._evaluator: _Evaluator | None = None
+        self._base_params = 0
+        self._base_flops: int | None = None
+        self._base_bytes = 0
+        self._resolved: dict[str, tuple[str, Any]] = {}  # layer -> (method, canonical rank)
+        self._measured_error: dict[str, tuple[Any, float]] = {}  # layer -> (key, relative weight error)
+        self._focus: str | None = None
+        self._quality_wanted = 0
+        self._quality_running = False
+        self._export_memo: tuple[str, nn.Module] | None = None
+        self._calib: tuple | None = None  # (inputs, labels or None, description)
+        self._stats: dict | None = None  # layer -> LayerStats of the calibration data (data-aware mode)
+        self._upload_dir = tempfile.TemporaryDirectory(prefix="tensorscope-explorer-")
+
+    # -- the plan ---------------------------------------------------------------------------
+    def select(self, name: str) -> None:
+        if name in self._layers:
+            self.selected = name
+
+    def layer_choice(self, name: str) -> tuple[str, Any]:
+        """(method, canonical rank) of a layer in the current plan; ``("dense", None)`` if not planned."""
+        return self._resolved.get(name, (DENSE, None))
+
+    def default_rank(self, name: str, method: str) -> Any:
+        """A sensible starting rank when a layer's method is switched: keeps 90% of the energy, and
+        stays below the dense layer's parameter count where possible."""
+        layer = self._layers[name]
+        geom = layer.geometry
+        m = get_method(method)
+        mx = layer.info.max_rank[method]
+        if method == "svd":
+            r = energy_rank(layer.spectrum, 0.9)
+        elif method == "tucker2":
+            r = (min(energy_rank(layer.spectrum, 0.9), mx[0]), min(energy_rank(layer.spectrum_in, 0.9), mx[1]))
+        elif method == "cp":
+            r = max(1, min(mx, energy_rank(layer.spectrum, 0.9)))
+        else:  # tt: bonds of at most 16 (TT pays off at small bonds; FLOPs grow with their product)
+            r = tuple([1, *[max(1, min(b // 2, 16)) for b in mx[1:-1]], 1])
+        r = m.resolve_rank(geom, r)
+        # step down while the factorized layer would be larger than the dense one
+        for _ in range(64):
+            if m.count_params(geom, r) < geom.dense_params:
+                break
+            r = _shrink(r)
+        return m.resolve_rank(geom, r)
+
+    def set_layer(self, name: str, method: str | None, rank: Any = None, *, refresh: bool = True) -> bool:
+        """Set one layer's method and rank (``method`` None or "dense" leaves it dense); True on success.
+
+        Cheap: the plan, the costs and the table row are updated from cached data; the quality
+        refresh is requested (asynchronous with an executor).
+        """
+
+        def work():
+            if name not in self._layers:
+                raise DataError(f"no decomposable layer {name!r}")
+            if method in (None, DENSE, "none"):
+                plan = self.plan.with_layer(name, None)
+            else:
+                layer = self._layers[name]
+                if method not in layer.info.max_rank:
+                    raise DataError(f"method {method!r} does not apply to {name} ({layer.info.kind}); "
+                                    f"choose one of {layer.methods}")
+                m = get_method(method)
+                r = self.default_rank(name, method) if rank is None else rank
+                canon = m.resolve_rank(layer.geometry, r)
+                limits._check_work(name, layer, method, canon)
+                plan = self.plan.with_layer(name, method, _jsonable_rank(canon))
+            with self._lock:
+                self._set_plan(plan, focus=name)
+            self.error = ""
+            if refresh:
+                self.request_quality()
+            return True
+
+        return bool(self._guard(f"Layer {name}", work))
+
+    def set_plan(self, plan: Any, *, refresh: bool = True) -> bool:
+        """Replace the whole plan (a Plan, dict or JSON text)."""
+
+        def work():
+            p = as_plan(plan)
+            p.validate(self._model, {n: l.info.geometry for n, l in self._layers.items()})
+            with self._lock:
+                self._set_plan(p, focus=None)
+            if refresh:
+                self.request_quality()
+            return True
+
+        return bool(self._guard("Plan", work))
+
+    def apply_budget(self, keep: float | None = None, by: str | None = None, *, refresh: bool = True) -> bool:
+        """Fill in every layer's method and ranks from the budget planner (svd and tucker2)."""
+
+        def work():
+            if self._model is None:
+                raise DataError("load a network first")
+            k = float(self.budget_keep if keep is None else keep)
+            b = self.budget_by if by is None else by
+            self.param.update(budget_keep=k, budget_by=b)
+            if b == "flops" and self._data is None:
+                raise DataError("a FLOPs budget needs an input: load evaluation data or give an input shape")
+            with self._busy(f"planning for {k:.0%} of the {b}"):
+                example_input = self._data.inputs[:1] if self._data is not None else None
+                data = _batches(self._calib[0], None) if (self.calibrate and self._calib is not None) else None
+                plan = plan_for_budget(self._model, k, by=b, methods=PLANNER_METHODS, example_input=example_input,
+                                       layers=list(self._layers), data=data)
+                with self._lock:
+                    self._set_plan(plan, focus=None)
+            got = self.cost["params_after"] / self.cost["params"] if b == "params" else (
+                self.cost["flops_after"] / self.cost["flops"])
+            self.message = f"Budget: keep {k:.0%} of the {b} -> the plan keeps {got:.1%} ({len(plan)} layers decomposed)."
+            if refresh:
+                self.request_quality()
+            return True
+
+        return bool(self._guard("Budget", work))
+
+    def apply_preset(self, kind: str, value: float | None = None, *, refresh: bool = True) -> bool:
+        """Ranks from a rule, per layer: ``("energy", 0.9)`` keeps 90% of each unfolding's energy;
+        ``("vbmf",)`` uses the VBMF rank. Layers on svd or tucker2 keep their method, others get
+        svd; a layer whose rank would not make it smaller stays dense."""
+
+        def work():
+            if kind not in ("energy", "vbmf"):
+                raise DataError(f"preset must be 'energy' or 'vbmf'; got {kind!r}")
+            keep = 0.9 if value is None else float(value)
+            if kind == "energy" and not 0.0 < keep <= 1.0:
+                raise DataError(f"energy to keep must be in (0, 1]; got {value!r}")
+            rule = (lambda s: energy_rank(s, keep)) if kind == "energy" else vbmf_rank
+            layers = {}
+            dense = []
+            for name, layer in self._layers.items():
+                method = self._resolved.get(name, (None,))[0]
+                method = method if method in PLANNER_METHODS and method in layer.info.max_rank else "svd"
+                m = get_method(method)
+                if method == "tucker2":
+                    mx = layer.info.max_rank["tucker2"]
+                    r = (min(rule(layer.spectrum), mx[0]), min(rule(layer.spectrum_in), mx[1]))
+                else:
+                    r = rule(layer.spectrum)
+                r = m.resolve_rank(layer.geometry, r)
+                if m.count_params(layer.geometry, r) >= layer.geometry.dense_params:
+                    dense.append(name)
+                    continue
+                layers[name] = {"method": method, "rank": _jsonable_rank(r)}
+            with self._lock:
+                self._set_plan(Plan(layers), focus=None)
+            what = f"{keep:.0%} energy" if kind == "energy" else "VBMF"
+            note = f"; {len(dense)} layer(s) stay dense (no smaller at that rank)" if dense else ""
+            self.message = f"Preset {what}: {len(layers)} layer(s) decomposed{note}."
+            if refresh:
+                self.request_quality()
+            return True
+
+        return bool(self._guard("Preset", work))
+
+    def _set_plan(self, plan: Plan, focus: str | None) -> None:
+        """Install ``plan`` and recompute costs and the table (cheap; caller holds the lock)."""
+        resolved = {}
+        geoms = {n: l.info.geometry for n, l in self._layers.items()}
+        for r in plan.validate(self._model, geoms) if self._model is not None else []:
+            resolved[r.name] = (r.method.name, r.rank)
+        self._resolved = resolved
+        self._focus = focus
+        self._export_memo = None
+        cost = self._cost()
+        self.param.update(plan=plan, cost=cost, table=self._table(), plan_version=self.plan_version + 1,
+                          quality_pending=self._evaluator is not None)
+
+    def _layer_after(self, name: str) -> tuple[int, int | None]:
+        layer = self._layers[name]
+        geom = layer.geometry
+        method, rank = self._resolved.get(name, (DENSE, None))
+        if method == DENSE:
+            return geom.dense_params, geom.dense_flops
+        m = get_method(method)
+        return m.count_params(geom, rank), m.count_flops(geom, rank)
+
+    def _cost(self) -> dict[str, Any]:
+        params_after = self._base_params
+        flops_after = self._base_flops
+        bytes_after = self._base_bytes
+        for name, (method, rank) in self._resolved.items():
+            geom = self._layers[name].geometry
+            p, f = self._layer_after(name)
+            params_after += p - geom.dense_params
+            bytes_after += (p - geom.dense_params) * self._layers[name].module.weight.element_size()
+            if flops_after is not None:
+                flops_after = None if (f is None or geom.dense_flops is None) else flops_after + f - geom.dense_flops
+        return {
+            "params": self._base_params, "params_after": params_after,
+            "flops": self._base_flops, "flops_after": flops_after,
+            "bytes": self._base_bytes, "bytes_after": bytes_after,
+            "ratio": self._base_params / params_after if params_after else float("inf"),
+            "flops_ratio": (self._base_flops / flops_after) if (self._base_flops and flops_after) else None,
+            "layers_planned": len(self._resolved),
+        }
+
+    def layer_error(self, name: str) -> float | None:
+        """Relative Frobenius error of a layer's weight under the plan (None while unknown: cp/tt).
+
+        In data-aware mode: the relative error of the layer's output on the calibration data.
+        """
+        method, rank = self._resolved.get(name, (DENSE, None))
+        if method == DENSE:
+            return 0.0
+        key = (method, json.dumps(_jsonable_rank(rank)), self.refine, self.calibrate)
+        measured = self._measured_error.get(name)
+        if measured is not None and measured[0] == key:
+            return measured[1]
+        layer = self._layers[name]
+        if method == "svd":
+            return layer.spectrum.relative_error(int(rank))
+        if method == "tucker2" and not self.calibrate and layer.tucker_energy is not None and layer.norm2 > 0:
+            kept = float(layer.tucker_energy[rank[0] - 1, rank[1] - 1])
+            return math.sqrt(max(0.0, 1.0 - kept / layer.norm2))
+        return None
+
+    def _table(self):
+        import pandas as pd  # optional: comes with the app's extras, not a core dependency
+
+        rows = []
+        for name, layer in self._layers.items():
+            info = layer.info
+            method, rank = self._resolved.get(name, (DENSE, None))
+            p, f = self._layer_after(name)
+            err = self.layer_error(name)
+            rows.append({
+                "layer": name,
+                "type": info.kind,
+                "shape": "×".join(str(s) for s in info.weight_shape),
+                "params": int(info.params),
+                "MFLOPs": (info.flops / 1e6) if info.flops is not None else float("nan"),
+                "method": method,
+                "rank": _rank_text(rank),
+                "params after": int(p),
+                "ratio": info.geometry.dense_params / p if p else float("inf"),
+                "rel. error": float("nan") if err is None else float(err),
+                "energy %": float("nan") if err is None else round(100.0 * (1.0 - float(err) ** 2), 1),
+            })
+        return pd.DataFrame(rows, columns=["layer", "type", "shape", "params", "MFLOPs", "method", "rank",
+                                           "params after", "ratio", "rel. error", "energy %"])
+
+    # -- what the plots show -----------------------------------------------------------------
+    def spectrum_data(self, name: str | None = None) -> dict[str, Any]:
+        """Arrays for the selected layer's plots (cheap: read from cached spectra and curves).
+
+        ``values``/``kept``: singular values of the out unfolding (floored for a log axis) and
+        which ones the plan keeps; ``values_in``/``kept_in`` for conv layers; ``energy``:
+        cumulative energy; ``tradeoffs``: method -> (params, relative error) over all ranks;
+        ``current``: the plan's point (params, error).
+        """
+        name = name or self.selected
+        layer = self._layers.get(name)
+        if layer is None:
+            return {}
+        method, rank = self._resolved.get(name, (DENSE, None))
+        s = layer.spectrum.values.astype(np.float64)
+        floor = max(float(s.max()) * 1e-7, 1e-30) if s.size else 1e-30
+        k = s.size
+        keep_out = k
+        keep_in = None
+        if method == "svd":
+            keep_out = int(rank) * layer.spectrum.groups
+        elif method == "tucker2":
+            keep_out = int(rank[0]) * layer.spectrum.groups
+            keep_in = int(rank[1])
+        idx = np.arange(1, k + 1)
+        out: dict[str, Any] = {
+            "layer": name, "kind": layer.info.kind, "method": method, "rank": rank,
+            "rank_text": _rank_text(rank),
+            "index": idx, "values": np.maximum(s, floor), "kept": idx <= keep_out,
+            "cut": keep_out if method in ("svd", "tucker2") else None,
+            "energy": layer.spectrum.energy,
+            "metrics": layer.metrics,
+            "dense_params": layer.geometry.dense_params,
+            "spectrum_shape": layer.spectrum.shape,
+        }
+        if layer.spectrum_in is not None:
+            si = layer.spectrum_in.values.astype(np.float64)
+            ii = np.arange(1, si.size + 1)
+            out.update(index_in=ii, values_in=np.maximum(si, floor),
+                       kept_in=ii <= (keep_in if keep_in is not None else si.size),
+                       cut_in=keep_in)
+        out["tradeoffs"] = {m: (t.params, t.errors) for m, t in layer.tradeoffs.items()}
+        p, _ = self._layer_after(name)
+        out["current"] = (p, self.layer_error(name))
+        return out
+
+    def close(self) -> None:
+        """Drop the network and caches (a session ended)."""
+        with self._lock:
+            self._model = None
+            self._evaluator = None
+            self._layers = {}
+            self._export_memo = None
+            self._calib = None
+            self._stats = None
+        self._upload_dir.cleanup()
+        _release_memory()
