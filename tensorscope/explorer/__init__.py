@@ -45,7 +45,7 @@ from __future__ import annotations
 from ..densify import probe_dense as _probe_dense  # noqa: F401
 from ..units import format_bytes, format_count
 from . import limits  # noqa: F401
-from .common import DENSE, PLANNER_METHODS, _Layer  # noqa: F401
+from .common import DENSE, _Layer  # noqa: F401
 from .evaluator import TRACE_GUARD, _EvalData, _Evaluator, _TraceGuard  # noqa: F401
 from .exports import EXPORT_KINDS
 from .limits import (  # noqa: F401

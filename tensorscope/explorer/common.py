@@ -3,6 +3,7 @@ batching, the all-layers spectrum overview."""
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -11,32 +12,21 @@ import numpy as np
 from torch import Tensor, nn
 
 from ..inventory import LayerInfo
+from ..methods import get_method
 from ..spectra import Spectrum, Tradeoff
 
-#: methods the budget planner and the presets choose between
-PLANNER_METHODS = ("svd", "tucker2")
 #: a dense layer in the method selector
 DENSE = "dense"
 
 
-def _rank_text(rank: Any) -> str:
-    if rank is None:
-        return ""
-    if isinstance(rank, (tuple, list)):
-        return "×".join(str(int(r)) for r in rank) if len(rank) == 2 else "-".join(str(int(r)) for r in rank)
-    return str(int(rank))
+def _rank_text(method: str, rank: Any) -> str:
+    """A rank as the method writes it ("" for a dense layer)."""
+    return "" if rank is None or method == DENSE else get_method(method).rank_text(rank)
 
 
-def _jsonable_rank(rank: Any) -> Any:
-    return [int(r) for r in rank] if isinstance(rank, (tuple, list)) else int(rank)
-
-
-def _shrink(rank: Any) -> Any:
-    if isinstance(rank, tuple):
-        if len(rank) == 2:
-            return tuple(max(1, int(r * 0.8)) for r in rank)
-        return tuple([rank[0], *[max(1, int(r * 0.8)) for r in rank[1:-1]], rank[-1]])
-    return max(1, int(rank * 0.8))
+def _rank_key(method: str, rank: Any) -> str:
+    """A rank as JSON text: part of the keys memoised errors are stored under."""
+    return json.dumps(get_method(method).rank_to_json(rank))
 
 
 def _batches(x: Tensor, y: Tensor | None, size: int = 128) -> list:
@@ -50,9 +40,8 @@ class _Layer:
     info: LayerInfo
     module: nn.Module
     spectrum: Spectrum  # the "out" unfolding: what svd truncates
-    spectrum_in: Spectrum | None  # conv only: the input-channel unfolding (Tucker-2's r_in)
-    tradeoffs: dict[str, Tradeoff]  # methods with a cheap error curve (svd, tucker2)
-    tucker_energy: np.ndarray | None  # retained energy of HOSVD at (r_out, r_in), all pairs
+    spectrum_in: Spectrum | None  # the input-channel unfolding, where a method's rank axis reads it
+    tradeoffs: dict[str, Tradeoff]  # the methods with a cheap error curve
     norm2: float  # ||W||_F^2
     metrics: dict = field(default_factory=dict)  # the out spectrum's metrics (stable rank, ...), computed once
     # (spectrum, spectrum_in, tradeoffs, metrics) of the weights, and whitened by calibration data
@@ -74,6 +63,10 @@ class _Layer:
     @property
     def methods(self) -> list[str]:
         return list(self.info.max_rank)
+
+    def spectrum_of(self, unfolding: str) -> Spectrum:
+        """The spectrum a rank axis reads (the out one where the in one was not computed)."""
+        return self.spectrum_in if unfolding == "in" and self.spectrum_in is not None else self.spectrum
 
 
 def _overview(layers: dict[str, _Layer], bins: int = 48):

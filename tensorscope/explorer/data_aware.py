@@ -13,6 +13,7 @@ import warnings
 from ..calibration import collect_stats
 from ..errors import DataError
 from ..evaluate import evaluate
+from ..methods import planner_methods
 from ..recovery import finetune as _finetune
 from ..spectra import layer_spectrum, tradeoff
 from . import limits
@@ -87,9 +88,11 @@ class _DataAware(_Session):
                             st = stats[name]
                             spec = layer_spectrum(layer.module, name, "out", st)
                             spec_in = (layer_spectrum(layer.module, name, "in", st)
-                                       if layer.info.geometry.kind == "conv2d" else None)
-                            t = tradeoff(layer.module, "svd", name, layer.info.geometry, stats=st)
-                            layer.aware = (spec, spec_in, {"svd": t} if t is not None else {}, spec.metrics())
+                                       if layer.spectrum_in is not None else None)
+                            curves = {m: tradeoff(layer.module, m, name, layer.info.geometry, stats=st)
+                                      for m in planner_methods(layer.info.geometry)}
+                            curves = {m: t for m, t in curves.items() if t is not None}
+                            layer.aware = (spec, spec_in, curves, spec.metrics())
                 with self._lock:
                     for layer in self._layers.values():
                         layer.use(layer.aware if on_ else layer.plain)

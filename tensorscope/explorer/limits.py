@@ -6,15 +6,14 @@ import), so a test or a server script can change them on this module at run time
 
 from __future__ import annotations
 
-import io
 import os
-import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from ..errors import DataError, FileTooLargeError
+from .. import file_limits
+from ..errors import DataError
 from ..methods import get_method
-from .common import _Layer, _rank_text
+from .common import _Layer
 
 #: uploads over this many MB are refused (env ``TENSORSCOPE_MAX_UPLOAD_MB``, default 50)
 MAX_UPLOAD_MB = float(os.environ.get("TENSORSCOPE_MAX_UPLOAD_MB", "50") or 50)
@@ -46,44 +45,45 @@ EXECUTOR = ThreadPoolExecutor(
 )
 
 
-def _check_work(name: str, layer: _Layer, method: str, rank: Any) -> None:
-    """Refuse a request that would tie up a shared server (see MAX_CP_WORK, MAX_LAYER_PARAMS)."""
+def _check_work(name: str, layer: _Layer, method: str, rank: Any, options: dict | None = None) -> None:
+    """Refuse a request that would tie up a shared server (see MAX_CP_WORK, MAX_LAYER_PARAMS).
+
+    The size cap holds for every method; the work cap for methods that declare their fitting
+    work (``Method.work``: rank x weight entries for CP-ALS).
+    """
     geom = layer.geometry
-    params = get_method(method).count_params(geom, rank)
+    m = get_method(method)
+    text = m.rank_text(rank)
+    params = m.count_params(geom, rank, options)
     if params > MAX_LAYER_PARAMS:
-        raise DataError(f"{name}: {method} at rank {_rank_text(rank)} would hold {params:,} parameters; this server "
+        raise DataError(f"{name}: {method} at rank {text} would hold {params:,} parameters; this server "
                         f"allows at most {MAX_LAYER_PARAMS:,.0f} per layer (TENSORSCOPE_EXPLORER_MAX_LAYER_PARAMS)")
-    if method == "cp":
-        numel = layer.module.weight.numel()
-        if rank * numel > MAX_CP_WORK:
-            top = max(1, int(MAX_CP_WORK // numel))
-            raise DataError(f"{name}: CP rank {rank} on {numel:,} weights is more work than this server allows per "
-                            f"request; choose a rank of at most {top} (or raise TENSORSCOPE_EXPLORER_MAX_CP_WORK)")
+    work = m.work(geom, rank, options)
+    if work is None or work <= MAX_CP_WORK:
+        return
+    hint = "choose a lower rank"
+    axes = m.rank_axes(geom, options)
+    if len(axes) == 1:  # the largest rank within the cap (work grows with the rank)
+        lo, hi = axes[0].low, m.axis_values(rank)[0]
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if (m.work(geom, m.rank_from_axes(geom, [mid], options), options) or 0) <= MAX_CP_WORK:
+                lo = mid
+            else:
+                hi = mid - 1
+        hint = f"choose a rank of at most {lo}"
+    raise DataError(f"{name}: {method} at rank {text} is {work:.3g} units of fitting work (rank × weight entries), "
+                    f"more than this server allows per request; {hint} (or raise TENSORSCOPE_EXPLORER_MAX_CP_WORK)")
 
 
 # ---- uploads ----------------------------------------------------------------------------------
 
 
 def _check_size(data: bytes, what: str) -> None:
-    limit = MAX_UPLOAD_MB * (1 << 20)
-    if len(data) > limit:
-        raise FileTooLargeError(
-            f"{what} is {len(data) / (1 << 20):.1f} MB; files over {MAX_UPLOAD_MB:g} MB are refused "
-            "(set TENSORSCOPE_MAX_UPLOAD_MB on the server to change the limit)"
-        )
-    if len(data) == 0:
-        raise DataError(f"{what} is empty (0 bytes)")
+    """An upload over the server's limit, or empty, is refused (read at call time: tests change it)."""
+    file_limits.check_bytes_size(data, MAX_UPLOAD_MB * (1 << 20), what)
 
 
 def _check_zip_bytes(data: bytes, what: str) -> None:
-    """A torch.save file is a zip: refuse one whose entries expand past the upload limit."""
-    if not zipfile.is_zipfile(io.BytesIO(data)):
-        return
-    limit = MAX_UPLOAD_MB * (1 << 20) * 4
-    try:
-        with zipfile.ZipFile(io.BytesIO(data)) as zf:
-            total = sum(i.file_size for i in zf.infolist())
-    except (zipfile.BadZipFile, OSError, ValueError) as e:
-        raise DataError(f"{what} is a corrupt zip/torch file: {e}") from None
-    if total > limit:
-        raise FileTooLargeError(f"{what} expands to {total / (1 << 20):.0f} MB when unpacked; refused")
+    """A torch.save file is a zip: refuse one whose entries expand past four times the upload limit."""
+    file_limits.check_zip_bytes(data, MAX_UPLOAD_MB * (1 << 20) * 4, what)

@@ -24,13 +24,13 @@ from .._arch import build_arch, get_arch
 from ..densify import probe_dense
 from ..errors import ArchitectureError, DataError, UntrustedFileError
 from ..inventory import LayerInfo, count_flops, count_params, inspect
+from ..methods import get_method, planner_methods
 from ..plan import Plan, as_plan
-from ..methods.tucker2 import tucker2_retained
 from ..spectra import layer_spectrum, tradeoff
 from ..surgery import plan_of, set_submodule
 from ..units import format_count
 from . import limits
-from .common import PLANNER_METHODS, _Layer, _overview
+from .common import _Layer, _overview
 from .eval_data import EVAL_ORDER, _check_data, _EvalSources
 from .evaluator import _EvalData, _Evaluator
 from .limits import _check_size
@@ -280,15 +280,13 @@ class _Loading(_EvalSources):
             self._report(start + (1 - start) * 0.8 * i / n, f"spectrum of {info.name} ({i + 1}/{len(infos)})")
             mod = modules[info.name]
             spec = layer_spectrum(mod, info.name, "out")
-            spec_in = layer_spectrum(mod, info.name, "in") if info.geometry.kind == "conv2d" else None
+            spec_in = layer_spectrum(mod, info.name, "in") if _reads_in(info) else None
             trade = {}
-            for m in PLANNER_METHODS:
-                if m in info.max_rank:
-                    t = tradeoff(mod, m, info.name, info.geometry)
-                    if t is not None:
-                        trade[m] = t
-            energy = tucker2_retained(mod) if "tucker2" in info.max_rank else None
-            layers[info.name] = _Layer(info, mod, spec, spec_in, trade, energy, spec.total_energy, spec.metrics())
+            for m in planner_methods(info.geometry):
+                t = tradeoff(mod, m, info.name, info.geometry)
+                if t is not None:
+                    trade[m] = t
+            layers[info.name] = _Layer(info, mod, spec, spec_in, trade, spec.total_energy, spec.metrics())
         self._report(start + (1 - start) * 0.85, "measuring the original network")
         params = count_params(model)
         flops = count_flops(model, example_input) if example_input is not None else None
@@ -338,3 +336,8 @@ class _Loading(_EvalSources):
                 version=self.version + 1,
             )
             self._set_plan(loaded.plan, focus=None)
+
+
+def _reads_in(info: LayerInfo) -> bool:
+    """Whether a rank axis of any method for this layer reads the input-channel spectrum."""
+    return any(ax.unfolding == "in" for m in info.max_rank for ax in get_method(m).rank_axes(info.geometry))

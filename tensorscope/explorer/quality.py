@@ -8,7 +8,6 @@ result in ``quality`` and ``history``.
 
 from __future__ import annotations
 
-import json
 import math
 from concurrent.futures import Future
 from typing import Any
@@ -17,7 +16,7 @@ from ..methods import get_method
 from ..plan import Plan, ResolvedLayer
 from ..preview import reconstructed_weight
 from . import limits
-from .common import _jsonable_rank, _rank_text
+from .common import _rank_key, _rank_text
 from .evaluator import TRACE_GUARD, _Superseded
 from .session import _Session
 
@@ -82,21 +81,21 @@ class _Quality(_Session):
 
             weights = {}
             errors = {}
-            n_slow = sum(1 for m, _ in resolved.values() if m in ("cp", "tt"))
+            n_slow = sum(1 for m, _ in resolved.values() if get_method(m).slow)
             for i, (name, (method, rank)) in enumerate(resolved.items()):
                 if stop():
                     raise _Superseded()
                 layer = self._layers[name]
-                key = (method, json.dumps(_jsonable_rank(rank)), refine, stats is not None)
-                r = ResolvedLayer(name, layer.module, get_method(method), rank,
-                                  dict(plan[name].options), layer.geometry)
-                if method in ("cp", "tt") and n_slow:
-                    self._report(i / max(len(resolved), 1), f"{method} factors of {name} at rank {_rank_text(rank)}")
+                m = get_method(method)
+                key = (method, _rank_key(method, rank), refine, stats is not None)
+                r = ResolvedLayer(name, layer.module, m, rank, dict(plan[name].options), layer.geometry)
+                if m.slow and n_slow:
+                    self._report(i / max(len(resolved), 1), f"{method} factors of {name} at rank {m.rank_text(rank)}")
                 st = stats[name] if stats is not None else None
                 w = reconstructed_weight(r, refine=refine, stats=st)
                 weights[name] = (key, w)
                 known = self._measured_error.get(name)
-                if method != "svd" and (known is None or known[0] != key):  # svd: exact from the spectrum
+                if not m.cheap_error_is_exact and (known is None or known[0] != key):
                     if st is not None:
                         errors[name] = (key, st.output_error(layer.module.weight, w))
                     else:
@@ -144,5 +143,5 @@ class _Quality(_Session):
     def describe_plan(plan: Plan) -> str:
         if not len(plan):
             return "original"
-        parts = [f"{n}: {lp.method} {_rank_text(lp.rank)}" for n, lp in plan.items()]
+        parts = [f"{n}: {lp.method} {_rank_text(lp.method, lp.rank)}" for n, lp in plan.items()]
         return "; ".join(parts[:4]) + (f"; +{len(parts) - 4} more" if len(parts) > 4 else "")

@@ -8,8 +8,6 @@ and plan editing (layers, budget, presets, costs, the table, the plots' data).
 
 from __future__ import annotations
 
-import json
-import math
 import tempfile
 import threading
 from concurrent.futures import Executor
@@ -23,11 +21,11 @@ from .. import examples as _examples
 from ..budget import plan_for_budget
 from ..errors import DataError
 from ..inventory import LayerInfo
-from ..methods import get_method
+from ..methods import RankAxis, get_method, planner_methods
 from ..plan import Plan, as_plan
 from ..ranks import energy_rank, vbmf_rank
 from . import limits
-from .common import DENSE, PLANNER_METHODS, _batches, _jsonable_rank, _Layer, _rank_text, _shrink
+from .common import DENSE, _batches, _Layer, _rank_key, _rank_text
 from .data_aware import _DataAware
 from .evaluator import _EvalData, _Evaluator
 from .exports import _Exports
@@ -103,6 +101,7 @@ class ExplorerState(_Loading, _DataAware, _Quality, _Exports, param.Parameterize
         self._base_flops: int | None = None
         self._base_bytes = 0
         self._resolved: dict[str, tuple[str, Any]] = {}  # layer -> (method, canonical rank)
+        self._options: dict[str, dict] = {}  # layer -> its plan entry's method options
         self._measured_error: dict[str, tuple[Any, float]] = {}  # layer -> (key, relative weight error)
         self._focus: str | None = None
         self._quality_wanted = 0
@@ -121,28 +120,52 @@ class ExplorerState(_Loading, _DataAware, _Quality, _Exports, param.Parameterize
         """(method, canonical rank) of a layer in the current plan; ``("dense", None)`` if not planned."""
         return self._resolved.get(name, (DENSE, None))
 
-    def default_rank(self, name: str, method: str) -> Any:
-        """A sensible starting rank when a layer's method is switched: keeps 90% of the energy, and
-        stays below the dense layer's parameter count where possible."""
+    def methods_for(self, name: str) -> list[str]:
+        """The methods that can decompose layer ``name`` (the method selector's choices)."""
+        return self._layers[name].methods if name in self._layers else []
+
+    def layer_options(self, name: str) -> dict:
+        """The method options of layer ``name``'s plan entry (e.g. a TT layer's in_shape)."""
+        return dict(self._options.get(name, {}))
+
+    def rank_axes(self, name: str, method: str | None = None) -> tuple[RankAxis, ...]:
+        """The sliders of layer ``name`` under ``method`` (default: its current one), from the
+        method's own rank axes; empty for a dense layer."""
+        method = method or self.layer_choice(name)[0]
+        if method == DENSE or name not in self._layers or method not in self._layers[name].methods:
+            return ()
+        same = method == self.layer_choice(name)[0]
+        return get_method(method).rank_axes(self._layers[name].geometry, self._options.get(name) if same else None)
+
+    def axis_values(self, name: str) -> tuple[int, ...]:
+        """The current rank of layer ``name``, one integer per rank axis (empty when dense)."""
+        method, rank = self.layer_choice(name)
+        return () if method == DENSE else get_method(method).axis_values(rank)
+
+    def rank_text(self, name: str) -> str:
+        """The current rank of layer ``name`` as its method writes it ("" when dense)."""
+        return _rank_text(*self.layer_choice(name))
+
+    def set_rank_values(self, name: str, values, *, refresh: bool = True) -> bool:
+        """Set layer ``name``'s rank from one value per rank axis (what moving its sliders does)."""
+
+        def work():
+            method = self.layer_choice(name)[0]
+            if method == DENSE:
+                raise DataError(f"layer {name!r} is dense: choose a method before a rank")
+            geom = self._layers[name].geometry
+            return get_method(method).rank_from_axes(geom, list(values), self._options.get(name))
+
+        rank = self._guard(f"Layer {name}", work)
+        return rank is not None and self.set_layer(name, self.layer_choice(name)[0], rank, refresh=refresh)
+
+    def default_rank(self, name: str, method: str, options: dict | None = None) -> Any:
+        """A sensible starting rank when a layer's method is switched: each rank axis keeps 90% of
+        the energy of the spectrum it reads (or takes the method's default), stepped down while
+        the factorized layer would not be smaller than the dense one."""
         layer = self._layers[name]
-        geom = layer.geometry
-        m = get_method(method)
-        mx = layer.info.max_rank[method]
-        if method == "svd":
-            r = energy_rank(layer.spectrum, 0.9)
-        elif method == "tucker2":
-            r = (min(energy_rank(layer.spectrum, 0.9), mx[0]), min(energy_rank(layer.spectrum_in, 0.9), mx[1]))
-        elif method == "cp":
-            r = max(1, min(mx, energy_rank(layer.spectrum, 0.9)))
-        else:  # tt: bonds of at most 16 (TT pays off at small bonds; FLOPs grow with their product)
-            r = tuple([1, *[max(1, min(b // 2, 16)) for b in mx[1:-1]], 1])
-        r = m.resolve_rank(geom, r)
-        # step down while the factorized layer would be larger than the dense one
-        for _ in range(64):
-            if m.count_params(geom, r) < geom.dense_params:
-                break
-            r = _shrink(r)
-        return m.resolve_rank(geom, r)
+        pick = lambda unfolding: energy_rank(layer.spectrum_of(unfolding), 0.9)  # noqa: E731
+        return get_method(method).default_rank(layer.geometry, pick, options)
 
     def set_layer(self, name: str, method: str | None, rank: Any = None, *, refresh: bool = True) -> bool:
         """Set one layer's method and rank (``method`` None or "dense" leaves it dense); True on success.
@@ -162,10 +185,12 @@ class ExplorerState(_Loading, _DataAware, _Quality, _Exports, param.Parameterize
                     raise DataError(f"method {method!r} does not apply to {name} ({layer.info.kind}); "
                                     f"choose one of {layer.methods}")
                 m = get_method(method)
-                r = self.default_rank(name, method) if rank is None else rank
-                canon = m.resolve_rank(layer.geometry, r)
-                limits._check_work(name, layer, method, canon)
-                plan = self.plan.with_layer(name, method, _jsonable_rank(canon))
+                # a layer keeps its options (a TT layer's shapes) while its method stays the same
+                options = self._options.get(name, {}) if self.layer_choice(name)[0] == method else {}
+                r = self.default_rank(name, method, options) if rank is None else rank
+                canon = m.resolve_rank(layer.geometry, r, options)
+                limits._check_work(name, layer, method, canon, options)
+                plan = self.plan.with_layer(name, method, m.rank_to_json(canon), **options)
             with self._lock:
                 self._set_plan(plan, focus=name)
             self.error = ""
@@ -203,7 +228,7 @@ class ExplorerState(_Loading, _DataAware, _Quality, _Exports, param.Parameterize
             with self._busy(f"planning for {k:.0%} of the {b}"):
                 example_input = self._data.inputs[:1] if self._data is not None else None
                 data = _batches(self._calib[0], None) if (self.calibrate and self._calib is not None) else None
-                plan = plan_for_budget(self._model, k, by=b, methods=PLANNER_METHODS, example_input=example_input,
+                plan = plan_for_budget(self._model, k, by=b, methods="auto", example_input=example_input,
                                        layers=list(self._layers), data=data)
                 with self._lock:
                     self._set_plan(plan, focus=None)
@@ -218,8 +243,9 @@ class ExplorerState(_Loading, _DataAware, _Quality, _Exports, param.Parameterize
 
     def apply_preset(self, kind: str, value: float | None = None, *, refresh: bool = True) -> bool:
         """Ranks from a rule, per layer: ``("energy", 0.9)`` keeps 90% of each unfolding's energy;
-        ``("vbmf",)`` uses the VBMF rank. Layers on svd or tucker2 keep their method, others get
-        svd; a layer whose rank would not make it smaller stays dense."""
+        ``("vbmf",)`` uses the VBMF rank. A layer on a method with a cheap error curve keeps it,
+        others get the first such method (svd); a layer whose rank would not make it smaller
+        stays dense."""
 
         def work():
             if kind not in ("energy", "vbmf"):
@@ -231,19 +257,18 @@ class ExplorerState(_Loading, _DataAware, _Quality, _Exports, param.Parameterize
             layers = {}
             dense = []
             for name, layer in self._layers.items():
+                choices = planner_methods(layer.geometry)
+                if not choices:
+                    dense.append(name)
+                    continue
                 method = self._resolved.get(name, (None,))[0]
-                method = method if method in PLANNER_METHODS and method in layer.info.max_rank else "svd"
+                method = method if method in choices else choices[0]
                 m = get_method(method)
-                if method == "tucker2":
-                    mx = layer.info.max_rank["tucker2"]
-                    r = (min(rule(layer.spectrum), mx[0]), min(rule(layer.spectrum_in), mx[1]))
-                else:
-                    r = rule(layer.spectrum)
-                r = m.resolve_rank(layer.geometry, r)
+                r = m.suggest_rank(layer.geometry, lambda unfolding, layer=layer: rule(layer.spectrum_of(unfolding)))
                 if m.count_params(layer.geometry, r) >= layer.geometry.dense_params:
                     dense.append(name)
                     continue
-                layers[name] = {"method": method, "rank": _jsonable_rank(r)}
+                layers[name] = {"method": method, "rank": m.rank_to_json(r)}
             with self._lock:
                 self._set_plan(Plan(layers), focus=None)
             what = f"{keep:.0%} energy" if kind == "energy" else "VBMF"
@@ -257,11 +282,12 @@ class ExplorerState(_Loading, _DataAware, _Quality, _Exports, param.Parameterize
 
     def _set_plan(self, plan: Plan, focus: str | None) -> None:
         """Install ``plan`` and recompute costs and the table (cheap; caller holds the lock)."""
-        resolved = {}
+        resolved, options = {}, {}
         geoms = {n: l.info.geometry for n, l in self._layers.items()}
         for r in plan.validate(self._model, geoms) if self._model is not None else []:
             resolved[r.name] = (r.method.name, r.rank)
-        self._resolved = resolved
+            options[r.name] = dict(r.options)
+        self._resolved, self._options = resolved, options
         self._focus = focus
         self._export_memo = None
         cost = self._cost()
@@ -274,8 +300,8 @@ class ExplorerState(_Loading, _DataAware, _Quality, _Exports, param.Parameterize
         method, rank = self._resolved.get(name, (DENSE, None))
         if method == DENSE:
             return geom.dense_params, geom.dense_flops
-        m = get_method(method)
-        return m.count_params(geom, rank), m.count_flops(geom, rank)
+        m, options = get_method(method), self._options.get(name)
+        return m.count_params(geom, rank, options), m.count_flops(geom, rank, options)
 
     def _cost(self) -> dict[str, Any]:
         params_after = self._base_params
@@ -298,24 +324,20 @@ class ExplorerState(_Loading, _DataAware, _Quality, _Exports, param.Parameterize
         }
 
     def layer_error(self, name: str) -> float | None:
-        """Relative Frobenius error of a layer's weight under the plan (None while unknown: cp/tt).
+        """Relative Frobenius error of a layer's weight under the plan (None while unknown: a
+        method without cheap errors, until the preview has measured it).
 
         In data-aware mode: the relative error of the layer's output on the calibration data.
         """
         method, rank = self._resolved.get(name, (DENSE, None))
         if method == DENSE:
             return 0.0
-        key = (method, json.dumps(_jsonable_rank(rank)), self.refine, self.calibrate)
+        key = (method, _rank_key(method, rank), self.refine, self.calibrate)
         measured = self._measured_error.get(name)
         if measured is not None and measured[0] == key:
             return measured[1]
-        layer = self._layers[name]
-        if method == "svd":
-            return layer.spectrum.relative_error(int(rank))
-        if method == "tucker2" and not self.calibrate and layer.tucker_energy is not None and layer.norm2 > 0:
-            kept = float(layer.tucker_energy[rank[0] - 1, rank[1] - 1])
-            return math.sqrt(max(0.0, 1.0 - kept / layer.norm2))
-        return None
+        stats = self._stats.get(name) if (self.calibrate and self._stats) else None
+        return get_method(method).cheap_error(self._layers[name].module, rank, stats, self._options.get(name))
 
     def _table(self):
         import pandas as pd  # optional: comes with the app's extras, not a core dependency
@@ -333,7 +355,7 @@ class ExplorerState(_Loading, _DataAware, _Quality, _Exports, param.Parameterize
                 "params": int(info.params),
                 "MFLOPs": (info.flops / 1e6) if info.flops is not None else float("nan"),
                 "method": method,
-                "rank": _rank_text(rank),
+                "rank": _rank_text(method, rank),
                 "params after": int(p),
                 "ratio": info.geometry.dense_params / p if p else float("inf"),
                 "rel. error": float("nan") if err is None else float(err),
@@ -359,19 +381,19 @@ class ExplorerState(_Loading, _DataAware, _Quality, _Exports, param.Parameterize
         s = layer.spectrum.values.astype(np.float64)
         floor = max(float(s.max()) * 1e-7, 1e-30) if s.size else 1e-30
         k = s.size
-        keep_out = k
-        keep_in = None
-        if method == "svd":
-            keep_out = int(rank) * layer.spectrum.groups
-        elif method == "tucker2":
-            keep_out = int(rank[0]) * layer.spectrum.groups
-            keep_in = int(rank[1])
+        cut_out = cut_in = None  # where the plan's rank cuts each spectrum (axes that truncate one)
+        for ax, v in zip(self.rank_axes(name), self.axis_values(name)):
+            if ax.truncates and ax.unfolding == "out":
+                cut_out = int(v) * layer.spectrum.groups
+            elif ax.truncates and ax.unfolding == "in":
+                cut_in = int(v)
+        keep_out, keep_in = (k if cut_out is None else cut_out), cut_in
         idx = np.arange(1, k + 1)
         out: dict[str, Any] = {
             "layer": name, "kind": layer.info.kind, "method": method, "rank": rank,
-            "rank_text": _rank_text(rank),
+            "rank_text": _rank_text(method, rank),
             "index": idx, "values": np.maximum(s, floor), "kept": idx <= keep_out,
-            "cut": keep_out if method in ("svd", "tucker2") else None,
+            "cut": cut_out,
             "energy": layer.spectrum.energy,
             "metrics": layer.metrics,
             "dense_params": layer.geometry.dense_params,
