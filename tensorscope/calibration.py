@@ -27,6 +27,7 @@ from torch import nn
 from ._cache import fingerprint
 from .data import iter_batches, split_batch
 from .errors import DataError
+from .forward_check import behaviour
 from .progress import Progress
 
 DEFAULT_RIDGE = 1e-3
@@ -126,12 +127,16 @@ class _Accumulator:
         self.count = 0
         self.ridge = ridge
         self.kernel = tuple(layer.kernel_size) if isinstance(layer, nn.Conv2d) else (1, 1)
+        # a conv port that pads inside its forward: the statistics are of the padded input
+        self.pad = behaviour(layer).padding_module(layer) if isinstance(layer, nn.Conv2d) else None
 
     def add(self, x: torch.Tensor) -> None:
         x = x.detach()
         if isinstance(self.layer, nn.Conv2d):
             if x.dim() == 3:
                 x = x.unsqueeze(0)
+            if self.pad is not None:
+                x = self.pad(x)
             per = max(1, _CHUNK_ELEMS // max(1, x[0:1].numel() * self.kernel[0] * self.kernel[1]))
             for chunk in x.split(per):
                 self._add_rows(_patches(self.layer, chunk.to(torch.float64)))

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .forward_check import InputPadding
+
 __all__ = ["probe_dense", "dense_weight"]
 
 
@@ -35,6 +37,9 @@ def probe_dense(module: nn.Module, template: nn.Module) -> tuple[Tensor, Tensor 
     dtype = template.weight.dtype
     out_device = template.weight.device
     dev = _device_of(module, out_device)
+    if isinstance(module, nn.Sequential) and any(isinstance(m, InputPadding) for m in module):
+        # the chain of a conv port that pads in its forward: the template is the unpadded conv
+        module = nn.Sequential(*[m for m in module if not isinstance(m, InputPadding)])
     flags = [(m, m.training) for m in module.modules()]
     module.eval()
     try:

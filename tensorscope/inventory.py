@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .data import split_batch
+from .forward_check import behaviour
 from .layers import FactorizedLayer
 from .methods import LayerGeometry, get_method, methods_for
 from .units import format_count, text_table
@@ -114,7 +115,27 @@ class ModelIndex:
         if shared:
             return (f"its weight is tied to {', '.join(map(repr, shared))}; decomposing it would untie the "
                     "weights and add parameters")
+        return behaviour(module).reason  # a forward that does more than its class says
+
+
+def _no_smaller_reason(geom: LayerGeometry, ranks: dict) -> str | None:
+    """Why no method can make this grouped conv smaller (a depthwise conv: one small filter per
+    channel), or None. Checked at every method's lowest rank; a plan may still name the layer
+    (it is then built as asked, with a BreakEvenWarning). Ungrouped layers stay listed even
+    when tiny: their spectra are still worth seeing."""
+    if not ranks or geom.groups == 1:
         return None
+    lowest = {}
+    for m in ranks:
+        method = get_method(m)
+        axes = method.rank_axes(geom)
+        lowest[m] = method.count_params(geom, method.rank_from_axes(geom, [a.low for a in axes]))
+    if min(lowest.values()) < geom.dense_params:
+        return None
+    what = " (a depthwise conv: one filter per channel)" if geom.groups > 1 and geom.groups == geom.in_features else ""
+    detail = ", ".join(f"{m} {p:,}" for m, p in lowest.items())
+    return (f"no method makes it smaller{what}: at the lowest rank {detail} parameters, against "
+            f"{geom.dense_params:,} dense; it is left as is")
 
 
 def _type_reason(module: nn.Module) -> str:
@@ -163,7 +184,9 @@ def geometry_from_shape(module: nn.Module, shape: tuple | None, batch: int) -> L
     if shape is None:
         return LayerGeometry.of(module)
     if isinstance(module, nn.Conv2d):
-        return LayerGeometry.of(module, in_size=tuple(shape[-2:]))
+        size = tuple(shape[-2:])
+        pad = behaviour(module).padding_module(module)  # a port that pads in forward convolves the padded input
+        return LayerGeometry.of(module, in_size=pad.padded_size(size) if pad is not None else size)
     numel = 1
     for s in shape[:-1]:
         numel *= s
@@ -207,6 +230,10 @@ def inspect(model: nn.Module, example_input: Any = None, *, include_skipped: boo
             continue
         geom = geometry_from_shape(mod, shapes.get(n), batch)
         ranks = {m: get_method(m).max_rank(geom) for m in methods_for(geom)}
+        why = _no_smaller_reason(geom, ranks)
+        if why is not None:
+            skipped.append(LayerInfo(n, type(mod).__name__, tuple(mod.weight.shape), params, None, {}, why))
+            continue
         flops = geom.dense_flops if n in shapes else None
         good.append(LayerInfo(n, type(mod).__name__, tuple(mod.weight.shape), params, flops, ranks, None, geom))
     if include_skipped:
