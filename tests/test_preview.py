@@ -174,3 +174,29 @@ def test_sensitivity_with_tucker2(model):
     rows = sensitivity(model, data, layers=["block1.conv2", "fc1"], ranks=(0.25, 1.0), method="tucker2")
     assert {r["layer"] for r in rows} == {"block1.conv2"}  # tucker2 does not apply to Linear
     assert rows[0]["rank"] == (8, 8) and rows[-1]["relative_error"] < 1e-4
+
+
+def test_compress_reuses_the_factors_the_preview_computed(model, x):
+    """A slow factorization (CP-ALS) previewed at a rank is not run again when that plan is built."""
+    from tensorscope.methods.cp import CP
+
+    conv = next(n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d))
+    plan = {conv: {"method": "cp", "rank": 3, "seed": 7}}
+    calls = []
+    original = CP.factorize
+
+    def counting(self, *a, **k):
+        calls.append(1)
+        return original(self, *a, **k)
+
+    CP.factorize = counting
+    try:
+        ts.preview(model, plan, refine=True)
+        assert len(calls) == 1
+        small = ts.compress(model, plan)  # refine=True: the same factors
+        assert len(calls) == 1, "compress factorized again instead of reusing the preview's factors"
+        ts.compress(model, {conv: {"method": "cp", "rank": 3, "seed": 8}})  # another key: computed
+        assert len(calls) == 2
+    finally:
+        CP.factorize = original
+    assert_close(small(x), ts.compress(model, plan)(x))
