@@ -13,7 +13,22 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "tensorscope"
-BUILT_IN_METHODS = {"svd", "tucker2", "cp", "tt"}
+
+
+def _method_names() -> set[str]:
+    """The ``name`` of every method class defined under tensorscope/methods/ (read, not imported)."""
+    names = set()
+    for path in (PACKAGE / "methods").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef):
+                for stmt in node.body:
+                    if (isinstance(stmt, ast.Assign) and any(getattr(t, "id", None) == "name" for t in stmt.targets)
+                            and isinstance(stmt.value, ast.Constant) and isinstance(stmt.value.value, str)):
+                        names.add(stmt.value.value)
+    return names
+
+
+BUILT_IN_METHODS = _method_names()
 
 
 def _module_name(path: pathlib.Path) -> str:
@@ -112,6 +127,10 @@ def test_no_import_cycles_counting_imports_inside_functions():
     cycles = _cycles(graph)
     detail = "\n".join(" <-> ".join(c) for c in cycles)
     assert not cycles, f"import cycles inside tensorscope (imports in functions count):\n{detail}"
+
+
+def test_the_method_names_are_read_from_the_methods():
+    assert {"svd", "tucker2", "cp", "tt"} <= BUILT_IN_METHODS
 
 
 def test_the_cycle_finder_finds_a_cycle():
