@@ -36,7 +36,12 @@ from .plan import LayerPlan, Plan
 from .preview import preview
 from .ranks import energy_rank, evbmf, vbmf_rank, weakened_rank
 from .spectra import Spectrum, operator_spectrum, spectra, spectrum, tradeoff
-from .surgery import compress, fold_batchnorm, plan_of
+from .surgery import compress, fold_batchnorm, plan_of, tensorize
+from .rules import plan_by_rule
+# train is imported here, not lazily, for the same reason as export below: the function
+# shares its name with its module
+from .train import History, train
+from .lowrank import lowrank_train
 
 # export is imported here, not lazily: the function shares its name with its module, and
 # importing tensorscope.export first (tensorscope.checkpoint re-exports it) would otherwise
@@ -54,6 +59,7 @@ _LAZY = {
     "iterative": "recovery",
     "collect_stats": "calibration",
     "examples": None,
+    "bayes": None,
 }
 
 __all__ = [
@@ -63,10 +69,12 @@ __all__ = [
     "operator_spectrum", "tradeoff", "evaluate",
     # plan
     "Plan", "LayerPlan", "plan_for_budget", "plan_cost", "sensitivity", "energy_rank", "evbmf",
-    "vbmf_rank", "weakened_rank", "available_methods", "get_method", "LayerGeometry",
+    "vbmf_rank", "weakened_rank", "available_methods", "get_method", "LayerGeometry", "plan_by_rule",
     # compress, recover, persist
-    "compress", "preview", "fold_batchnorm", "plan_of", "FactorizedLayer", "save", "load", "export",
-    "load_model", "describe", "finetune", "refine_layerwise", "iterative", "collect_stats", "examples",
+    "compress", "tensorize", "preview", "fold_batchnorm", "plan_of", "FactorizedLayer", "save", "load", "export",
+    "load_model", "describe", "finetune", "refine_layerwise", "iterative", "collect_stats", "examples", "bayes",
+    # train
+    "train", "lowrank_train", "History",
     # errors and warnings
     "TensorscopeError", "PlanError", "RankError", "DecompositionError", "NonFiniteWeightError",
     "CheckpointError", "UntrustedFileError", "FileTooLargeError", "BudgetError", "DataError",

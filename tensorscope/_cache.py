@@ -7,11 +7,12 @@ are immutable tensors: callers must not modify what they get back.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import threading
 import weakref
 from collections import OrderedDict
-from typing import Any, Callable, Hashable
+from typing import Any, Callable, Hashable, Iterator
 
 import torch
 
@@ -153,6 +154,28 @@ class FactorCache:
         with self._lock:
             hit = self._data.get(key)
             return None if hit is None else hit[0]
+
+    @contextlib.contextmanager
+    def limited(self, max_bytes: int) -> Iterator[None]:
+        """Hold at most ``max_bytes`` while the block runs (then the previous limit again).
+
+        Streaming a model from disk factorizes one layer after another: a 1 GiB memo of
+        their SVDs would hold more than the layers themselves.
+        """
+        with self._lock:
+            old = self.max_bytes
+            self.max_bytes = min(old, max(int(max_bytes), 0))
+            self._trim()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.max_bytes = old
+
+    def _trim(self) -> None:
+        while self._bytes > self.max_bytes and self._data:
+            _, (_, s) = self._data.popitem(last=False)
+            self._bytes -= s
 
     def clear(self) -> None:
         with self._lock:

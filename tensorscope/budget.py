@@ -31,6 +31,7 @@ from .methods import get_method, planner_methods
 from .plan import Plan, as_plan
 from .preview import preview_weights, swapped_weights
 from .progress import Progress
+from .sources import ON_DISK, open_source
 from .spectra import Tradeoff, tradeoff
 #: with heldout="auto", layers with fewer calibration input rows than this many times their
 #: input size are scored held out
@@ -183,6 +184,10 @@ def plan_for_budget(
 ) -> Plan:
     """A plan keeping about ``keep`` of the model's parameters (or FLOPs), losing as little as possible.
 
+    ``model`` may be a path to weights on disk (a ``.safetensors`` file or a folder of shards,
+    :mod:`tensorscope.sources`): planned from the weights alone (``by="params"``, no data),
+    one layer in memory at a time.
+
     Parameters
     ----------
     keep : float in (0, 1]
@@ -222,6 +227,13 @@ def plan_for_budget(
         raise BudgetError(
             f"method(s) {no_curve} have no cheap error curve: each of their ranks needs its own factorization, so "
             f"the budget planner cannot price them; plan with {planner_methods()} (or set their ranks by hand)")
+    source = None
+    if isinstance(model, ON_DISK):
+        if data is not None or by != "params":
+            raise BudgetError('a model on disk is planned from its weights alone: by="params", without data= '
+                              "(load it in memory for data-aware or FLOPs budgets)")
+        source = open_source(model)
+        model = source.skeleton()
     if data is not None:
         data = list(iter_batches(data))  # read once: a generator would be spent by the first pass
         if example_input is None:
@@ -246,7 +258,7 @@ def plan_for_budget(
         parts = _halves(data) if heldout else None
         if parts is not None:
             halves = (collect_stats(model, parts[0], names_), collect_stats(model, parts[1], names_))
-    modules = dict(model.named_modules())
+    modules = source.loader() if source is not None else dict(model.named_modules())  # on disk: read when asked
     menus: dict[str, list[_Option]] = {}
     with Progress(progress, total=len(infos), desc="planning") as bar:
         for info in infos:

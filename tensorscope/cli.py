@@ -6,12 +6,19 @@
     tensorscope spectra model.safetensors --arch mypkg.nets:resnet --plot spectra.png
     tensorscope compress lenet5 --keep 0.25 [--by flops] [--data calib.pt --finetune 200] -o small.pt
     tensorscope compress model.pt --arch mypkg.nets:resnet --plan plan.json -o small.pt
+    tensorscope compress lenet5 --iterative 3 --rank-rule weakened_vbmf -o small.pt
+    tensorscope train lenet5 --tau 0.03 --epochs 3 [-o small.pt]
     tensorscope export small.pt -o small.pt2 --input-shape 1,28,28
     tensorscope serve
+    tensorscope spectra llama-7b/                                  # weights on disk, a layer at a time
+    torchrun --nproc-per-node 2 -m tensorscope compress llama-7b/ --keep 0.5 -o llama-7b-half/
 
 MODEL is a built-in example's name, a tensorscope checkpoint, a state dict (``.pt``,
 ``.safetensors``) with ``--arch package.module:factory``, a Hugging Face folder, or a pickled
-module with ``--trust``. Every error from bad input is one line on stderr and exit status 2;
+module with ``--trust``. A folder of safetensors shards (or a ``.safetensors`` file given
+without ``--arch``) is streamed from disk by ``inspect``, ``spectra`` and ``compress`` (which
+then writes a folder), unless an option needs the network in memory (``--data``, ``--eval``,
+``--finetune``, ...). Every error from bad input is one line on stderr and exit status 2;
 nothing is written half-way.
 """
 
@@ -47,6 +54,7 @@ class _Loaded:
 def _load(args: argparse.Namespace) -> _Loaded:
     from . import examples
     from .checkpoint import load_model
+    from .sources import is_compressed_folder
 
     spec = args.model
     text = getattr(args, "input_shape", None)
@@ -55,7 +63,12 @@ def _load(args: argparse.Namespace) -> _Loaded:
         ex = examples.load_example(spec, progress=not args.quiet)
         return _Loaded(ex.model, spec, ex.example_input(1), ex.test_loader(), ex.calibration())
     kwargs = json.loads(args.arch_kwargs) if getattr(args, "arch_kwargs", None) else None
-    model = load_model(spec, arch=args.arch, arch_kwargs=kwargs, trust=args.trust)
+    if is_compressed_folder(spec):  # what `compress WEIGHTS -o FOLDER` wrote
+        from .checkpoint import load
+
+        model = load(spec, arch=args.arch, arch_kwargs=kwargs, trust=args.trust)
+    else:
+        model = load_model(spec, arch=args.arch, arch_kwargs=kwargs, trust=args.trust)
     if shape is None:  # a built-in example's architecture knows its input
         from ._arch import get_arch
 
@@ -65,6 +78,66 @@ def _load(args: argparse.Namespace) -> _Loaded:
             shape = examples.example_info(name).input_shape
     x = torch.randn(1, *shape, generator=torch.Generator().manual_seed(0)) if shape else None
     return _Loaded(model, os.path.basename(os.path.normpath(spec)), x)
+
+
+# ---- weights on disk: read a layer at a time (large models; torchrun for compress) ---------
+
+#: options that need the network in memory (they run data through it)
+_IN_MEMORY = (("data", "--data"), ("eval", "--eval"), ("finetune", "--finetune"), ("fold_bn", "--fold-bn"),
+              ("iterative", "--iterative"), ("input_shape", "--input-shape"))
+
+
+def _on_disk(args: argparse.Namespace) -> Any:
+    """A :class:`~tensorscope.sources.WeightSource` when MODEL is weights to stream (a folder of
+    safetensors shards, or a .safetensors file given without --arch) and no option needs the
+    network in memory; None otherwise (the model is then loaded whole, as before)."""
+    from .sources import is_weights_path, open_source
+
+    spec = args.model
+    if not os.path.exists(spec) or not is_weights_path(spec) or (os.path.isfile(spec) and args.arch):
+        return None
+    if any(getattr(args, attr, None) for attr, _ in _IN_MEMORY) or getattr(args, "by", "params") == "flops":
+        return None
+    kwargs = json.loads(args.arch_kwargs) if getattr(args, "arch_kwargs", None) else None
+    return open_source(spec, arch=args.arch, arch_kwargs=kwargs)
+
+
+def _compress_on_disk(args: argparse.Namespace, source: Any) -> int:
+    """``compress`` of weights on disk into the folder -o, a layer at a time; under torchrun the
+    layers are shared among the processes (process 0 plans, prints and writes the index)."""
+    from . import distributed
+    from .budget import plan_for_budget
+    from .plan import Plan
+    from .sources import open_source
+    from .surgery import compress
+
+    ctx = distributed.context()
+    plan, error = None, None
+    if args.plan is not None:
+        plan = Plan.load(args.plan)
+    elif ctx.is_main:  # one process plans from the spectra; the others wait for its plan
+        try:
+            methods = args.methods if args.methods == "auto" else args.methods.split(",")
+            plan = plan_for_budget(source, args.keep, methods=methods, progress=not args.quiet)
+        except Exception as e:  # shared below, so that no process waits for a plan that will not come
+            if not ctx.distributed:
+                raise
+            error = str(e) if isinstance(e, TensorscopeError) else f"{type(e).__name__}: {e}"
+    shared = ctx.gather((plan.to_dict() if plan is not None else None, error), "planning")[0]
+    if shared[1]:
+        raise TensorscopeError(shared[1])
+    plan = Plan.from_dict(shared[0])
+    out = compress(source, plan, out=args.output, progress=not args.quiet)
+    if ctx.is_main:
+        params = open_source(out).metadata["tensorscope"]["params"]
+        before, after = params["before"], params["after"]
+        procs = f" with {ctx.world} processes" if ctx.distributed else ""
+        print(f"{os.path.basename(os.path.normpath(args.model))}: {_fmt(before)} -> {_fmt(after)} params "
+              f"({before / after:.2f}x smaller), {len(plan.layers)} layers decomposed{procs}; wrote {out}")
+        if args.plan_out:
+            plan.save(args.plan_out)
+            print(f"wrote {args.plan_out}")
+    return 0
 
 
 def _data(path: str | None, batch_size: int) -> list | None:
@@ -118,8 +191,9 @@ def cmd_examples(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .inventory import count_flops, count_params, inspect
 
-    loaded = _load(args)
-    infos = inspect(loaded.model, loaded.example_input, include_skipped=True)
+    source = _on_disk(args)  # weights on disk: only the headers are read
+    loaded = _Loaded(source.skeleton(), os.path.basename(os.path.normpath(args.model))) if source else _load(args)
+    infos = inspect(source if source is not None else loaded.model, loaded.example_input, include_skipped=True)
     if args.json:
         out = [{"name": i.name, "kind": i.kind, "weight_shape": list(i.weight_shape), "params": i.params,
                 "flops": i.flops, "max_rank": {k: (list(v) if isinstance(v, tuple) else v) for k, v in i.max_rank.items()},
@@ -136,9 +210,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_spectra(args: argparse.Namespace) -> int:
     from .spectra import spectra
 
-    loaded = _load(args)
+    source = _on_disk(args)  # weights on disk: one layer in memory at a time
+    loaded = _Loaded(source.skeleton(), os.path.basename(os.path.normpath(args.model))) if source else _load(args)
     data = _data(args.data, args.batch_size)
-    specs = spectra(loaded.model, unfolding=args.unfolding, data=data, progress=not args.quiet)
+    specs = spectra(source if source is not None else loaded.model, unfolding=args.unfolding, data=data,
+                    progress=not args.quiet)
     rows = []
     for name, s in specs.items():
         m = s.metrics()
@@ -193,23 +269,31 @@ def cmd_compress(args: argparse.Namespace) -> int:
     from .plan import Plan
     from .surgery import compress
 
-    if (args.plan is None) == (args.keep is None):
+    if args.iterative is not None:
+        _check_iterative_args(args)
+    elif (args.plan is None) == (args.keep is None):
         raise TensorscopeError("give exactly one of --plan plan.json or --keep FRACTION")
     if args.finetune and args.finetune < 0:
         raise TensorscopeError(f"--finetune takes a number of steps >= 0; got {args.finetune}")
+    source = _on_disk(args)
+    if source is not None:
+        return _compress_on_disk(args, source)
     loaded = _load(args)
     model = loaded.model
     data = _data(args.data, args.batch_size)
     evaluation = _data(args.eval, args.batch_size) or loaded.test
     example = loaded.example_input if loaded.example_input is not None else _first_input(data)
-    if args.plan is not None:
-        plan = Plan.load(args.plan)
-        plan.validate(model)  # every error before any work
+    if args.iterative is not None:
+        small, plan = _compress_iterative(args, loaded, data)
     else:
-        plan = plan_for_budget(model, args.keep, by=args.by, methods=args.methods if args.methods == "auto" else args.methods.split(","), data=data,
-                               example_input=example, progress=not args.quiet)
-    small = compress(model, plan, data=data, fold_bn=args.fold_bn, progress=not args.quiet)
-    if args.finetune:
+        if args.plan is not None:
+            plan = Plan.load(args.plan)
+            plan.validate(model)  # every error before any work
+        else:
+            plan = plan_for_budget(model, args.keep, by=args.by, methods=args.methods if args.methods == "auto" else args.methods.split(","), data=data,
+                                   example_input=example, progress=not args.quiet)
+        small = compress(model, plan, data=data, fold_bn=args.fold_bn, progress=not args.quiet)
+    if args.finetune and args.iterative is None:
         from .recovery import finetune
 
         if data is None:
@@ -231,6 +315,113 @@ def cmd_compress(args: argparse.Namespace) -> int:
         elif "agreement" in q1:
             print(f"agreement with the original {q1['agreement']:.2%}, relative output error "
                   f"{q1['relative_error']:.4f}")
+    return 0
+
+
+def _as_tensorscope_error(e: ValueError) -> TensorscopeError:
+    """A library ValueError (a bad tau, weakening, ...) as the CLI's one-line bad-input error."""
+    return e if isinstance(e, TensorscopeError) else TensorscopeError(str(e))
+
+
+def _check_iterative_args(args: argparse.Namespace) -> None:
+    """Every error of ``compress --iterative``'s options, before anything is loaded."""
+    if args.plan is not None:
+        raise TensorscopeError("--iterative chooses each stage's ranks itself; drop --plan")
+    if args.iterative < 1:
+        raise TensorscopeError(f"--iterative takes a number of stages >= 1; got {args.iterative}")
+    if args.rank_rule == "budget" and args.keep is None:
+        raise TensorscopeError("--iterative with --rank-rule budget needs --keep FRACTION")
+    if args.rank_rule != "budget" and args.keep is not None:
+        raise TensorscopeError(f"--keep is a budget's target; --rank-rule {args.rank_rule} sets each layer's rank "
+                               "itself (drop --keep)")
+    if args.by != "params":
+        raise TensorscopeError("--iterative budgets parameters only (drop --by flops)")
+    if args.fold_bn:
+        raise TensorscopeError("--fold-bn is not supported with --iterative")
+    if not (math.isfinite(args.weakening) and 0.0 <= args.weakening <= 1.0):
+        raise TensorscopeError(f"--weakening must be in [0, 1]; got {args.weakening}")
+
+
+def _compress_iterative(args: argparse.Namespace, loaded: _Loaded, data: list | None) -> tuple[nn.Module, Any]:
+    """``compress --iterative N``: :func:`tensorscope.iterative`, with a table of its stages."""
+    from .plan import Plan
+    from .recovery import iterative
+    from .surgery import plan_of
+
+    data = data if data is not None else loaded.calibration
+    if data is None:
+        raise TensorscopeError("--iterative fine-tunes after every stage: pass --data FILE (labels optional)")
+    try:
+        small, history = iterative(
+            loaded.model, data, keep=args.keep, steps=args.iterative,
+            finetune_steps=100 if args.finetune is None else args.finetune,
+            methods=args.methods if args.methods == "auto" else args.methods.split(","),
+            rank_rule=args.rank_rule, weakening=args.weakening,
+            layers=args.layers.split(",") if args.layers else None, layers_per_stage=args.layers_per_stage,
+            recompress=args.recompress, progress=not args.quiet)
+    except ValueError as e:
+        raise _as_tensorscope_error(e) from None
+    key = "accuracy" if "accuracy" in history.meta["original"] else "agreement"
+    rows = [[str(s.stage), _fmt(s.params), f"{s.keep:.1%}", f"{s.before[key]:.2%}", f"{s.after[key]:.2%}",
+             ", ".join(s.changed)] for s in history]
+    print(text_table(rows, ["stage", "params", "kept", f"{key} before", f"{key} after", "layers changed"],
+                     "rrrrrl"))
+    if history.stopped:
+        print(f"stopped: {history.stopped}")
+    return small, plan_of(small) or Plan()
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from . import examples
+    from .checkpoint import save
+    from .evaluate import evaluate
+    from .inventory import count_params
+    from .lowrank import lowrank_train
+    from .rules import plan_by_rule
+    from .surgery import compress
+
+    # every bad number before anything is loaded or trained
+    if not (math.isfinite(args.tau) and args.tau >= 0):
+        raise TensorscopeError(f"--tau must be a finite number >= 0; got {args.tau}")
+    if args.epochs < 1 or args.prox_every < 1:
+        raise TensorscopeError(f"--epochs and --prox-every must be >= 1; got {args.epochs} and {args.prox_every}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise TensorscopeError(f"--lr must be a positive number; got {args.lr}")
+    if not 0.0 < args.energy <= 1.0:
+        raise TensorscopeError(f"--energy must be in (0, 1]; got {args.energy}")
+    loaded = _load(args)
+    data = _data(args.data, args.batch_size)
+    if data is None:
+        if args.model not in examples.list_examples() or os.path.exists(args.model):
+            raise TensorscopeError("--data FILE (inputs and labels) is needed to train a network that is not a "
+                                   "built-in example")
+        data = examples.load_example(args.model).train_loader(batch_size=args.batch_size, shuffle=True)
+    evaluation = _data(args.eval, args.batch_size) or loaded.test
+    methods = args.methods if args.methods == "auto" else args.methods.split(",")
+    try:
+        trained, history = lowrank_train(
+            loaded.model, data, tau=args.tau, layers=args.layers.split(",") if args.layers else None,
+            prox_every=args.prox_every, epochs=args.epochs, lr=args.lr, momentum=args.momentum,
+            val_data=evaluation, energy=args.energy, progress=not args.quiet)
+        names = history.meta["layers"]
+        plan = plan_by_rule(trained, "energy", keep=args.energy, methods=methods, layers=names)
+    except ValueError as e:
+        raise _as_tensorscope_error(e) from None
+    small = compress(trained, plan)
+    rows = [[str(r.epoch), "" if r.loss is None else f"{r.loss:.4f}",
+             f"{r.val['accuracy']:.2%}" if "accuracy" in r.val else "",
+             *[str(r.info["energy_rank"][n]) for n in names]] for r in history]
+    print(text_table(rows, ["epoch", "loss", "val accuracy", *[f"{n} rank@{args.energy:g}" for n in names]]))
+    before, after = count_params(trained), count_params(small)
+    print(f"{loaded.name}: trained with tau={args.tau:g}; {args.energy:.0%}-energy ranks: {_fmt(before)} -> "
+          f"{_fmt(after)} params ({before / after:.2f}x smaller), {len(plan.layers)} layers decomposed")
+    if evaluation is not None:
+        q0, q1 = evaluate(trained, evaluation), evaluate(small, evaluation, reference=trained)
+        if "accuracy" in q1:
+            print(f"accuracy trained {q0['accuracy']:.2%} -> truncated {q1['accuracy']:.2%}")
+    if args.output:
+        save(small, args.output, plan=plan)
+        print(f"wrote {args.output}")
     return 0
 
 
@@ -317,11 +508,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="calibration data (.pt/.npz): data-aware factors and budget")
     p.add_argument("--eval", help="evaluation data (.pt/.npz); default: a built-in example's test split")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--finetune", type=int, default=0, metavar="STEPS", help="recovery steps (distillation) on --data")
+    p.add_argument("--finetune", type=int, default=None, metavar="STEPS",
+                   help="recovery steps (distillation) on --data (with --iterative: per stage, default 100)")
     p.add_argument("--fold-bn", action="store_true", help="fold BatchNorm into the conv before it first")
-    p.add_argument("-o", "--output", required=True, help="the checkpoint to write (ts.load reads it)")
+    p.add_argument("-o", "--output", required=True,
+                   help="the checkpoint to write (ts.load reads it); for weights on disk, a folder of shards")
     p.add_argument("--plan-out", help="also write the plan as JSON")
+    p.add_argument("--iterative", type=int, metavar="N",
+                   help="compress in N stages, fine-tuning after each (MUSCO); data: --data or the example's")
+    p.add_argument("--rank-rule", choices=["budget", "weakened_vbmf"], default="budget",
+                   help="with --iterative: ranks from the budget (--keep) or MUSCO's weakened VBMF")
+    p.add_argument("--weakening", type=float, default=0.8, help="with --rank-rule weakened_vbmf: in [0, 1]")
+    p.add_argument("--layers-per-stage", type=int, help="with --rank-rule weakened_vbmf: layers per stage")
+    p.add_argument("--recompress", choices=["dense", "core"], default="dense",
+                   help="with --iterative: decompose again from the rebuilt weight, or the Tucker-2 core only")
+    p.add_argument("--layers", help="with --iterative: only these layers, comma-separated")
     p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("train", help="train toward low rank (nuclear-norm proximal SGD), then truncate")
+    _model_args(p)
+    p.add_argument("--tau", type=float, required=True, help="the penalty's weight (0: plain SGD)")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--prox-every", type=int, default=1, help="steps between proximal steps")
+    p.add_argument("--layers", help="the layers to regularise, comma-separated (default: all decomposable)")
+    p.add_argument("--energy", type=float, default=0.99, help="truncate each layer at this energy (default 0.99)")
+    p.add_argument("--methods", default="svd", help="methods for the truncation, comma-separated (default svd)")
+    p.add_argument("--data", help="training data (.pt/.npz, with labels); default: a built-in example's")
+    p.add_argument("--eval", help="evaluation data (.pt/.npz); default: a built-in example's test split")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("-o", "--output", help="write the truncated model as a checkpoint")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("export", help="write a file torch alone runs (torch.export, TorchScript or ONNX)")
     _model_args(p)

@@ -21,6 +21,7 @@ from .data import split_batch
 from .forward_check import behaviour
 from .layers import FactorizedLayer
 from .methods import LayerGeometry, get_method, methods_for
+from .sources import ON_DISK, open_source
 from .units import format_count, text_table
 
 # Parents whose forward reads a child's ``.weight`` directly: replacing that child by a chain
@@ -198,7 +199,10 @@ def inspect(model: nn.Module, example_input: Any = None, *, include_skipped: boo
 
     Parameters
     ----------
-    model : nn.Module
+    model : nn.Module, or a path
+        A path is weights on disk (a ``.safetensors`` file or a folder of shards with its
+        index, :mod:`tensorscope.sources`): only the headers are read. Its 1-D weights
+        (norms) are listed in ``.skipped`` too.
     example_input : optional
         A batch in the data convention (tensor, dict of tensors, or ``(inputs, targets)``).
         Needed for FLOPs, which are reported per sample.
@@ -206,8 +210,14 @@ def inspect(model: nn.Module, example_input: Any = None, *, include_skipped: boo
         Also put the layers that are left alone (with their ``reason``) in the list itself;
         they are always available in ``result.skipped``.
     """
+    source = None
+    if isinstance(model, ON_DISK):  # weights on disk: their architecture on the meta device
+        if example_input is not None:
+            raise TypeError("FLOPs need the model in memory: inspect a path without example_input")
+        source = open_source(model)
+        model = source.skeleton()
     if not isinstance(model, nn.Module):
-        raise TypeError(f"inspect expects an nn.Module; got {type(model).__name__}")
+        raise TypeError(f"inspect expects an nn.Module (or a path to safetensors weights); got {type(model).__name__}")
     index = ModelIndex(model)
     candidates = [n for n, m in index.modules.items() if n and _has_matrix_weight(m)]
     seen_ids: set[int] = set()
@@ -236,6 +246,9 @@ def inspect(model: nn.Module, example_input: Any = None, *, include_skipped: boo
             continue
         flops = geom.dense_flops if n in shapes else None
         good.append(LayerInfo(n, type(mod).__name__, tuple(mod.weight.shape), params, flops, ranks, None, geom))
+    if source is not None:
+        skipped += [LayerInfo(n, kind, shape, params, None, {}, "a 1-D weight (a norm's scale): nothing to decompose")
+                    for n, kind, shape, params in source.vectors()]
     if include_skipped:
         return LayerList(good + skipped, skipped)
     return LayerList(good, skipped)

@@ -23,5 +23,13 @@ class FactorizedLayer(nn.Sequential):
         self.source = source  # the replaced layer's type name, e.g. "Conv2d"
         self.options = dict(options or {})
 
+    def reset_parameters(self) -> None:
+        """A fresh random initialisation: each module of the chain draws its own
+        (``reset_parameters`` of ``nn.Linear``/``nn.Conv2d``, or of a tensorized layer)."""
+        for module in self:
+            reset = getattr(module, "reset_parameters", None)
+            if callable(reset):
+                reset()
+
     def extra_repr(self) -> str:
         return f"method={self.method!r}, rank={self.rank!r}, source={self.source!r}"

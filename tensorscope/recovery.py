@@ -20,19 +20,28 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
+import numbers
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from .budget import plan_for_budget
 from .data import forward, iter_batches, output_tensor, split_batch
 from .densify import dense_weight  # the one implementation (probing); re-exported here
-from .errors import DataError
+from .errors import DataError, PlanError
+from .evaluate import evaluate
+from .inventory import count_flops, count_params
 from .layers import FactorizedLayer
+from .methods import LayerGeometry, get_method
+from .plan import Plan
 from .progress import Progress
+from .rules import check_layers, check_min_rank, check_weakening, first_method, plan_by_rule, resolve_methods
+from .surgery import PLAN_ATTR, compress, plan_of, set_submodule
+from .train import History, task_loss
 
 
 def _frozen_norm_layers(model: nn.Module) -> None:
@@ -42,25 +51,7 @@ def _frozen_norm_layers(model: nn.Module) -> None:
             m.eval()
 
 
-def _loss(out: torch.Tensor, target: torch.Tensor | None, teacher_out: torch.Tensor | None,
-          temperature: float, label_weight: float) -> torch.Tensor:
-    terms = []
-    if target is not None:
-        if target.dtype in (torch.int64, torch.int32) and out.dim() >= 2:
-            terms.append((label_weight if teacher_out is not None else 1.0,
-                          F.cross_entropy(out.reshape(-1, out.shape[-1]), target.reshape(-1), ignore_index=-100)))
-        else:
-            terms.append((label_weight if teacher_out is not None else 1.0, F.mse_loss(out, target.to(out.dtype))))
-    if teacher_out is not None:
-        w = 1.0 - label_weight if target is not None else 1.0
-        if out.dim() == 2:  # class scores: match the softened distributions
-            t = temperature
-            kd = F.kl_div(F.log_softmax(out / t, -1), F.log_softmax(teacher_out / t, -1), log_target=True,
-                          reduction="batchmean") * t * t
-        else:  # hidden states, token logits: match the outputs themselves
-            kd = F.mse_loss(out, teacher_out)
-        terms.append((w, kd))
-    return sum(w * l for w, l in terms)
+_loss = task_loss  # the one implementation: tensorscope.train
 
 
 @torch.no_grad()
@@ -266,56 +257,307 @@ def densify(compressed: nn.Module, original: nn.Module) -> nn.Module:
 
 @dataclass
 class Stage:
+    """One stage of :func:`iterative`.
+
+    ``keep``: the stage's target fraction of the parameters (``rank_rule="budget"``) or the
+    fraction the stage ended with (``"weakened_vbmf"``); ``params``/``flops``: the compressed
+    model's (FLOPs per sample of the first batch's inputs; ``None`` when they cannot be
+    counted); ``before``/``after``: :func:`tensorscope.evaluate` against the original, before
+    and after the stage's fine-tuning; ``plan``: the whole model's plan after the stage;
+    ``ranks``: every decomposed layer's rank; ``changed``: the layers this stage decomposed
+    or decomposed again.
+    """
+
     keep: float
     params: int
     before: dict[str, float]
     after: dict[str, float]
     plan: Any = field(repr=False, default=None)
+    flops: int | None = None
+    ranks: dict[str, Any] = field(default_factory=dict)
+    changed: list[str] = field(default_factory=list)
+    stage: int = 0
+
+
+RANK_RULES = ("budget", "weakened_vbmf")
+RECOMPRESS = ("dense", "core")
+
+
+def _dense_view(small: nn.Module, original: nn.Module) -> nn.Module:
+    """The original architecture computing what ``small`` computes: factorized layers rebuilt
+    dense (:func:`densify`), every other parameter and buffer taken from ``small`` (fine-tuning
+    changed those too)."""
+    dense = densify(small, original)
+    own = small.state_dict()
+    state = dense.state_dict()
+    for k, v in state.items():
+        if k in own and own[k].shape == v.shape:
+            state[k] = own[k]
+    dense.load_state_dict(state)
+    return dense.eval()
+
+
+def _plan_of_chains(model: nn.Module) -> Plan:
+    """The plan that describes every factorized layer of ``model``, in network order."""
+    entries = {}
+    for name, m in model.named_modules():
+        if isinstance(m, FactorizedLayer):
+            entries[name] = {"method": m.method, "rank": get_method(m.method).rank_to_json(m.rank),
+                             **dict(m.options)}
+    return Plan(entries)
+
+
+def _one_sample(batch: Any) -> Any:
+    b = split_batch(batch)
+    if len(b.args) == 1 and not b.kwargs and isinstance(b.args[0], torch.Tensor):
+        return b.args[0][:1]
+    return None
+
+
+def _quality_key(result: dict[str, float]) -> str:
+    return "accuracy" if "accuracy" in result else "agreement"
+
+
+def _check_core_methods(model: nn.Module, names: list[str], methods: Any, rank_rule: str) -> None:
+    """PlanError (before any work) naming a layer that ``recompress="core"`` would meet with a
+    method that cannot recompress its core."""
+    menu = resolve_methods(methods)
+    modules = dict(model.named_modules())
+    for n in names:
+        geom = LayerGeometry.of(modules[n])
+        if rank_rule == "budget":
+            candidates = [m for m in menu if m.unsupported_reason(geom) is None]
+        else:
+            first = first_method(menu, geom)
+            candidates = [first] if first is not None else []
+        bad = [m.name for m in candidates if not m.core_recompression]
+        if bad:
+            able = [m.name for m in menu if m.core_recompression]
+            raise PlanError(
+                f'recompress="core" needs a method that recompresses its core (Tucker-2); layer {n!r} '
+                f"({type(modules[n]).__name__}) would get {', '.join(map(repr, bad))}, which cannot. Restrict "
+                f"layers= to layers that {', '.join(map(repr, able)) or 'such a method'} decomposes, put "
+                f'that method first in methods=, or use recompress="dense"')
 
 
 def iterative(
     model: nn.Module,
     data: Any,
     *,
-    keep: float,
+    keep: float | None = None,
     steps: int = 3,
     finetune_steps: int = 100,
     methods: Sequence[str] | str = "auto",
     data_aware: bool = True,
     val_data: Any = None,
     lr: float | None = None,
+    rank_rule: str = "budget",
+    weakening: float = 0.8,
+    min_rank: int = 8,
+    layers: Iterable[str] | None = None,
+    layers_per_stage: int | None = None,
+    max_drop: float | None = None,
+    recompress: str = "dense",
     progress: Any = False,
-) -> tuple[nn.Module, list[Stage]]:
-    """Compress in ``steps`` stages down to ``keep`` of the parameters, recovering after each.
+) -> tuple[nn.Module, History]:
+    """Compress in stages, recovering after each (Gusak et al. 2019, MUSCO).
 
-    Stage ``i`` keeps ``keep ** (i / steps)`` of the parameters: the planner allocates ranks
-    on the current (recovered) weights, the model is compressed, quality is measured, the
-    model is fine-tuned by distillation from the original, and quality is measured again.
-    Returns the final compressed model and the history of stages.
+    Each stage chooses ranks on the current (recovered) weights, compresses, measures the
+    quality, fine-tunes by distillation from the original (:func:`finetune`,
+    ``finetune_steps`` steps; 0 skips it) and measures again.
+
+    Parameters
+    ----------
+    keep : float in (0, 1]
+        With ``rank_rule="budget"`` (required there): stage ``i`` of ``steps`` keeps
+        ``keep ** (i / steps)`` of the parameters, ranks from :func:`plan_for_budget`.
+    steps : int
+        Number of stages (fewer when ``max_drop`` stops it).
+    rank_rule : "budget" or "weakened_vbmf"
+        ``"weakened_vbmf"``: each stage gives each of its layers MUSCO's rank
+        ``max(R - weakening * (R - R_vbmf), min_rank)``, ``R`` its current rank
+        (:func:`tensorscope.plan_by_rule`); at ``weakening=0.8`` and a VBMF rank near 40% of
+        ``R``, 256 channels go 256, 132, 68, 35, 18 over four stages.
+    methods : "auto", a name or names
+        For the budget: the planner's menu. For the rule: each layer takes the first that
+        applies to it.
+    layers : names, optional
+        The layers to compress (default: all decomposable layers).
+    layers_per_stage : int, optional
+        ``k``: each stage compresses the next ``k`` of ``layers`` in network order, then starts
+        again from the first (``"weakened_vbmf"`` only; default: all layers every stage).
+    max_drop : float, optional
+        Stop when a stage ends (after fine-tuning) more than this below the original's
+        quality (accuracy with labels, else agreement, as fractions: 0.01 is one point); the
+        model of the stage before is returned (the first stage's if it already fails, with a
+        warning), and ``History.stopped`` says why.
+    recompress : "dense" or "core"
+        How a layer decomposed in an earlier stage is decomposed again. ``"dense"``: its
+        weight is rebuilt and decomposed from scratch. ``"core"``: its method decomposes the
+        chain's own core and merges the new factors into the old ones
+        (:meth:`tensorscope.methods.Method.recompress`, Tucker-2); the result has a plain
+        chain's shape, so the final plan names the original layers and checkpoints load as
+        usual. Ranks are chosen on the rebuilt weights either way.
+    data_aware : bool
+        Decompose from dense weights with ``data`` as calibration data (core recompression
+        uses weights only).
+    val_data : optional
+        Where quality is measured and fine-tuning stops early (default: ``data``).
+
+    Returns
+    -------
+    (nn.Module, History)
+        The compressed model and one :class:`Stage` per stage run (``History.meta["original"]``:
+        the original's quality).
+
+    Raises
+    ------
+    ValueError
+        Bad ``keep``, ``steps``, ``rank_rule``, ``recompress``, ``layers_per_stage`` or
+        ``max_drop``; ``weakening`` outside [0, 1].
+    PlanError
+        An unknown layer (with close matches); ``recompress="core"`` where a layer would get a
+        method that cannot recompress its core (Tucker-2 can).
+    DataError
+        No batches in ``data``.
+
+    Everything is checked before any work; the input model is never modified.
     """
-    from .budget import plan_for_budget
-    from .evaluate import evaluate
-    from .inventory import count_params
-    from .surgery import compress
+    if rank_rule not in RANK_RULES:
+        raise ValueError(f"rank_rule must be one of {', '.join(RANK_RULES)}; got {rank_rule!r}")
+    if recompress not in RECOMPRESS:
+        raise ValueError(f"recompress must be one of {', '.join(RECOMPRESS)}; got {recompress!r}")
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1; got {steps!r}")
+    if rank_rule == "budget":
+        if keep is None or isinstance(keep, bool) or not isinstance(keep, numbers.Real) or not 0.0 < keep <= 1.0:
+            raise ValueError(f'keep must be in (0, 1] with rank_rule="budget"; got keep={keep!r}')
+        if layers_per_stage is not None:
+            raise ValueError('layers_per_stage needs rank_rule="weakened_vbmf": a budget is a target for the '
+                             "whole model, not for a few layers")
+    weakening = check_weakening(weakening)
+    min_rank = check_min_rank(min_rank)
+    if layers_per_stage is not None and (isinstance(layers_per_stage, bool)
+                                         or not isinstance(layers_per_stage, numbers.Integral)
+                                         or layers_per_stage < 1):
+        raise ValueError(f"layers_per_stage must be a positive integer or None; got {layers_per_stage!r}")
+    if max_drop is not None and (isinstance(max_drop, bool) or not isinstance(max_drop, numbers.Real)
+                                 or not math.isfinite(max_drop) or max_drop < 0):
+        raise ValueError(f"max_drop must be a finite number >= 0 (a fraction: 0.01 is one point); got {max_drop!r}")
+    if isinstance(finetune_steps, bool) or not isinstance(finetune_steps, numbers.Integral) or finetune_steps < 0:
+        raise ValueError(f"finetune_steps must be an integer >= 0; got {finetune_steps!r}")
+    names = check_layers(model, layers)
+    resolve_methods(methods)  # unknown names fail here
+    if recompress == "core":
+        _check_core_methods(model, names, methods, rank_rule)
+    batches = list(iter_batches(data))
+    if not batches:
+        raise DataError("iterative needs at least one batch of data")
+    evaluation = val_data if val_data is not None else batches
+    calibration = batches if data_aware else None
+    example = _one_sample(batches[0])
 
-    if not (0.0 < keep <= 1.0) or steps < 1:
-        raise ValueError(f"keep must be in (0, 1] and steps >= 1; got keep={keep!r}, steps={steps!r}")
-    evaluation = val_data if val_data is not None else data
-    current = copy.deepcopy(model).eval()
-    history: list[Stage] = []
-    small = current
+    original = evaluate(model, evaluation, reference=model)
+    key = _quality_key(original)
+    total_params = count_params(model)
+    history = History(meta={"original": original, "rank_rule": rank_rule, "recompress": recompress,
+                            "params": total_params,
+                            "flops": count_flops(model, example) if example is not None else None})
+    small = copy.deepcopy(model).eval()
+    accepted = small
+    start = 0
     with Progress(progress, total=steps, desc="iterative compression") as bar:
         for i in range(1, steps + 1):
-            k = keep ** (i / steps)
-            bar.set_message(f"stage {i}: keep {k:.1%}")
-            plan = plan_for_budget(current, k, methods=methods, data=data if data_aware else None)
-            small = compress(current, plan, data=data if data_aware else None)
-            before = evaluate(small, evaluation, reference=model)
-            small = finetune(small, data, teacher=model, steps=finetune_steps, lr=DEFAULT_LR if lr is None else lr,
-                             val_data=val_data)
-            after = evaluate(small, evaluation, reference=model)
-            history.append(Stage(k, count_params(small), before, after, plan))
-            if i < steps:
-                current = densify(small, current)
+            if layers_per_stage is None:
+                stage_layers = list(names)
+            else:
+                stage_layers = [names[(start + j) % len(names)] for j in range(min(layers_per_stage, len(names)))]
+                start = (start + layers_per_stage) % max(len(names), 1)
+            dense = _dense_view(small, model)
+            if rank_rule == "budget":
+                k = keep ** (i / steps)
+                bar.set_message(f"stage {i}: keep {k:.1%}")
+                plan = plan_for_budget(dense, k, methods=methods, data=calibration, layers=names)
+            else:
+                bar.set_message(f"stage {i}: {len(stage_layers)} layer(s)")
+                plan = plan_by_rule(dense, "weakened_vbmf", weakening=weakening, min_rank=min_rank, methods=methods,
+                                    layers=stage_layers)
+            new, changed = _apply_stage(small, dense, plan, stage_layers, recompress, calibration)
+            if not changed and rank_rule != "budget":
+                bar.update(1)
+                if layers_per_stage is None:  # the same weights give the same ranks: nothing more to do
+                    history.stopped = f"stage {i}: no layer's rank went down (every rank at its floor)"
+                    break
+                continue
+            before = evaluate(new, evaluation, reference=model)
+            if finetune_steps:
+                new = finetune(new, batches, teacher=model, steps=finetune_steps,
+                               lr=DEFAULT_LR if lr is None else lr, val_data=val_data)
+            after = evaluate(new, evaluation, reference=model)
+            params = count_params(new)
+            object.__setattr__(new, PLAN_ATTR, _plan_of_chains(new))
+            history.append(Stage(
+                keep=k if rank_rule == "budget" else params / total_params, params=params, before=before,
+                after=after, plan=plan_of(new), flops=count_flops(new, example) if example is not None else None,
+                ranks={n: m.rank for n, m in new.named_modules() if isinstance(m, FactorizedLayer)},
+                changed=changed, stage=i))
             bar.update(1)
-    return small, history
+            small = new
+            drop = original[key] - after[key]
+            if max_drop is not None and drop > max_drop:
+                if len(history) == 1:
+                    accepted = new
+                    history.stopped = (f"stage {i} ended {drop:.4f} below the original's {key} (max_drop="
+                                       f"{max_drop:g}); no earlier stage, so its model is returned")
+                    warnings.warn(f"iterative: {history.stopped}", stacklevel=2)
+                else:
+                    history.stopped = (f"stage {i} ended {drop:.4f} below the original's {key} (max_drop="
+                                       f"{max_drop:g}); the model of stage {history[-2].stage} is returned")
+                break
+            accepted = new
+    return accepted, history
+
+
+def _apply_stage(small: nn.Module, dense: nn.Module, plan: Plan, stage_layers: list[str], recompress: str,
+                 calibration: Any) -> tuple[nn.Module, list[str]]:
+    """A copy of ``small`` with the stage's layers set as ``plan`` says; the layers changed.
+
+    A layer whose planned method and rank are what it already has is left as it is (its
+    fine-tuned factors kept); a layer the plan leaves dense becomes dense again.
+    """
+    new = copy.deepcopy(small)
+    rebuild: dict[str, Any] = {}
+    core: dict[str, Any] = {}
+    dense_again: list[str] = []
+    for n in stage_layers:
+        cur = small.get_submodule(n)
+        entry = plan.layers.get(n)
+        if entry is None:
+            if isinstance(cur, FactorizedLayer):
+                dense_again.append(n)
+            continue
+        method = get_method(entry.method)
+        layer = dense.get_submodule(n)
+        geom = LayerGeometry.of(layer)
+        rank = method.resolve_rank(geom, entry.rank, entry.options)
+        if isinstance(cur, FactorizedLayer) and cur.method == method.name:
+            old = method.resolve_rank(geom, cur.rank, cur.options)
+            if recompress == "core" and method.core_recompression:
+                values = [min(a, b) for a, b in zip(method.axis_values(rank), method.axis_values(old))]
+                rank = method.rank_from_axes(geom, values, entry.options)
+            if rank == old:
+                continue
+            if recompress == "core" and method.core_recompression:
+                core[n] = (method, layer, cur, rank, entry.options)
+                continue
+        rebuild[n] = entry
+    if rebuild:
+        built = compress(dense, Plan({n: e.to_dict() for n, e in rebuild.items()}), data=calibration)
+        for n in rebuild:
+            set_submodule(new, n, built.get_submodule(n))
+    for n, (method, layer, chain, rank, options) in core.items():
+        set_submodule(new, n, method.recompress(layer, chain, rank, options))
+    for n in dense_again:
+        set_submodule(new, n, copy.deepcopy(dense.get_submodule(n)))
+    changed = [n for n in stage_layers if n in rebuild or n in core or n in dense_again]
+    return new.eval(), changed

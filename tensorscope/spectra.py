@@ -33,6 +33,7 @@ from .inventory import ModelIndex, inspect
 from .linalg import UNFOLDINGS, check_finite
 from .methods import LayerGeometry, Tradeoff, get_method
 from .progress import Progress
+from .sources import ON_DISK, open_source
 
 __all__ = ["Spectrum", "Tradeoff", "UNFOLDINGS", "layer_spectrum", "operator_spectrum", "powerlaw_alpha",
            "spectra", "spectrum", "tradeoff"]
@@ -206,9 +207,22 @@ def spectra(
     data: Any = None,
     progress: Any = False,
 ) -> dict[str, Spectrum]:
-    """Spectra of all decomposable layers (or of ``layers``), computed once and cached."""
+    """Spectra of all decomposable layers (or of ``layers``), computed once and cached.
+
+    ``model`` may be a path to weights on disk (a ``.safetensors`` file or a folder of shards,
+    :mod:`tensorscope.sources`): each layer is then read, measured and dropped in turn.
+    """
+    source = None
+    if isinstance(model, ON_DISK):
+        if data is not None:
+            raise PlanError("whitened spectra run data through the model: load it in memory for data= "
+                            "(tensorscope.load_model), or leave data out for the spectra of the weights")
+        source = open_source(model)
+        model = source.skeleton()
     names = list(layers) if layers is not None else [l.name for l in inspect(model)]
     modules = {n: _layer(model, n) for n in names} if layers is not None else dict(model.named_modules())
+    if source is not None:
+        modules = source.loader()
     stats = None
     if data is not None:
         stats = collect_stats(model, data, names, progress=progress)

@@ -3,24 +3,30 @@
 ``compress(model, plan)`` deep-copies the model, replaces each planned layer by the chain
 its method builds, and returns the copy; the original is never modified. Everything is
 validated before any factorization starts, so a bad plan fails fast and leaves nothing
-half-done.
+half-done. ``tensorize(model, plan)`` builds the same structure without factorizing, with
+fresh random weights, for training a factorized network from scratch.
 """
 
 from __future__ import annotations
 
 import copy
+import os
 import warnings
 from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
 
-from .errors import DecompositionError, TensorscopeError
-from .methods.base import BreakEvenWarning, check_finite, warn_if_past_break_even
 from .calibration import collect_stats
+from .errors import DecompositionError, PlanError, TensorscopeError
+from .forward_check import behaviour
+from .layers import FactorizedLayer
+from .methods.base import BreakEvenWarning, check_finite, warn_if_past_break_even
 from .plan import Plan, ResolvedLayer, as_plan
 from .preview import cached_factors
 from .progress import Progress
+from .sources import ON_DISK
+from .streaming import compress_source
 
 PLAN_ATTR = "_tensorscope_plan"
 FOLD_ATTR = "_tensorscope_fold_bn"
@@ -98,13 +104,20 @@ def compress(
     max_batches: int | None = None,
     progress: bool | Callable[[float, str], None] = False,
     stats: Mapping[str, Any] | None = None,
+    out: str | os.PathLike | None = None,
+    **on_disk: Any,
 ) -> nn.Module:
     """Return a copy of ``model`` with the planned layers decomposed.
 
     Parameters
     ----------
-    model : nn.Module
-        Not modified.
+    model : nn.Module, or a path
+        Not modified. A path is weights on disk (a ``.safetensors`` file or a folder of
+        shards): they are compressed a layer at a time into the folder ``out`` (shards, index
+        and plan; ``tensorscope.load(out)`` rebuilds the model), which is returned; a killed
+        run resumes, and under ``torchrun`` the layers are shared among the processes.
+        ``on_disk`` takes ``arch=``, ``arch_kwargs=`` and ``shard_bytes=``; see
+        :func:`tensorscope.streaming.compress_source`.
     plan : Plan, dict, JSON text or path
         See :class:`tensorscope.Plan`.
     data : iterable of batches, optional
@@ -120,6 +133,17 @@ def compress(
         Statistics already collected by :func:`tensorscope.collect_stats` (instead of ``data``),
         e.g. the ones the explorer's preview used, so both build the same factors.
     """
+    if isinstance(model, ON_DISK):
+        if out is None:
+            raise TypeError("compressing weights on disk writes a folder of shards: pass out='folder'")
+        if data is not None or fold_bn or max_batches is not None:
+            raise TypeError("data=, max_batches= and fold_bn= need the model in memory; for data-aware factors of "
+                            "weights on disk pass stats= (tensorscope.collect_stats, or tensorscope.distributed."
+                            "collect_stats under torchrun)")
+        return compress_source(model, plan, out=out, stats=stats, refine=refine, progress=progress, **on_disk)
+    if out is not None or on_disk:
+        raise TypeError(f"out= and {sorted(on_disk) or 'its options'} are for weights on disk; save a compressed "
+                        "model with tensorscope.save")
     if not isinstance(model, nn.Module):
         raise TypeError(f"compress expects an nn.Module; got {type(model).__name__}")
     plan = as_plan(plan)
@@ -127,6 +151,7 @@ def compress(
     if fold_bn:
         fold_batchnorm(new)
     resolved = plan.validate(new)
+    _refuse_unfactorizable(resolved)
     for r in resolved:  # refuse NaN/Inf before spending time on anything
         check_finite(r.module, r.name)
     if data is not None and stats is not None:
@@ -146,12 +171,31 @@ def compress(
     return new
 
 
+def _refuse_unfactorizable(resolved: list[ResolvedLayer]) -> None:
+    """PlanError naming the first entry whose method cannot factorize it (``Method.factorize_refusal``)."""
+    for r in resolved:
+        why = r.method.factorize_refusal(r.geometry, r.options)
+        if why:
+            raise PlanError(f"layer {r.name!r}: {why}")
+
+
+def with_input_padding(layer: nn.Module, built: nn.Module) -> nn.Module:
+    """``built`` with the zero padding that ``layer``'s own forward applies (a TensorFlow-style
+    "same" conv port) in front, so the chain computes what the layer did; ``built`` itself
+    when the layer pads as its class declares (see :mod:`tensorscope.forward_check`)."""
+    pad = behaviour(layer).padding_module(layer) if isinstance(layer, nn.Conv2d) else None
+    if pad is None:
+        return built
+    return FactorizedLayer(pad, *built, method=built.method, rank=built.rank, source=built.source,
+                           options=built.options)
+
+
 def _decompose_one(r: ResolvedLayer, stats: Any, refine: bool) -> nn.Module:
     warn_if_past_break_even(r.method, r.geometry, r.rank, r.options, name=r.name)
     try:
         layer_stats = stats.get(r.name) if stats is not None else None
         factors = cached_factors(r, refine, layer_stats)
-        built = r.method.build(r.module, factors)
+        built = with_input_padding(r.module, r.method.build(r.module, factors))
     except TensorscopeError as e:
         raise type(e)(f"layer {r.name!r}: {e}") from e
     except (RuntimeError, ValueError, torch.linalg.LinAlgError) as e:
@@ -160,6 +204,84 @@ def _decompose_one(r: ResolvedLayer, stats: Any, refine: bool) -> nn.Module:
         ) from e
     built.train(r.module.training)
     return built
+
+
+# ---- tensorize ----------------------------------------------------------------------------
+
+TENSORIZE_INITS = ("random", "factorize")
+
+
+def _check_resettable(name: str, method: str, built: nn.Module) -> None:
+    """Every module of a built chain that holds parameters must draw its own (``reset_parameters``)."""
+    for child in built.children():
+        has_params = any(True for _ in child.parameters())
+        if has_params and not callable(getattr(child, "reset_parameters", None)):
+            raise DecompositionError(
+                f"layer {name!r}: tensorize(init='random') needs reset_parameters() on every module method "
+                f"{method!r} builds, and {type(child).__name__} has none; give it one, or use init='factorize'"
+            )
+
+
+def tensorize(model: nn.Module, plan: Any, *, init: str = "random", seed: int = 0) -> nn.Module:
+    """Return a copy of ``model`` with the structure of ``plan``, ready to train.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Not modified.
+    plan : Plan, dict, JSON text or path
+        See :class:`tensorscope.Plan`; recorded on the copy (``plan_of``), so ``ts.save``,
+        ``ts.load`` and ``ts.export`` work as for a compressed model.
+    init : ``"random"`` or ``"factorize"``
+        ``"random"``: each planned layer becomes the module its method builds, drawn afresh
+        by its ``reset_parameters()`` (tensor-train and tensor-ring layers: normal cores
+        whose rebuilt weight has Glorot variance; chains of ``nn.Linear``/``nn.Conv2d``:
+        each layer's own initialisation); nothing is factorized, so entries ``compress``
+        refuses (``shuffle``) are built. ``"factorize"``: exactly ``compress(model, plan)``.
+    seed : int
+        Seeds the random initialisation (torch's global random state is left as it was).
+
+    Raises
+    ------
+    PlanError, RankError
+        Before any work, naming the layer, the value and the fix (as ``compress``).
+
+    References
+    ----------
+    Novikov et al., "Tensorizing Neural Networks", NeurIPS 2015 (TT layers trained from a
+    random start).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"tensorize expects an nn.Module; got {type(model).__name__}")
+    if init not in TENSORIZE_INITS:
+        raise PlanError(f"tensorize: init must be 'random' (fresh weights to train) or 'factorize' (the factors of "
+                        f"the trained weights, as compress); got {init!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise PlanError(f"tensorize: seed must be an integer; got {seed!r}")
+    if init == "factorize":
+        return compress(model, plan)
+    plan = as_plan(plan)
+    new = copy.deepcopy(model)
+    resolved = plan.validate(new)
+    for r in resolved:
+        warn_if_past_break_even(r.method, r.geometry, r.rank, r.options, name=r.name)
+    devices = sorted({p.device.index or 0 for r in resolved for p in r.module.parameters() if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        for r in resolved:
+            try:
+                built = with_input_padding(r.module, r.method.skeleton(r.module, r.rank, r.options))
+            except TensorscopeError as e:
+                raise type(e)(f"layer {r.name!r}: {e}") from e
+            _check_resettable(r.name, r.method.name, built)
+            reset = getattr(built, "reset_parameters", None)
+            if callable(reset):
+                reset()
+            built.train(r.module.training)
+            set_submodule(new, r.name, built)
+    object.__setattr__(new, PLAN_ATTR, plan)
+    object.__setattr__(new, FOLD_ATTR, False)
+    return new
 
 
 def apply_skeleton(model: nn.Module, plan: Any, *, fold_bn: bool = False) -> nn.Module:
@@ -174,7 +296,7 @@ def apply_skeleton(model: nn.Module, plan: Any, *, fold_bn: bool = False) -> nn.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", BreakEvenWarning)
         for r in plan.validate(model):
-            built = r.method.skeleton(r.module, r.rank, r.options)
+            built = with_input_padding(r.module, r.method.skeleton(r.module, r.rank, r.options))
             built.train(r.module.training)
             set_submodule(model, r.name, built)
     object.__setattr__(model, PLAN_ATTR, plan)

@@ -58,14 +58,14 @@ def _built_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-@pytest.mark.parametrize("method", CONV_METHODS + ["tt"])
+@pytest.mark.parametrize("method", CONV_METHODS + ["tt", "tr"])
 @given(case=conv_layers())
 def test_conv_full_rank_exact_and_costs(method, case):
     layer, (h, w) = case
     m = get_method(method)
     geom = LayerGeometry.of(layer, in_size=(h, w))
     if m.unsupported_reason(geom):
-        assert method == "tt" and layer.groups > 1
+        assert method in ("tt", "tr") and layer.groups > 1
         return
     rank = m.max_rank(geom)
     with warnings.catch_warnings():
@@ -79,7 +79,7 @@ def test_conv_full_rank_exact_and_costs(method, case):
     assert isinstance(built, ts.FactorizedLayer) and built.method == method
 
 
-@pytest.mark.parametrize("method", CONV_METHODS + ["tt"])
+@pytest.mark.parametrize("method", CONV_METHODS + ["tt", "tr"])
 @given(case=conv_layers(), frac=st.floats(0.05, 0.95))
 def test_conv_truncated_costs_match_built(method, case, frac):
     layer, (h, w) = case
@@ -99,7 +99,7 @@ def test_conv_truncated_costs_match_built(method, case, frac):
 
 @given(out_f=st.integers(1, 40), in_f=st.integers(1, 40), bias=st.booleans(), tokens=st.integers(1, 3),
        seed=st.integers(0, 1000))
-@pytest.mark.parametrize("method", ["svd", "tt"])
+@pytest.mark.parametrize("method", ["svd", "tt", "tr"])
 def test_linear_full_rank_exact_and_costs(method, out_f, in_f, bias, tokens, seed):
     torch.manual_seed(seed)
     layer = nn.Linear(in_f, out_f, bias=bias).double()
@@ -179,7 +179,7 @@ def test_cp_balances_and_truncates():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("method", ["svd", "tucker2", "cp", "tt"])
+@pytest.mark.parametrize("method", ["svd", "tucker2", "cp", "tt", "tr"])
 def test_dtype_is_kept(method, dtype):
     torch.manual_seed(0)
     layer = nn.Conv2d(4, 6, 3, padding=1).to(dtype)
@@ -196,7 +196,7 @@ def test_dtype_is_kept(method, dtype):
 @pytest.mark.parametrize("method,bad", [
     ("svd", 0), ("svd", -1), ("svd", 10_000), ("svd", 1.5), ("svd", float("nan")), ("svd", "8"), ("svd", True),
     ("tucker2", [0, 2]), ("tucker2", [2, 99]), ("tucker2", [1, 2, 3]), ("cp", 0), ("cp", 10**9),
-    ("tt", [2, 2, 2]), ("tt", [1, 0, 1]),
+    ("tt", [2, 2, 2]), ("tt", [1, 0, 1]), ("tr", [2, 3, 3, 1]), ("tr", [1, 0, 1]), ("tr", 10**6),
 ])
 def test_bad_ranks_raise_rank_error_naming_the_range(method, bad):
     layer = nn.Conv2d(4, 6, 3)
@@ -209,7 +209,7 @@ def test_bad_ranks_raise_rank_error_naming_the_range(method, bad):
 def test_fraction_one_is_exact_rank():
     layer = nn.Conv2d(4, 6, 3)
     geom = LayerGeometry.of(layer)
-    for name in ("svd", "tucker2", "cp", "tt"):
+    for name in ("svd", "tucker2", "cp", "tt", "tr"):
         m = get_method(name)
         assert m.resolve_rank(geom, 1.0) == m.max_rank(geom)
 
@@ -223,7 +223,7 @@ def test_break_even_warns():
 def test_nan_weights_refused_before_factorizing():
     layer = nn.Conv2d(3, 4, 3)
     layer.weight.data[0, 0, 0, 0] = float("nan")
-    for name in ("svd", "tucker2", "cp", "tt"):
+    for name in ("svd", "tucker2", "cp", "tt", "tr"):
         with pytest.raises(ts.NonFiniteWeightError, match="NaN/Inf"):
             get_method(name).decompose(layer, 2)
 
@@ -237,6 +237,6 @@ def test_cp_all_zero_kernel_is_handled():
 
 
 def test_registry_lists_methods():
-    assert set(ts.available_methods()) >= {"svd", "tucker2", "cp", "tt"}
+    assert set(ts.available_methods()) >= {"svd", "tucker2", "cp", "tt", "tr"}
     with pytest.raises(ts.PlanError, match="available methods"):
         get_method("nope")

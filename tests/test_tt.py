@@ -237,13 +237,13 @@ def test_sweep_direction_is_the_cheaper_and_both_agree(in_shape, out_shape, expe
     x = torch.randn(5, 32, dtype=torch.float64)
     outs = {}
     for direction in ("ltr", "rtl"):
-        mod = TTLinear(in_shape, out_shape, rank, direction=direction, dtype=torch.float64)
+        mod = TTLinear(in_shape, out_shape, rank, direction=direction, mode="sweep", dtype=torch.float64)
         mod.load_state_dict(built[0].state_dict())
         outs[direction] = mod(x)
         assert flops_of(mod, x) == tt_sweep_flops(in_shape, out_shape, rank, 5, direction)
     torch.testing.assert_close(outs["ltr"], outs["rtl"], **TOL64)
     torch.testing.assert_close(outs[expect], built(x), **TOL64)
-    assert TT_METHOD.count_flops(geom, rank, opts) == min(
+    assert TT_METHOD.count_flops(geom, rank, {**opts, "mode": "sweep"}) == min(
         tt_sweep_flops(in_shape, out_shape, rank, 1, "ltr"), tt_sweep_flops(in_shape, out_shape, rank, 1, "rtl")
     )
 

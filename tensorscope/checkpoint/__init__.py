@@ -4,7 +4,9 @@
   before any tensor is read): :func:`save`, :func:`load`, :func:`describe`;
 * :mod:`.user_models`: users' weights (state dicts, pickled modules with ``trust=True``,
   Hugging Face folders): :func:`load_model`;
-* :mod:`.state`: loading a state dict into a network, naming every mismatch.
+* :mod:`.state`: loading a state dict into a network, naming every mismatch;
+* :mod:`.folder`: a folder of shards that ``compress(path, plan, out=folder)`` wrote
+  (:func:`load` takes a file or such a folder).
 
 Beside this package: :mod:`tensorscope.export` (:func:`export`, re-exported here),
 :mod:`tensorscope.file_limits` (size limits, sniffing, zip bombs) and
@@ -31,9 +33,9 @@ from .format import (
     META_KEY,
     _st_save_file,  # save() calls it from here: tests replace it to make a write fail
     describe,
-    load,
     save,
 )
+from .folder import load  # a file (format.load), or a folder of shards that compress wrote
 from .state import NonFiniteWarning
 from .user_models import load_model
 

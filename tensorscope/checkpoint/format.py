@@ -15,7 +15,15 @@ fine). It holds no pickle, so reading it never runs code from the file. Layout::
               "fold_bn": false, "dtype": "float32", "created": "<ISO 8601, UTC>",
               "user": {...},                       # save(metadata=...)
               "aliases": {"out.weight": "emb.weight"},  # tied tensors, stored once
-              "extra_state": {...}}                # JSON get_extra_state() values
+              "extra_state": {...},                # JSON get_extra_state() values
+              "checksums": {"fc1.0": "shuffle 7: sha256:..."}}  # module checksums (below)
+
+Module checksums. A module may hold state that is neither in its state dict nor in the plan
+but is derived from it, such as the permutation a shuffled tensor-train layer generates
+from its seed (a non-persistent buffer). Such a module defines ``tensorscope_checksum()``
+(a string, or None when there is nothing to check); :func:`save` records every non-None
+one under ``"checksums"`` by module name, and :func:`load` refuses a file whose checksums
+differ from those of the model it rebuilt (the layer would compute another function).
 
 The tensors are the compressed model's ``state_dict()``. Loading rebuilds the uncompressed
 architecture (``model=``, ``arch=`` or the recorded reference), gives it the plan's
@@ -35,7 +43,6 @@ import json
 import math
 import os
 import sys
-from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import torch
@@ -48,8 +55,9 @@ from .._arch import get_arch, set_arch
 from .._io import atomic_path
 from .._version import __version__
 from ..arch_trust import REF_RE, resolve_architecture
-from ..errors import ArchitectureError, CheckpointError, FileTooLargeError, TensorscopeError
+from ..errors import ArchitectureError, CheckpointError, TensorscopeError
 from ..plan import Plan, as_plan
+from ..safetensors_header import MAX_HEADER_BYTES, _ST_DTYPES, _bad, _Header, _read_header
 from ..surgery import FOLD_ATTR, apply_skeleton, plan_of
 from .state import _finish, _load_state, _warn_non_finite
 
@@ -59,132 +67,9 @@ __all__ = ["save", "load", "describe", "FORMAT_VERSION", "META_KEY"]
 FORMAT_VERSION = 1
 #: the safetensors metadata key holding tensorscope's JSON record
 META_KEY = "tensorscope"
-#: the largest header safetensors itself accepts
-MAX_HEADER_BYTES = 100_000_000
 MAX_USER_METADATA_CHARS = 1 << 20
 
-# safetensors dtype names -> (torch dtype name, bytes per element)
-_ST_DTYPES: dict[str, tuple[str, int]] = {
-    "BOOL": ("bool", 1),
-    "U8": ("uint8", 1),
-    "I8": ("int8", 1),
-    "F8_E4M3": ("float8_e4m3fn", 1),
-    "F8_E5M2": ("float8_e5m2", 1),
-    "F8_E4M3FNUZ": ("float8_e4m3fnuz", 1),
-    "F8_E5M2FNUZ": ("float8_e5m2fnuz", 1),
-    "F8_E8M0": ("float8_e8m0fnu", 1),
-    "I16": ("int16", 2),
-    "U16": ("uint16", 2),
-    "F16": ("float16", 2),
-    "BF16": ("bfloat16", 2),
-    "I32": ("int32", 4),
-    "U32": ("uint32", 4),
-    "F32": ("float32", 4),
-    "I64": ("int64", 8),
-    "U64": ("uint64", 8),
-    "F64": ("float64", 8),
-    "C64": ("complex64", 8),
-}
-
-
-# ---- the safetensors header ---------------------------------------------------------------
-
-
-@dataclass
-class _Header:
-    path: str
-    size: int
-    header_len: int
-    tensors: dict[str, tuple[str, tuple[int, ...], int, int]]  # name -> (dtype, shape, begin, end)
-    metadata: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def data_start(self) -> int:
-        return 8 + self.header_len
-
-
-def _bad(path: str, what: str) -> CheckpointError:
-    return CheckpointError(f"{path!r} is not a valid checkpoint: {what}")
-
-
-def _read_header(path: str, size: int, limit: int) -> _Header:
-    """Read and check the safetensors header without reading any tensor."""
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise _bad(path, f"the file is {size} bytes, shorter than the 8-byte header length (truncated?)")
-        n = int.from_bytes(head, "little")
-        if n > MAX_HEADER_BYTES:
-            raise _bad(
-                path,
-                f"its first 8 bytes declare a {n:,}-byte header, over the {MAX_HEADER_BYTES:,} bytes "
-                "safetensors allows (random bytes, or not a safetensors file)",
-            )
-        if n > size - 8:
-            raise _bad(
-                path,
-                f"its first 8 bytes declare a {n:,}-byte header but the file is only {size:,} bytes "
-                "(truncated, or not a safetensors file)",
-            )
-        raw = f.read(n)
-    if len(raw) != n:
-        raise _bad(path, "the file ended inside its header (truncated?)")
-    try:
-        doc = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        raise _bad(path, "its header is not JSON (random bytes, or a corrupt file)") from None
-    if not isinstance(doc, dict):
-        raise _bad(path, f"its header is JSON {type(doc).__name__}, not an object")
-    metadata = doc.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
-    ):
-        raise _bad(path, '"__metadata__" must map strings to strings')
-    data_len = size - 8 - n
-    tensors: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
-    for name, info in doc.items():
-        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
-            raise _bad(path, f"tensor {name!r}: an entry needs dtype, shape and data_offsets; got {info!r:.200}")
-        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-        if dtype not in _ST_DTYPES or getattr(torch, _ST_DTYPES[dtype][0], None) is None:
-            raise _bad(path, f"tensor {name!r}: unsupported dtype {dtype!r:.40}")
-        if not isinstance(shape, list) or len(shape) > 64 or not all(
-            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
-        ):
-            raise _bad(path, f"tensor {name!r}: shape must be a list of non-negative integers; got {shape!r:.200}")
-        if not (
-            isinstance(offsets, list) and len(offsets) == 2
-            and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
-            and 0 <= offsets[0] <= offsets[1]
-        ):
-            raise _bad(path, f"tensor {name!r}: data_offsets must be [begin, end] with 0 <= begin <= end; got {offsets!r:.200}")
-        begin, end = offsets
-        nbytes = math.prod(shape) * _ST_DTYPES[dtype][1]
-        if end - begin != nbytes:
-            raise _bad(
-                path,
-                f"tensor {name!r}: shape {shape} of {dtype} is {nbytes:,} bytes but its data_offsets "
-                f"[{begin:,}, {end:,}] span {end - begin:,} bytes (the header contradicts itself)",
-            )
-        if end > data_len:
-            raise _bad(
-                path,
-                f"tensor {name!r}: its data ends at byte {end:,} of the data section, which has only "
-                f"{data_len:,} bytes (truncated file?)",
-            )
-        tensors[name] = (dtype, tuple(shape), begin, end)
-    # the tensors must tile the data section: no overlap, no gap, nothing left over
-    pos = 0
-    for name, (_, _, begin, end) in sorted(tensors.items(), key=lambda kv: (kv[1][2], kv[1][3])):
-        if begin != pos:
-            what = "overlaps the previous tensor" if begin < pos else f"leaves a gap of {begin - pos:,} bytes"
-            raise _bad(path, f"tensor {name!r}: its data_offsets start at {begin:,}, which {what}")
-        pos = end
-    if pos != data_len:
-        raise _bad(path, f"the tensors cover {pos:,} bytes but the data section has {data_len:,} bytes")
-    if pos > limit:
-        raise FileTooLargeError(f"{path!r} declares {pos:,} bytes of tensors; {file_limits.limit_hint(limit)}")
-    return _Header(path, size, n, tensors, metadata)
+# ---- the safetensors header: tensorscope.safetensors_header (shared with tensorscope.sources) ----
 
 
 def _read_tensors(h: _Header) -> dict[str, Tensor]:
@@ -251,7 +136,38 @@ def _record(h: _Header) -> dict[str, Any] | None:
     extra = rec.get("extra_state") or {}
     if not isinstance(extra, dict):
         raise _bad(h.path, '"extra_state" must be a JSON object')
+    sums = rec.get("checksums") or {}
+    if not isinstance(sums, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in sums.items()):
+        raise _bad(h.path, '"checksums" must map module names to strings')
     return rec
+
+
+def module_checksums(model: nn.Module) -> dict[str, str]:
+    """``{module name: tensorscope_checksum()}`` for every module that defines one (None skipped)."""
+    out: dict[str, str] = {}
+    for name, mod in model.named_modules():
+        fn = getattr(mod, "tensorscope_checksum", None)
+        if callable(fn):
+            value = fn()
+            if value is not None:
+                out[name] = str(value)
+    return out
+
+
+def _check_checksums(net: nn.Module, rec: Mapping[str, Any], path: str, source: str) -> None:
+    """CheckpointError naming the first module whose checksum differs from the recorded one."""
+    want = rec.get("checksums") or {}
+    got = module_checksums(net)
+    for name in sorted(set(want) | set(got)):
+        if want.get(name) != got.get(name):
+            recorded = repr(want[name]) if name in want else "no checksum"
+            built = repr(got[name]) if name in got else "none"
+            raise CheckpointError(
+                f"the checkpoint {path!r} does not match {source}: module {name!r} was saved with {recorded} but "
+                f"this tensorscope ({__version__}) builds it with {built}, so it would compute another function "
+                f"(e.g. a shuffle permutation generated differently, or a plan edited by hand). Load it with the "
+                f"tensorscope that wrote it ({rec.get('tensorscope_version', '?')})"
+            )
 
 
 def _record_plan(rec: Mapping[str, Any], path: str) -> Plan | None:
@@ -411,6 +327,7 @@ def save(
         "user": user,
         "aliases": aliases,
         "extra_state": extra,
+        "checksums": module_checksums(model),
     }
     with atomic_path(path) as tmp:
         _st_save_file(tensors, tmp, {META_KEY: json.dumps(record)})
@@ -503,6 +420,7 @@ def _load_checkpoint(h: _Header, rec: dict[str, Any], *, model, arch, arch_kwarg
             sd[key] = value
     _warn_non_finite(sd, path)
     _load_state(net, sd, path, source)
+    _check_checksums(net, rec, path, source)
     if arch_rec is not None:
         set_arch(net, arch_rec["ref"], arch_rec.get("kwargs") or {})
     return _finish(net, map_location)

@@ -15,7 +15,8 @@ method, never its name:
   presets), ``slow`` (refits per rank: memoised, shown as pending, capped by ``work``),
   ``uses_data`` (calibration statistics change its factors);
 - work: ``factorize``, ``build``, ``empty_factors``, ``reconstruct``, ``tradeoff``,
-  ``cheap_error``, ``heldout_errors``.
+  ``cheap_error``, ``heldout_errors``, and ``recompress`` where ``core_recompression``;
+  ``factorize_refusal`` (an entry only ``tensorize`` builds, never ``compress``).
 
 Counting functions take a :class:`LayerGeometry` and a rank only: the planner and the
 explorer price thousands of candidate ranks without building (or factorizing) anything.
@@ -208,20 +209,27 @@ class Option:
     """One option key a plan entry may carry besides ``method`` and ``rank``.
 
     ``kind`` is ``"int"`` (an integer in ``[low, high]``), ``"float"`` (a finite number in
-    ``[low, high]``), ``"bool"`` or ``"shape"`` (a non-empty list of positive integers).
+    ``[low, high]``), ``"bool"``, ``"shape"`` (a non-empty list of positive integers) or
+    ``"choice"`` (one of the strings in ``choices``).
     """
 
     kind: str
     low: float = 0
     high: float = 10_000
     help: str = ""
+    choices: tuple[str, ...] = ()
 
     def check(self, key: str, value: Any, where: str = "") -> Any:
         """The value in canonical form (shapes become tuples); PlanError naming key and value."""
         if self.kind == "int":
             if isinstance(value, bool) or not isinstance(value, int) or not self.low <= value <= self.high:
-                raise PlanError(f"{where}{key} must be an integer in [{self.low:g}, {self.high:g}]; got {value!r}")
+                raise PlanError(f"{where}{key} must be an integer in [{int(self.low)}, {int(self.high)}]; "
+                                f"got {value!r}")
             return int(value)
+        if self.kind == "choice":
+            if not isinstance(value, str) or value not in self.choices:
+                raise PlanError(f"{where}{key} must be one of {', '.join(map(repr, self.choices))}; got {value!r}")
+            return value
         if self.kind == "float":
             ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
             if not ok or not self.low <= value <= self.high:
@@ -236,7 +244,7 @@ class Option:
                     and all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in value)):
                 raise PlanError(f"{where}{key} must be a list of positive integers; got {value!r}")
             return tuple(int(x) for x in value)
-        raise PlanError(f"{where}{key}: option kind {self.kind!r} is not one of int, float, bool, shape")
+        raise PlanError(f"{where}{key}: option kind {self.kind!r} is not one of int, float, bool, shape, choice")
 
 
 _RANK_TEXT_SPLIT = re.compile(r"\s*[×xX,\-\s]\s*")
@@ -264,6 +272,8 @@ class Method(abc.ABC):
     uses_data: ClassVar[bool] = False
     #: the string that separates the integers of a multi-axis rank in text
     rank_separator: ClassVar[str] = "-"
+    #: ``recompress`` re-decomposes a built chain from its own factors (MUSCO's core path)
+    core_recompression: ClassVar[bool] = False
 
     # ---- what can be decomposed -------------------------------------------------------
     def unsupported_reason(self, geom: LayerGeometry) -> str | None:
@@ -413,6 +423,15 @@ class Method(abc.ABC):
         return None
 
     # ---- factorize and build ---------------------------------------------------------
+    def factorize_refusal(self, geom: LayerGeometry, options: Mapping[str, Any] | None = None) -> str | None:
+        """Why :meth:`factorize` cannot make this plan entry from a trained weight (None when it can).
+
+        ``compress`` (and ``tensorize(init="factorize")``) raise it as a :class:`PlanError`
+        naming the layer before any work; ``tensorize(init="random")`` builds the entry all
+        the same (its structure does not need factors).
+        """
+        return None
+
     @abc.abstractmethod
     def factorize(
         self,
@@ -436,6 +455,19 @@ class Method(abc.ABC):
     @abc.abstractmethod
     def empty_factors(self, geom: LayerGeometry, rank: Rank, options: Mapping[str, Any] | None = None) -> Factors:
         """Zero factors of the right shapes, to build a skeleton a checkpoint is loaded into."""
+
+    def recompress(self, layer: nn.Module, chain: nn.Module, rank: Rank,
+                   options: Mapping[str, Any] | None = None) -> nn.Module | None:
+        """Decompose an existing chain of this method again, at a smaller ``rank``, from its own
+        factors instead of the dense weight (MUSCO's repeated compression of the core, Gusak
+        et al. 2019). The result has the shape :meth:`build` gives ``layer`` at ``rank``, so a
+        plan naming ``layer`` describes it and checkpoints load it unchanged.
+
+        ``layer`` is the original (dense) layer or one of its geometry, ``chain`` what
+        :meth:`build` made of it (possibly trained since). Default: ``None``, this method
+        cannot (``core_recompression`` is False); callers rebuild from the dense weight.
+        """
+        return None
 
     def skeleton(self, layer: nn.Module, rank: Rank, options: Mapping[str, Any] | None = None) -> nn.Module:
         """The built module's structure without factorizing anything (weights are zeros)."""

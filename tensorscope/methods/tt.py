@@ -16,6 +16,18 @@ give an int ``r`` (every inner bond ``min(r, its maximum)``), a fraction ``f`` i
 Shapes. ``options["in_shape"]`` / ``options["out_shape"]`` choose the factorization of the
 input / output size (channels for Conv2d); without them :func:`tt_shapes` picks one.
 
+Mode. ``options["mode"]`` is ``"sweep"`` (contract the input with the cores, never form the
+weight), ``"rebuild"`` (form the weight per call, then one dense ``linear``/``conv2d``) or
+``"auto"`` (the default: a cost model picks when the layer is built, for
+``options["batch"]`` samples per call, default 1; see :mod:`tensorscope.tt_layers`).
+``count_flops`` follows the mode and states FLOPs per sample at that batch size.
+
+Shuffle (RsTD). ``options["shuffle"] = seed`` permutes the flattened weight by a fixed
+permutation of that seed (:mod:`tensorscope.permutation`) before tensorizing; the layer
+always rebuilds. It is for training from scratch (``ts.tensorize(model, plan,
+init="random")``): ``factorize`` refuses it, because a TT-SVD of a shuffled trained weight
+loses more than of the weight itself (:meth:`TT.factorize_refusal`).
+
 References
 ----------
 Oseledets, "Tensor-Train Decomposition", SIAM J. Sci. Comput. 33(5), 2011 (TT-SVD).
@@ -38,7 +50,8 @@ from torch import nn
 from .. import linalg
 from ..errors import DecompositionError, PlanError, RankError
 from ..layers import FactorizedLayer
-from ..tt_layers import TTConv2d, TTLinear, tt_conv_flops, tt_sweep_direction, tt_sweep_flops
+from ..permutation import MAX_SEED, seeded_permutation
+from ..tt_layers import TTConv2d, TTLinear, tt_conv_flops, tt_conv_mode, tt_linear_flops, tt_linear_mode
 from .base import (
     Factors,
     LayerGeometry,
@@ -55,7 +68,60 @@ from .registry import register_method
 class DataIgnoredWarning(UserWarning):
     """Calibration data was given to a method that cannot use it."""
 
-__all__ = ["TT", "tt_shapes", "tt_svd", "default_tt_order"]
+__all__ = ["TT", "tt_shapes", "tt_svd", "default_tt_order", "LAYER_OPTIONS", "layer_options"]
+
+#: the plan options every tensorized method (tt, tr) takes besides its shapes
+LAYER_OPTIONS = {
+    "mode": Option("choice", choices=("auto", "sweep", "rebuild"),
+                   help="'sweep' never forms the weight, 'rebuild' forms it per call then runs one dense "
+                        "layer, 'auto' (default) lets a cost model pick at build"),
+    "batch": Option("int", 1, 1 << 20, help="samples per call the 'auto' mode and count_flops assume (default 1)"),
+    "shuffle": Option("int", 0, MAX_SEED, help="seed of a fixed permutation of the flattened weight (RsTD): "
+                                               "the layer always rebuilds; for tensorize + training only"),
+}
+
+
+def layer_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``mode`` (None for automatic), ``batch`` and ``shuffle`` of a plan entry, defaults filled in."""
+    options = options or {}
+    mode = options.get("mode")
+    return {"mode": None if mode in (None, "auto") else mode, "batch": int(options.get("batch", 1)),
+            "shuffle": options.get("shuffle")}
+
+
+def check_layer_options(method: str, options: Mapping[str, Any], where: str = "") -> None:
+    """Refuse ``shuffle`` with ``mode: "sweep"`` (a shuffled layer always rebuilds)."""
+    if options.get("shuffle") is not None and options.get("mode") == "sweep":
+        raise PlanError(
+            f"{where}{method}: shuffle={options['shuffle']} cannot run in mode 'sweep': a shuffled layer forms its "
+            "weight in every call; set \"mode\": \"rebuild\" (or leave mode out) or drop \"shuffle\""
+        )
+
+
+def shuffle_refusal(method: str, options: Mapping[str, Any] | None) -> str | None:
+    """Why a shuffled entry cannot be factorized from a trained weight (None when not shuffled)."""
+    seed = (options or {}).get("shuffle")
+    if seed is None:
+        return None
+    return (
+        f"{method}: shuffle={seed} is for layers trained from scratch: a TT-SVD of a shuffled trained weight loses "
+        "more than of the weight itself (relative error 0.63 against 0.48 at rank 32), so compress does not "
+        "factorize it. Build the structure with ts.tensorize(model, plan, init='random') and train it, or drop "
+        "\"shuffle\" from this entry to compress the trained weight"
+    )
+
+
+def given_layer_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The ``mode``/``batch``/``shuffle`` keys a plan entry gave (for factors' meta and the built layer)."""
+    return {k: options[k] for k in LAYER_OPTIONS if options and options.get(k) is not None}
+
+
+def permute_weight(w: torch.Tensor, seed: int | None) -> torch.Tensor:
+    """``w`` with its flattened entries read in the order of ``seed``'s permutation (``w`` if None)."""
+    if seed is None:
+        return w
+    perm = torch.from_numpy(seeded_permutation(seed, w.numel())).to(w.device)
+    return w.reshape(-1)[perm].reshape(w.shape)
 
 #: the largest number of cores :func:`tt_shapes` picks by itself
 MAX_AUTO_ORDER = 4
@@ -175,7 +241,8 @@ def _shape_option(options: Mapping[str, Any] | None, key: str) -> Any:
     return options.get(key)
 
 
-def _resolve_shapes(geom: LayerGeometry, options: Mapping[str, Any] | None) -> tuple[tuple[int, ...], tuple[int, ...]]:
+def _resolve_shapes(geom: LayerGeometry, options: Mapping[str, Any] | None,
+                    method: str = "tt") -> tuple[tuple[int, ...], tuple[int, ...]]:
     """The (in_shape, out_shape) of a layer: from ``options`` when given, else :func:`tt_shapes`.
 
     When only one of the two is given, the other is split into as many factors.
@@ -188,7 +255,7 @@ def _resolve_shapes(geom: LayerGeometry, options: Mapping[str, Any] | None) -> t
 
     def bad(msg: str) -> PlanError:
         return PlanError(
-            f"tt: {msg} (layer has {what_in}={geom.in_features}, {what_out}={geom.out_features}; given "
+            f"{method}: {msg} (layer has {what_in}={geom.in_features}, {what_out}={geom.out_features}; given "
             f"in_shape={shown['in_shape']!r}, out_shape={shown['out_shape']!r}). Give two lists of positive "
             f"ints of equal length whose products are {geom.in_features} and {geom.out_features}, e.g. "
             f"in_shape={auto[0]}, out_shape={auto[1]}, or leave both out to factorize automatically"
@@ -280,8 +347,10 @@ def tt_svd(tensor: torch.Tensor, rank: Sequence[int]) -> list[torch.Tensor]:
 
 @register_method
 class TT(Method):
-    speed_note = ("TT layers contract their cores per sample: at batch 128 a TT Linear ran 50-117x slower "
-                  "than the dense layer on CPU (docs/benchmarks.md); TT buys parameters, not speed")
+    speed_note = ("TT layers sweep the input through the cores or rebuild the weight per call, whichever a cost "
+                  "model expects faster for the plan's batch: on CPU a TT Linear ran faster than dense at batch 1, "
+                  "and 0.7-13x the dense time at batch 128 (a sweep alone: up to 211x; docs/benchmarks.md); TT "
+                  "buys parameters, not speed")
     """Tensor-Train: TT-matrix for Linear (Novikov et al. 2015), TT-conv for Conv2d (Garipov et al. 2016).
 
     Canonical rank: the tuple of bond ranks with 1 at both ends (``d + 1`` ints for Linear,
@@ -295,8 +364,31 @@ class TT(Method):
     option_specs = {
         "in_shape": Option("shape", help="factors of the input size (channels for a conv), one per core"),
         "out_shape": Option("shape", help="factors of the output size, one per core"),
+        **LAYER_OPTIONS,
     }
     slow = True
+
+    def check_options(self, options, where: str = "") -> dict[str, Any]:
+        out = super().check_options(options, where)
+        check_layer_options(self.name, out, where)
+        return out
+
+    def factorize_refusal(self, geom: LayerGeometry, options: Mapping[str, Any] | None = None) -> str | None:
+        """A ``shuffle`` entry: TT-SVD of a shuffled trained kernel loses more (tensorize and train it)."""
+        return shuffle_refusal(self.name, options)
+
+    def resolve_mode(self, geom: LayerGeometry, rank: Any, options: Mapping[str, Any] | None = None) -> str:
+        """``"sweep"`` or ``"rebuild"``: what the built layer will run (the cost model's pick for "auto")."""
+        in_shape, out_shape = _resolve_shapes(geom, options)
+        ranks = self.resolve_rank(geom, rank, options)
+        lo = layer_options(options)
+        if lo["shuffle"] is not None:
+            return "rebuild"
+        if lo["mode"] is not None:
+            return lo["mode"]
+        if geom.kind == "linear":
+            return tt_linear_mode(in_shape, out_shape, ranks, lo["batch"])
+        return tt_conv_mode(in_shape, out_shape, ranks, geom.kernel_size)
 
     def rank_axes(self, geom: LayerGeometry, options: Mapping[str, Any] | None = None) -> tuple[RankAxis, ...]:
         """One axis per inner bond (the 1s at both ends are fixed); default bonds of at most 16
@@ -384,19 +476,21 @@ class TT(Method):
     def count_flops(self, geom: LayerGeometry, rank: Any, options: Mapping[str, Any] | None = None) -> int | None:
         """FLOPs of one sample (``mm``/``conv`` only, 2 per multiply-add; bias not counted).
 
-        Linear: the cheaper of the two sweeps of :mod:`tensorscope.tt_layers`, times
-        ``geom.tokens``. Conv2d: the spatial convolution plus the channel sweep over the
-        output positions; None when the input size is unknown.
+        Follows :meth:`resolve_mode`. Sweep, Linear: the cheaper of the two sweeps of
+        :mod:`tensorscope.tt_layers`, times ``geom.tokens``; Conv2d: the spatial convolution
+        plus the channel sweep over the output positions. Rebuild: forming the weight once
+        per call of ``options["batch"]`` samples (default 1), shared among them, plus the
+        dense layer's FLOPs. None for a Conv2d whose input size is unknown.
         """
         in_shape, out_shape = _resolve_shapes(geom, options)
         ranks = self.resolve_rank(geom, rank, options)
+        mode, batch = self.resolve_mode(geom, ranks, options), layer_options(options)["batch"]
         if geom.kind == "linear":
-            direction = tt_sweep_direction(in_shape, out_shape, ranks)
-            return tt_sweep_flops(in_shape, out_shape, ranks, geom.tokens, direction)
+            return tt_linear_flops(in_shape, out_shape, ranks, geom.tokens, mode, batch)
         out = geom.out_size
         if out is None:
             return None
-        return tt_conv_flops(in_shape, out_shape, ranks, geom.kernel_size, out)
+        return tt_conv_flops(in_shape, out_shape, ranks, geom.kernel_size, out, mode, batch)
 
     # ---- factorize and build -------------------------------------------------------------
     def _check(self, geom: LayerGeometry) -> None:
@@ -419,8 +513,12 @@ class TT(Method):
         (a Conv2d's ``kh*kw`` spatial mode first) and split by :func:`tt_svd` in
         ``compute_dtype(weight.dtype)``; the cores are cast back to the weight's dtype.
         ``stats`` and ``refine`` are accepted and ignored: TT-SVD is already the cheapest
-        factorization, and data-aware TT is not implemented yet.
+        factorization, and data-aware TT is not implemented yet. A ``shuffle`` entry is
+        refused with a :class:`PlanError` (:meth:`factorize_refusal`).
         """
+        refusal = shuffle_refusal(self.name, options)
+        if refusal:
+            raise PlanError(refusal)
         check_finite(layer)
         if stats is not None:
             warnings.warn("tt ignores the calibration data: its factors minimise the weight's error, not the "
@@ -448,14 +546,17 @@ class TT(Method):
             ]
         tensors = {f"core{k}": c.to(layer.weight.dtype).contiguous() for k, c in enumerate(cores)}
         return Factors(method=self.name, rank=ranks, tensors=tensors,
-                       meta={"in_shape": list(in_shape), "out_shape": list(out_shape)})
+                       meta={"in_shape": list(in_shape), "out_shape": list(out_shape), **given_layer_options(options)})
 
-    def _module(self, geom: LayerGeometry, in_shape, out_shape, ranks, device=None, dtype=None) -> nn.Module:
+    def _module(self, geom: LayerGeometry, in_shape, out_shape, ranks, device=None, dtype=None,
+                options: Mapping[str, Any] | None = None) -> nn.Module:
+        lo = layer_options(options)
+        kw = {"mode": lo["mode"], "batch": lo["batch"], "shuffle": lo["shuffle"], "device": device, "dtype": dtype}
         if geom.kind == "linear":
-            return TTLinear(in_shape, out_shape, ranks, bias=geom.bias, device=device, dtype=dtype)
+            return TTLinear(in_shape, out_shape, ranks, bias=geom.bias, **kw)
         return TTConv2d(
             in_shape, out_shape, ranks, geom.kernel_size, stride=geom.stride, padding=geom.padding,
-            dilation=geom.dilation, bias=geom.bias, padding_mode=geom.padding_mode, device=device, dtype=dtype,
+            dilation=geom.dilation, bias=geom.bias, padding_mode=geom.padding_mode, **kw,
         )
 
     def build(self, layer: nn.Module, factors: Factors) -> nn.Module:
@@ -464,8 +565,9 @@ class TT(Method):
         opts = {"in_shape": factors.meta.get("in_shape"), "out_shape": factors.meta.get("out_shape")}
         in_shape, out_shape = _resolve_shapes(geom, opts)
         ranks = self.resolve_rank(geom, factors.rank, opts)
+        given = given_layer_options(factors.meta)
         w = layer.weight
-        mod = self._module(geom, in_shape, out_shape, ranks, device=w.device, dtype=w.dtype)
+        mod = self._module(geom, in_shape, out_shape, ranks, device=w.device, dtype=w.dtype, options=given)
         names = [n for n, _ in mod.named_parameters() if n.startswith("core")]
         if sorted(factors.tensors) != sorted(names):
             raise DecompositionError(
@@ -485,16 +587,16 @@ class TT(Method):
                 mod.bias.copy_(layer.bias.detach())
         return FactorizedLayer(
             mod, method=self.name, rank=ranks, source=type(layer).__name__,
-            options={"in_shape": list(in_shape), "out_shape": list(out_shape)},
+            options={"in_shape": list(in_shape), "out_shape": list(out_shape), **given},
         )
 
     def empty_factors(self, geom: LayerGeometry, rank: Any, options: Mapping[str, Any] | None = None) -> Factors:
         in_shape, out_shape = _resolve_shapes(geom, options)
         ranks = self.resolve_rank(geom, rank, options)
-        mod = self._module(geom, in_shape, out_shape, ranks, device="meta", dtype=geom.dtype)
+        mod = self._module(geom, in_shape, out_shape, ranks, device="meta", dtype=geom.dtype)  # shapes only
         tensors = {n: torch.zeros(p.shape, dtype=geom.dtype) for n, p in mod.named_parameters() if n.startswith("core")}
         return Factors(method=self.name, rank=ranks, tensors=tensors,
-                       meta={"in_shape": list(in_shape), "out_shape": list(out_shape)})
+                       meta={"in_shape": list(in_shape), "out_shape": list(out_shape), **given_layer_options(options)})
 
     def reconstruct(self, layer: nn.Module, factors: Factors) -> torch.Tensor:
         """The dense weight of the TT (forms it: for previews, not for the forward)."""
@@ -520,4 +622,4 @@ class TT(Method):
             out = acc.permute(1, 2, 0).reshape(w.shape)
         else:
             out = acc.reshape(w.shape)
-        return out.to(w.dtype)
+        return permute_weight(out, factors.meta.get("shuffle")).to(w.dtype)

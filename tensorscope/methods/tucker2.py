@@ -99,6 +99,7 @@ class Tucker2(Method):
     error_curve = True
     uses_data = True
     rank_separator = "×"
+    core_recompression = True
 
     def rank_axes(self, geom: LayerGeometry, options=None) -> tuple[RankAxis, ...]:
         mo, mi = self.max_rank(geom)
@@ -217,6 +218,41 @@ class Tucker2(Method):
                 best_err = err
                 best = Factors("tucker2", tuple(rank), {"u_out": u_out, "core": t["core"], "u_in": t["u_in"]})
         return best
+
+    def recompress(self, layer: nn.Module, chain: nn.Module, rank, options=None) -> nn.Module:
+        """Tucker-2 of the chain's core only, its new 1x1 factors multiplied into the old ones.
+
+        With the chain ``L (1x1) . C (kxk) . F (1x1)`` at rank ``(R_out, R_in)`` and
+        ``C ~ U_o C' U_i^T`` at ``rank = (r_out, r_in)`` (HOSVD and HOOI sweeps of the small
+        core, ``options["sweeps"]``), the result is ``(L U_o) . C' . (U_i^T F)``: the shape of a
+        plain ``tucker2`` chain at ``rank``, exact when ``rank`` is the chain's own (the core's
+        factors are then square and orthogonal). MUSCO (Gusak et al. 2019) compresses this
+        way stage after stage; the dense weight is never formed.
+        """
+        first, core, last = chain[0], chain[1], chain[2]
+        geom = LayerGeometry.of(layer)
+        old = tuple(int(r) for r in getattr(chain, "rank", (core.out_channels // core.groups,
+                                                              core.in_channels // core.groups)))
+        r_out, r_in = self.resolve_rank(geom, rank, options)
+        if r_out > old[0] or r_in > old[1]:
+            raise RankError(f"tucker2: core recompression lowers ranks only; the chain has rank "
+                            f"{self.rank_text(old)}, asked for {self.rank_text((r_out, r_in))}")
+        opts = {"sweeps": (options or {}).get("sweeps", DEFAULT_SWEEPS)}
+        f = self.factorize(core, (r_out, r_in), opts).tensors  # u_out (g, R_out, r_out), u_in (g, R_in, r_in)
+        g = geom.groups
+        f_in = first.weight.detach().to(torch.float64).reshape(g, old[1], -1)  # (g, R_in, in/g): U_in^T
+        l_out = last.weight.detach().to(torch.float64).reshape(g, -1, old[0])  # (g, out/g, R_out)
+        merged = Factors("tucker2", (r_out, r_in), {
+            "u_out": l_out @ f["u_out"].to(torch.float64),
+            "core": f["core"],
+            "u_in": f_in.transpose(1, 2) @ f["u_in"].to(torch.float64),
+        })
+        built = self.build(layer, merged)
+        if last.bias is not None:
+            built[2].bias.data.copy_(last.bias.detach())
+        built.options = dict(getattr(chain, "options", {}) or {})
+        built.train(chain.training)
+        return built.to(device=first.weight.device, dtype=first.weight.dtype)
 
     def empty_factors(self, geom: LayerGeometry, rank, options=None) -> Factors:
         g, (r_out, r_in) = geom.groups, rank
