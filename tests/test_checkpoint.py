@@ -63,6 +63,12 @@ PLANS = {
 }
 if "tt" in available_methods():
     PLANS["tt"] = {"down": {"method": "tt", "rank": 4}, "head": {"method": "tt", "rank": 3}}
+if "rcp" in available_methods():
+    PLANS["rcp"] = {"block.conv2": {"method": "rcp", "rank": 6, "iters": 10, "seed": 0},
+                    "down": {"method": "rcp", "rank": 4, "in_shape": [2, 2, 4], "out_shape": [2, 4, 4]}}
+if "rtucker" in available_methods():
+    PLANS["rtucker"] = {"block.conv1": {"method": "rtucker", "rank": [3, 2, 3, 2]},
+                        "down": {"method": "rtucker", "rank": 2, "in_shape": [4, 4], "out_shape": [4, 8]}}
 
 
 def _env() -> dict:
@@ -358,6 +364,19 @@ def test_export_loads_with_torch_only(cnn, x, tmp_path):
     )
     assert "OK torch-only" in res.stdout
     assert model.training is False
+
+
+@pytest.mark.parametrize("method", [m for m in ("rcp", "rtucker") if m in PLANS])
+def test_export_reshaped_layers(method, compressed, x, tmp_path):
+    """The reshaped layers (plain torch ops) run under torch.export and torch.jit.trace."""
+    model = compressed[method]
+    ep = torch.export.load(export(model, tmp_path / f"{method}_export", x)).module()
+    tj = torch.jit.load(export(model, tmp_path / f"{method}.torchscript.pt", x, format="torchscript"))
+    x7 = torch.randn(7, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(ep(x), model(x), **EXPORT)
+        torch.testing.assert_close(ep(x7), model(x7), **EXPORT)  # dynamic batch
+        torch.testing.assert_close(tj(x), model(x), **EXPORT)
 
 
 def test_export_keyword_inputs_and_target_tuples(tmp_path):

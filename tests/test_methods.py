@@ -58,14 +58,14 @@ def _built_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-@pytest.mark.parametrize("method", CONV_METHODS + ["tt", "tr"])
+@pytest.mark.parametrize("method", CONV_METHODS + ["tt", "tr", "rcp", "rtucker"])
 @given(case=conv_layers())
 def test_conv_full_rank_exact_and_costs(method, case):
     layer, (h, w) = case
     m = get_method(method)
     geom = LayerGeometry.of(layer, in_size=(h, w))
     if m.unsupported_reason(geom):
-        assert method in ("tt", "tr") and layer.groups > 1
+        assert method in ("tt", "tr", "rcp", "rtucker") and layer.groups > 1
         return
     rank = m.max_rank(geom)
     with warnings.catch_warnings():
@@ -79,7 +79,7 @@ def test_conv_full_rank_exact_and_costs(method, case):
     assert isinstance(built, ts.FactorizedLayer) and built.method == method
 
 
-@pytest.mark.parametrize("method", CONV_METHODS + ["tt", "tr"])
+@pytest.mark.parametrize("method", CONV_METHODS + ["tt", "tr", "rcp", "rtucker"])
 @given(case=conv_layers(), frac=st.floats(0.05, 0.95))
 def test_conv_truncated_costs_match_built(method, case, frac):
     layer, (h, w) = case
@@ -90,7 +90,7 @@ def test_conv_truncated_costs_match_built(method, case, frac):
     rank = m.resolve_rank(geom, frac)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ts.BreakEvenWarning)
-        built = m.decompose(layer, rank, {"iters": 5} if method == "cp" else None)
+        built = m.decompose(layer, rank, {"iters": 5} if method in ("cp", "rcp") else None)
     x = torch.randn(1, layer.in_channels, h, w, dtype=torch.float64)
     assert m.count_params(geom, rank) == _built_params(built)
     assert m.count_flops(geom, rank) == _flops(built, x)
@@ -179,7 +179,7 @@ def test_cp_balances_and_truncates():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("method", ["svd", "tucker2", "cp", "tt", "tr"])
+@pytest.mark.parametrize("method", ["svd", "tucker2", "cp", "tt", "tr", "rcp", "rtucker"])
 def test_dtype_is_kept(method, dtype):
     torch.manual_seed(0)
     layer = nn.Conv2d(4, 6, 3, padding=1).to(dtype)
@@ -197,6 +197,7 @@ def test_dtype_is_kept(method, dtype):
     ("svd", 0), ("svd", -1), ("svd", 10_000), ("svd", 1.5), ("svd", float("nan")), ("svd", "8"), ("svd", True),
     ("tucker2", [0, 2]), ("tucker2", [2, 99]), ("tucker2", [1, 2, 3]), ("cp", 0), ("cp", 10**9),
     ("tt", [2, 2, 2]), ("tt", [1, 0, 1]), ("tr", [2, 3, 3, 1]), ("tr", [1, 0, 1]), ("tr", 10**6),
+    ("rcp", 0), ("rcp", 10**9), ("rtucker", [1, 1, 1]), ("rtucker", [9, 1, 1, 1]), ("rtucker", 0),
 ])
 def test_bad_ranks_raise_rank_error_naming_the_range(method, bad):
     layer = nn.Conv2d(4, 6, 3)
@@ -209,7 +210,7 @@ def test_bad_ranks_raise_rank_error_naming_the_range(method, bad):
 def test_fraction_one_is_exact_rank():
     layer = nn.Conv2d(4, 6, 3)
     geom = LayerGeometry.of(layer)
-    for name in ("svd", "tucker2", "cp", "tt", "tr"):
+    for name in ("svd", "tucker2", "cp", "tt", "tr", "rcp", "rtucker"):
         m = get_method(name)
         assert m.resolve_rank(geom, 1.0) == m.max_rank(geom)
 
@@ -223,7 +224,7 @@ def test_break_even_warns():
 def test_nan_weights_refused_before_factorizing():
     layer = nn.Conv2d(3, 4, 3)
     layer.weight.data[0, 0, 0, 0] = float("nan")
-    for name in ("svd", "tucker2", "cp", "tt", "tr"):
+    for name in ("svd", "tucker2", "cp", "tt", "tr", "rcp", "rtucker"):
         with pytest.raises(ts.NonFiniteWeightError, match="NaN/Inf"):
             get_method(name).decompose(layer, 2)
 
@@ -237,6 +238,94 @@ def test_cp_all_zero_kernel_is_handled():
 
 
 def test_registry_lists_methods():
-    assert set(ts.available_methods()) >= {"svd", "tucker2", "cp", "tt", "tr"}
+    assert set(ts.available_methods()) >= {"svd", "tucker2", "cp", "tt", "tr", "rcp", "rtucker"}
     with pytest.raises(ts.PlanError, match="available methods"):
         get_method("nope")
+
+
+# ---- reshaped methods (Su et al.): rcp, rtucker ------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["rcp", "rtucker"])
+@pytest.mark.parametrize("opts", [{"in_shape": [2, 2, 2], "out_shape": [3, 2, 2]}, {"in_shape": [8], "out_shape": [12]},
+                                  {"in_shape": [4, 2]}, {"out_shape": [2, 6]}])
+def test_reshaped_sub_modes_exact_and_costs(method, opts):
+    torch.manual_seed(0)
+    layer = nn.Conv2d(8, 12, 3, stride=(2, 1), padding=1).double()
+    m = get_method(method)
+    geom = LayerGeometry.of(layer, in_size=(9, 8))
+    rank = m.max_rank(geom, opts)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ts.BreakEvenWarning)
+        built = m.decompose(layer, rank, opts)
+    x = torch.randn(3, 8, 9, 8, dtype=torch.float64)
+    with torch.no_grad():
+        assert_close(built(x), layer(x), **TOL64)
+    assert m.count_params(geom, rank, opts) == _built_params(built)
+    assert m.count_flops(geom, rank, opts) == _flops(built, x[:1])
+    assert_close(m.reconstruct(layer, m.factorize(layer, rank, opts)), layer.weight.detach(), **TOL64)
+    assert len(built.options["in_shape"]) == len(built.options["out_shape"])
+
+
+def test_reshaped_defaults_are_two_balanced_factors_and_rtucker_one_mode_is_tucker2():
+    layer = nn.Conv2d(6, 16, 5)
+    geom = LayerGeometry.of(layer)
+    assert get_method("rtucker").max_rank(geom) == (4, 4, 3, 2)  # out_shape [4, 4], in_shape [3, 2]
+    assert get_method("rcp").max_rank(geom) == 12 * 8  # modes 12, 8, 25: all but the largest
+    one = {"in_shape": [6], "out_shape": [16]}
+    rt, t2 = get_method("rtucker"), get_method("tucker2")
+    assert rt.count_params(geom, (8, 4), one) == t2.count_params(geom, (8, 4))
+    torch.manual_seed(0)
+    layer = layer.double()
+    w = layer.weight.detach()
+    a = rt.reconstruct(layer, rt.factorize(layer, (8, 4), one))
+    b = t2.reconstruct(layer, t2.factorize(layer, (8, 4)))
+    assert float((w - a).norm()) == pytest.approx(float((w - b).norm()), rel=1e-6)
+
+
+@pytest.mark.parametrize("method", ["rcp", "rtucker"])
+@pytest.mark.parametrize("bad", [{"in_shape": [3, 3], "out_shape": [4, 4]}, {"out_shape": [5, 3]},
+                                 {"in_shape": [2, 3], "out_shape": [16]}])
+def test_reshaped_bad_sub_modes_name_layer_value_and_fix(method, bad):
+    model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU(), nn.Conv2d(6, 16, 5))
+    with pytest.raises(ts.PlanError) as e:
+        ts.compress(model, {"2": {"method": method, "rank": 2, **bad}})
+    msg = str(e.value)
+    assert "layer '2'" in msg and method in msg
+    assert str(list(bad.get("in_shape", bad.get("out_shape")))) in msg  # the value
+    assert "products are 6 and 16" in msg  # the fix
+
+
+def test_rcp_recovers_a_kernel_of_low_reshaped_cp_rank():
+    torch.manual_seed(0)
+    r, (o1, o2), (i1, i2) = 3, (2, 3), (2, 2)
+    a1, a2, s = torch.randn(r, o1, i1), torch.randn(r, o2, i2), torch.randn(r, 3, 3)
+    w = torch.einsum("rab,rcd,ryx->acbdyx", a1, a2, s).reshape(6, 4, 3, 3).double()
+    layer = nn.Conv2d(4, 6, 3, bias=False).double()
+    layer.weight.data = w
+    m = get_method("rcp")
+    opts = {"in_shape": [2, 2], "out_shape": [2, 3], "iters": 500}
+    rel = float((w - m.reconstruct(layer, m.factorize(layer, 3, opts))).norm() / w.norm())
+    assert rel < 1e-4
+
+
+@pytest.mark.parametrize("method", ["rcp", "rtucker"])
+def test_reshaped_layers_train_from_random_init(method):
+    model = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1))
+    net = ts.tensorize(model, {"0": {"method": method, "rank": 2}}, init="random")
+    x = torch.randn(2, 4, 6, 6)
+    y = net(x)
+    assert y.shape == (2, 8, 6, 6) and 0 < float(y.detach().std()) < 10
+    y.pow(2).mean().backward()
+    assert all(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in net.parameters())
+
+
+def test_rtucker_reconstruct_with_unit_ranks_float32():
+    """Factors with a column of one (strides torch.kron rejects) reconstruct like the built layer."""
+    torch.manual_seed(0)
+    layer = nn.Conv2d(20, 50, 5)
+    m = get_method("rtucker")
+    f = m.factorize(layer, (5, 1, 1, 4))
+    built = m.build(layer, f)
+    from tensorscope.densify import probe_dense
+    assert_close(m.reconstruct(layer, f), probe_dense(built, layer)[0].to(torch.float32), **TOL32)

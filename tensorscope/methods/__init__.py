@@ -26,7 +26,7 @@ from .registry import (
 )
 
 # importing a method module registers it; this order is the registry's (svd first)
-from . import svd, tucker2, cp, tt, tr  # noqa: E402,F401,I001
+from . import svd, tucker2, cp, tt, tr, rcp, rtucker  # noqa: E402,F401,I001
 
 __all__ = [
     "BreakEvenWarning",

@@ -8,6 +8,12 @@ positions, whose core becomes an ``r_1``-output single-input convolution (Garipo
 2016). The built modules (:mod:`tensorscope.tt_layers`) contract the cores one ``mm`` at a
 time and never form the dense weight.
 
+Reshaped TT (Su et al. 2018) is this method on a Conv2d: channel cores pairing the output
+and input sub-modes ``(o_k, i_k)`` plus one spatial core. Su et al. put the spatial core last;
+here it comes first, so each input channel is convolved once and the channel cores follow
+(at equal bond ranks the two orders are different families; both are exact at full rank).
+The other reshaped methods are ``rcp`` and ``rtucker``.
+
 Rank. The canonical rank is the tuple of bond ranks including the boundary 1s: ``d + 1``
 ints for Linear, ``d + 2`` for Conv2d (``(1, r_spatial, r_2, ..., r_d, 1)``). A plan may
 give an int ``r`` (every inner bond ``min(r, its maximum)``), a fraction ``f`` in (0, 1]
