@@ -24,6 +24,7 @@ NCCL, so they never occupy a GPU stream.
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import itertools
 import os
@@ -128,7 +129,16 @@ def context(backend: str | None = None) -> Context:
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend=backend, timeout=_timeout())
+    atexit.register(shutdown)  # a process that exits with gloo's threads alive aborts (SIGABRT)
     return _join(backend)
+
+
+def shutdown() -> None:
+    """Leave the process group :func:`context` joined; called at exit, safe to call twice."""
+    global _CONTEXT
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    _CONTEXT = None
 
 
 def _join(backend: str) -> Context:

@@ -105,6 +105,7 @@ def worker(source: str, out: str, stats_path: str, mode: str) -> None:
         streaming._do_item = dying
     ts.compress(source, MLP_PLAN, out=out, stats=stats, shard_bytes=1)
     print(f"process {ctx.rank}: done", flush=True)
+    distributed.shutdown()
 
 
 if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "worker":
