@@ -38,7 +38,7 @@ except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
 
 from tensorscope.examples import list_examples
-from tensorscope.methods import available_methods, get_method
+from tensorscope.methods import available_methods, get_method, planner_methods
 from tensorscope.explorer import (
     DENSE,
     EXECUTOR,
@@ -56,7 +56,11 @@ ACCENT = "#2f6f9f"
 KEPT = "#2f6f9f"
 CUT = "#c8ccd2"
 MARK = "#d9480f"
-METHOD_COLORS = {"svd": "#2f6f9f", "tucker2": "#2b9348", "cp": "#9c36b5", "tt": "#e67700"}
+PALETTE = ["#2f6f9f", "#2b9348", "#9c36b5", "#e67700", "#c2255c", "#5c940d", "#1098ad", "#862e9c"]
+#: one colour per method, in the registry's order (built-ins first, then plugins)
+METHOD_COLORS = {m: PALETTE[i % len(PALETTE)] for i, m in enumerate(planner_methods() + sorted(
+    set(available_methods()) - set(planner_methods())))}
+IN_COLOR = PALETTE[1]  # the input-channel spectrum
 PLOT_H = 300
 COUNT_FMT = NumeralTickFormatter(format="0.[0]a")
 DEFAULT_EXAMPLE = os.environ.get("TENSORSCOPE_EXPLORER_EXAMPLE", "lenet5")
@@ -292,7 +296,7 @@ class ExplorerView(pn.viewable.Viewer):
             df = pd.DataFrame({"rank": np.arange(1, 3), "singular value": np.ones(2), "kept": np.ones(2, bool)})
             cut_at, title = None, "Singular values"
         # Tucker-2 also truncates the input-channel unfolding: its values and r_in, in green
-        show_in = bool(d) and d["method"] == "tucker2" and "values_in" in d
+        show_in = bool(d) and d.get("cut_in") is not None and "values_in" in d
         if show_in:
             di = pd.DataFrame({"rank": d["index_in"], "singular value": d["values_in"], "kept": d["kept_in"]})
             title = "σ: out (blue), in (green)"
@@ -305,13 +309,13 @@ class ExplorerView(pn.viewable.Viewer):
         cut = hv.Scatter(df[~df.kept], "rank", ["singular value"], label="discarded").opts(
             color=CUT, size=5, tools=["hover"])
         kept_in = hv.Scatter(di[di.kept], "rank", ["singular value"]).opts(
-            color=METHOD_COLORS["tucker2"], size=5, marker="square", tools=["hover"])
+            color=IN_COLOR, size=5, marker="square", tools=["hover"])
         cut_in = hv.Scatter(di[~di.kept], "rank", ["singular value"]).opts(
             color=CUT, size=5, marker="square", tools=["hover"])
         vline = hv.VLine((cut_at or len(df)) + 0.5).opts(color=MARK, line_dash="dashed", line_width=2,
                                                          alpha=1.0 if cut_at is not None else 0.0)
         vline_in = hv.VLine((d.get("cut_in") or 1) + 0.5 if show_in else 1.5).opts(
-            color=METHOD_COLORS["tucker2"], line_dash="dashed", line_width=2, alpha=1.0 if show_in else 0.0)
+            color=IN_COLOR, line_dash="dashed", line_width=2, alpha=1.0 if show_in else 0.0)
         vals = np.concatenate([df["singular value"].to_numpy(), di["singular value"].to_numpy()])
         ylim = (float(vals.min()) / 1.3, float(vals.max()) * 1.3)  # explicit: a log axis cannot pad to <= 0
         return _framewise(line * kept * cut * kept_in * cut_in * vline * vline_in).opts(
@@ -334,7 +338,7 @@ class ExplorerView(pn.viewable.Viewer):
     def _trade_element(self, tick: int = 0):
         d = self.state.spectrum_data()
         curves = []
-        for m in ("svd", "tucker2"):
+        for m in planner_methods():  # the same curves in every frame: a DynamicMap keeps its first layout
             if d and m in d["tradeoffs"]:
                 p, e = d["tradeoffs"][m]
                 df = pd.DataFrame({"params": p, "relative error": e})
@@ -467,17 +471,10 @@ class ExplorerView(pn.viewable.Viewer):
         if self._syncing or not self.state.selected:
             return
         name = self.state.selected
-        method = self.method_select.value
-        values = [w.value for w in self._rank_widgets]
-        if method == "svd" or method == "cp":
-            rank: Any = values[0]
-        elif method == "tucker2":
-            rank = values
-        elif method == "tt":
-            rank = [1, *values, 1]
-        else:
+        if self.method_select.value != self.state.layer_choice(name)[0]:
             return
-        self.state.set_layer(name, method, rank)
+        values = [w.value for w in self._rank_widgets]
+        self.state.set_rank_values(name, values)
 
     def _download(self, kind: str):
         async def callback():
@@ -581,8 +578,7 @@ class ExplorerView(pn.viewable.Viewer):
             return
         layer = s.layers[name]
         method, rank = s.layer_choice(name)
-        key = (s.version, name, method, tuple(layer.info.max_rank.get(method, ()) if isinstance(
-            layer.info.max_rank.get(method), tuple) else (layer.info.max_rank.get(method),)))
+        key = (s.version, name, method, s.rank_axes(name, method))
         self._syncing = True
         try:
             self.controls_title.object = f"### {name}\n{layer.info.kind} {'×'.join(map(str, layer.info.weight_shape))}"
@@ -592,7 +588,7 @@ class ExplorerView(pn.viewable.Viewer):
                 self._rank_widgets = self._make_rank_widgets(name, method)
                 self.rank_box.objects = list(self._rank_widgets)
                 self._control_key = key
-            values = self._rank_values(method, rank)
+            values = self.state.axis_values(name)
             for w, v in zip(self._rank_widgets, values):
                 if w.value != v:
                     w.value = v
@@ -614,31 +610,13 @@ class ExplorerView(pn.viewable.Viewer):
             finally:
                 self._syncing = False
 
-    @staticmethod
-    def _rank_values(method: str, rank: Any) -> list[int]:
-        if rank is None:
-            return []
-        if method == "tt":
-            return [int(r) for r in rank[1:-1]]
-        if isinstance(rank, (tuple, list)):
-            return [int(r) for r in rank]
-        return [int(rank)]
-
     def _make_rank_widgets(self, name: str, method: str) -> list:
-        layer = self.state.layers[name]
-        mx = layer.info.max_rank.get(method)
-        if method == DENSE or mx is None:
-            return []
-        if method in ("svd", "cp"):
-            specs = [("rank", mx)]
-        elif method == "tucker2":
-            specs = [("rank r_out (output channels)", mx[0]), ("rank r_in (input channels)", mx[1])]
-        else:
-            specs = [(f"TT bond {k}", b) for k, b in enumerate(mx[1:-1], 1)]
+        # one slider per rank axis the method declares (a plugin's sliders come for free)
         widgets = []
-        for label, top in specs:
-            w = pn.widgets.IntSlider(name=label, start=1, end=max(int(top), 2), value=1, step=1,
-                                     css_classes=["ts-rank"], disabled=int(top) < 2)
+        for ax in self.state.rank_axes(name, method):
+            top = int(ax.high)
+            w = pn.widgets.IntSlider(name=ax.label, start=int(ax.low), end=max(top, int(ax.low) + 1), value=int(ax.low),
+                                     step=1, css_classes=["ts-rank"], disabled=top <= ax.low)
             w.param.watch(self._on_rank, "value")
             widgets.append(w)
         return widgets
