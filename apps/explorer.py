@@ -14,15 +14,26 @@ In a notebook::
     import sys; sys.path.insert(0, "apps")
     from explorer import ExplorerView
     view = ExplorerView(load="lenet5"); view      # the explorer, inline
+
+How the view is wired (Panel's Param and Viewer idiom): widgets that edit a setting of the
+state are made from its parameters (``from_param``); text, numbers and alerts are panes bound
+to state parameters (``pn.bind``); widgets whose state changes need more than one value (the
+per-layer controls, the table's selection) follow the state through ``param.depends(...,
+watch=True)``; the view never names a decomposition method: it asks the state, which asks
+the method (its rank axes, rank text, speed note).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
+import itertools
 import os
 import sys
 import threading
+import time
+import traceback
 from typing import Any, Callable
 
 import holoviews as hv
@@ -31,6 +42,7 @@ import pandas as pd
 import panel as pn
 import param
 from bokeh.models import NumeralTickFormatter
+from panel.io.state import set_curdoc
 
 try:
     import tensorscope  # noqa: F401
@@ -38,16 +50,15 @@ except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
 
 from tensorscope.examples import list_examples
-from tensorscope.methods import available_methods, get_method, planner_methods
 from tensorscope.explorer import (
     DENSE,
     EXECUTOR,
-    FINETUNE_STEPS,
     MAX_UPLOAD_MB,
     ExplorerState,
     format_bytes,
     format_count,
 )
+from tensorscope.methods import available_methods, get_method
 
 pn.extension("tabulator", sizing_mode="stretch_width", notifications=False)
 hv.extension("bokeh", logo=False)
@@ -56,14 +67,16 @@ ACCENT = "#2f6f9f"
 KEPT = "#2f6f9f"
 CUT = "#c8ccd2"
 MARK = "#d9480f"
-PALETTE = ["#2f6f9f", "#2b9348", "#9c36b5", "#e67700", "#c2255c", "#5c940d", "#1098ad", "#862e9c"]
-#: one colour per method, in the registry's order (built-ins first, then plugins)
-METHOD_COLORS = {m: PALETTE[i % len(PALETTE)] for i, m in enumerate(planner_methods() + sorted(
-    set(available_methods()) - set(planner_methods())))}
-IN_COLOR = PALETTE[1]  # the input-channel spectrum
+IN_COLOR = "#2b9348"  # the input-channel spectrum, where a rank axis truncates it
+#: method colours: assigned by each method's place in ``available_methods()`` (plugins included)
+PALETTE = ("#2f6f9f", "#2b9348", "#9c36b5", "#e67700", "#c92a2a", "#0b7285", "#5f3dc4", "#5c940d")
 PLOT_H = 300
 COUNT_FMT = NumeralTickFormatter(format="0.[0]a")
 DEFAULT_EXAMPLE = os.environ.get("TENSORSCOPE_EXPLORER_EXAMPLE", "lenet5")
+HINT = {"font-size": "12px", "color": "#52606d"}
+DEFER_MS = 100  # plots redraw this long after the change (the numbers, already computed, go first)
+WAIT_QUALITY_S = 1.5  # and while the accuracy is being computed, up to this long after it
+ROW_LIMIT = 40  # rows the ranks view shows at once (type in its filter to reach the others)
 
 STAT_CSS = """
 :host { display: block; }
@@ -76,6 +89,30 @@ STAT_CSS = """
 .ts-good { color: #2b8a3e; } .ts-bad { color: #c92a2a; }
 .ts-pending { opacity: .45; }
 """
+
+COMPARE_CSS = """
+:host { display: block; }
+.ts-cmp { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; font-size: 13px; color: #1f2933; }
+.ts-cmp table { border-collapse: collapse; margin: 4px 0 12px 0; }
+.ts-cmp th, .ts-cmp td { padding: 3px 10px; border-bottom: 1px solid #e4e7eb; text-align: right; white-space: nowrap; }
+.ts-cmp th:first-child, .ts-cmp td:first-child { text-align: left; }
+.ts-cmp th { color: #52606d; font-weight: 600; background: #f5f7fa; }
+.ts-cmp tr.ts-differs td { background: #fff8e6; }
+.ts-cmp h4 { margin: 10px 0 4px 0; font-size: 14px; }
+.ts-cmp .ts-hint { color: #52606d; }
+.ts-cmp .ts-warn { background: #fff4e6; border: 1px solid #ffc078; border-radius: 6px; padding: 8px 12px; }
+.ts-cmp .ts-up { color: #2b8a3e; } .ts-cmp .ts-down { color: #c92a2a; }
+.ts-cmp .ts-gallery { display: flex; flex-wrap: wrap; gap: 6px; }
+.ts-cmp .ts-sample { border: 1px solid #dde3ea; border-radius: 6px; padding: 4px; text-align: center; font-size: 11px; width: 92px; }
+.ts-cmp .ts-sample img { width: 56px; height: 56px; image-rendering: pixelated; display: block; margin: 0 auto 2px auto; }
+.ts-cmp .ts-cols { display: flex; gap: 24px; flex-wrap: wrap; align-items: flex-start; }
+"""
+
+
+def method_color(method: str) -> str:
+    """A method's colour in every plot: the palette in the order of ``available_methods()``."""
+    names = available_methods()
+    return PALETTE[(names.index(method) if method in names else len(names)) % len(PALETTE)]
 
 
 def _stat(label: str, main: str, before: str = "", sub: str = "", cls: str = "", pending: bool = False) -> str:
@@ -98,66 +135,207 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
 
 
+def _with_tip(widget, text: str, **row):
+    """A widget followed by a tooltip icon (Panel's sliders and switches have no tooltip of their own)."""
+    if not text:
+        return widget
+    icon = pn.widgets.TooltipIcon(value=text, width=24, sizing_mode="fixed", margin=(22, 4, 0, 0))
+    return pn.Row(widget, icon, **{"sizing_mode": "stretch_width", "margin": 0, **row})
+
+
+class _SessionLoop:
+    """Runs a view update on its session's event loop, once per burst of state changes.
+
+    The state's parameters change in worker threads (loading, budgets, the quality preview).
+    Bound panes need nothing: Panel schedules their model updates on the session's loop. The
+    updates passed here also read and rewrite the view's own widgets (rebuild rank sliders,
+    select a table row), so they run on the session's thread, one at a time, and a burst of
+    events from a worker schedules each update once.
+    """
+
+    def __init__(self, on_error: Callable[[str], None]):
+        self.doc = pn.state.curdoc
+        self.thread = threading.get_ident()
+        self.on_error = on_error
+        self._pending: set[Callable] = set()
+        self._lock = threading.Lock()
+
+    @property
+    def served(self) -> bool:
+        """Whether a server session's event loop runs the updates (not a notebook, not a test)."""
+        return self.doc is not None and self.doc.session_context is not None
+
+    def __call__(self, fn: Callable[[], None], defer: bool = False) -> None:
+        """Run ``fn`` on the session's thread: now if already there (unless ``defer``: after
+        the changes made so far have gone to the browser), else on the next tick."""
+        doc = self.doc
+        if not self.served or (threading.get_ident() == self.thread and not defer):
+            fn()
+            return
+        with self._lock:
+            if fn in self._pending:
+                return
+            self._pending.add(fn)
+
+        def run():
+            with self._lock:
+                self._pending.discard(fn)
+            with set_curdoc(doc):
+                try:
+                    fn()
+                except Exception as e:  # never kill the session over a render
+                    traceback.print_exc()
+                    self.on_error(f"display error: {type(e).__name__}: {e}")
+
+        try:
+            if defer:  # behind the updates already queued (numbers first, then the plots)
+                doc.add_timeout_callback(run, DEFER_MS)
+            else:
+                doc.add_next_tick_callback(run)
+        except Exception:  # the session is gone
+            pass
+
+
+class RankRow:
+    """One row of the ranks view: a layer's name (click: show it above), its method, one slider
+    per rank axis of that method, and its parameters after. Rebuilt when the layer's method or
+    rank axes change; otherwise its values follow the state in place."""
+
+    def __init__(self, view: "ExplorerView", row: dict, key: Any):
+        s = view.state
+        name, method = row["layer"], row["method"]
+        self.key = key
+        self.button = pn.widgets.Button(
+            label=name, width=150, margin=(8, 4), css_classes=["ts-row-select"],
+            description=f"Show {name} in the layer controls and the spectrum plots.")
+        self.button.on_click(lambda _e: s.select(name))
+        self.method = pn.widgets.Select(
+            options=row["methods"], value=method, width=100, margin=(8, 4), css_classes=["ts-row-method"],
+            description=f"How {name} is decomposed (dense: kept as it is).")
+        pn.bind(view._on_row_method, name, self.method, watch=True)
+        self.sliders = []
+        for i, (ax, v) in enumerate(zip(row["axes"], row["values"])):
+            w = pn.widgets.IntSlider(label=ax.name, start=ax.low, end=max(ax.high, ax.low + 1), value=int(v), step=1,
+                                     width=150, margin=(0, 6), css_classes=["ts-row-rank"], disabled=ax.high <= ax.low)
+            pn.bind(view._on_axis, name, method, i, w, watch=True)
+            self.sliders.append(w)
+        self.after = pn.pane.HTML("", width=110, margin=(14, 4), styles={"font-size": "12px", "color": "#3e4c59"})
+        help_ = "; ".join(ax.help or f"{ax.label} ({ax.low}-{ax.high})" for ax in row["axes"])
+        tip = pn.widgets.TooltipIcon(value=(f"{method}: {help_}" if help_ else "Dense: choose a method to decompose "
+                                            "this layer."), width=24, sizing_mode="fixed", margin=(14, 0))
+        self.layout = pn.Row(self.button, self.method, *self.sliders, self.after, tip,
+                             css_classes=["ts-rank-row"], sizing_mode="stretch_width", margin=0, height=56)
+        self.update(row, s.selected)
+
+    def update(self, row: dict, selected: str | None) -> None:
+        """Show the state's values (each handler sees its own value back and does nothing)."""
+        if self.method.value != row["method"]:
+            self.method.value = row["method"]
+        for w, v in zip(self.sliders, row["values"]):
+            if w.value != v:
+                w.value = int(v)
+        after = f"{format_count(row['params_after'])} of {format_count(row['params'])}"
+        if self.after.object != after:
+            self.after.object = after
+        kind = "primary" if row["layer"] == selected else "default"
+        if self.button.color != kind:
+            self.button.color = kind
+
+
+def _fmt(quantity: str, v: Any) -> str:
+    """A number of the comparison, as the page shows it."""
+    if v is None:
+        return "–"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if quantity in ("parameters", "FLOPs per sample"):
+        return format_count(v)
+    if quantity == "compression":
+        return f"{v:.2f}×"
+    if quantity.startswith("latency"):
+        return f"{v:.2f} ms"
+    return _pct(v)
+
+
+def _compare_html(cmp: dict, images: Callable[[int], str] | None) -> str:
+    """Two pinned configurations side by side (see ExplorerState.comparison)."""
+    a, b = cmp["a"], cmp["b"]
+    head = f"<tr><th></th><th>A: {a['label']}</th><th>B: {b['label']}</th></tr>"
+    rows = []
+    for quantity, va, vb in cmp["summary"]:
+        cls = ""
+        if isinstance(va, (int, float)) and isinstance(vb, (int, float)) and not isinstance(va, bool) and va != vb:
+            better_b = (vb > va) if quantity in ("compression", "accuracy", "agreement") else (vb < va)
+            cls = " class='ts-up'" if better_b else " class='ts-down'"
+        rows.append(f"<tr><td>{quantity}</td><td>{_fmt(quantity, va)}</td><td{cls}>{_fmt(quantity, vb)}</td></tr>")
+    summary = f"<table class='ts-cmp-summary'>{head}{''.join(rows)}</table>"
+    layer_rows = []
+    for r in cmp["layers"]:
+        cls = " class='ts-differs'" if r["differs"] else ""
+        layer_rows.append(
+            f"<tr{cls}><td>{r['layer']}</td><td>{r['method a']} {r['rank a']}</td><td>{format_count(r['params a'])}</td>"
+            f"<td>{r['method b']} {r['rank b']}</td><td>{format_count(r['params b'])}</td></tr>")
+    layers = ("<table class='ts-cmp-layers'><tr><th>layer</th><th>A: method rank</th><th>params</th>"
+              f"<th>B: method rank</th><th>params</th></tr>{''.join(layer_rows)}</table>")
+    parts = [f"<div class='ts-cols'><div><h4>Configurations</h4>{summary}</div><div><h4>Per layer "
+             f"(differences highlighted)</h4>{layers}</div>"]
+    if cmp["classes"]:
+        crow = []
+        for c in cmp["classes"]:
+            d = c["accuracy b"] - c["accuracy a"]
+            cls = "ts-up" if d > 0 else ("ts-down" if d < 0 else "")
+            crow.append(f"<tr><td>{c['class']}</td><td>{c['samples']}</td><td>{_pct(c['accuracy a'])}</td>"
+                        f"<td>{_pct(c['accuracy b'])}</td><td class='{cls}'>{100 * d:+.1f}</td></tr>")
+        parts.append("<div><h4>Accuracy per class</h4><table class='ts-compare-classes'><tr><th>class</th>"
+                     f"<th>samples</th><th>A</th><th>B</th><th>B − A (pts)</th></tr>{''.join(crow)}</table></div>")
+    parts.append("</div>")
+    ch = cmp["changed"]
+    if ch.get("samples"):
+        cards = []
+        for item in ch["shown"]:
+            img = images(item["index"]) if images is not None else ""
+            label = "" if item["label"] is None else f"true {item['label']} · "
+            cards.append(f"<div class='ts-sample'>{img}#{item['index']}<br>{label}A {item['a']} · B {item['b']}</div>")
+        more = f" (the first {len(ch['shown'])} below)" if ch["total"] > len(ch["shown"]) else ""
+        parts.append(f"<h4 class='ts-changed-title'>{ch['total']} of {ch['samples']} evaluation samples change their "
+                     f"prediction between A and B{more}</h4><div class='ts-gallery ts-changed'>{''.join(cards)}</div>")
+    if cmp["note"]:
+        parts.append(f"<p class='ts-hint'>{cmp['note']}.</p>")
+    return f"<div class='ts-cmp'>{''.join(parts)}</div>"
+
+
 class ExplorerView(pn.viewable.Viewer):
     """The dashboard of one session: widgets wired to an :class:`ExplorerState`.
 
     ``state`` defaults to a new state whose slow work runs on the shared worker threads;
-    ``load`` names an example to load when the page opens.
+    ``load`` names an example to load when the page opens (False: none).
     """
 
     state = param.ClassSelector(class_=ExplorerState)
+    plot_tick = param.Integer(default=0, doc="Bumped when the selected layer's plots must redraw.")
+    history_tick = param.Integer(default=0, doc="Bumped when the history plot must redraw.")
 
-    def __init__(self, state: ExplorerState | None = None, load: str | None = None, **params):
+    def __init__(self, state: ExplorerState | None = None, load: str | bool | None = None, **params):
         super().__init__(state=state or ExplorerState(executor=EXECUTOR), **params)
-        self._doc = pn.state.curdoc
-        self._loop_thread = threading.get_ident()
-        self._pending: set[Callable] = set()
-        self._pending_lock = threading.Lock()
-        self._syncing = False
-        self._control_key: Any = None
+        self._loop = _SessionLoop(lambda text: setattr(self.state, "error", text))
+        self._ticks = itertools.count(1)
         self._load_on_start = load
-        self._rank_widgets: list = []
+        self._control_key: Any = None
+        self._plot_key: Any = None
+        self._plot_asked = 0.0  # when the plots were last asked to redraw (time.monotonic)
+        #: the ranks view's rows, by layer (those shown, and those hidden by its filter)
+        self.layer_rows: dict[str, RankRow] = {}
+        #: the selected layer's rank sliders, one per rank axis of its method
+        self.rank_sliders: list[pn.widgets.IntSlider] = []
         self._build_widgets()
         self._build_plots()
         self._wire()
-        self._render_all()
-
-    # ------------------------------------------------------------------ thread-safe dispatch
-    def _on_loop(self, fn: Callable[[], None]) -> Callable[..., None]:
-        """A watcher calling ``fn`` on this session's event loop (state params change in worker
-        threads; Bokeh models may only change under the document lock). Coalesced: a burst of
-        events from a thread schedules ``fn`` once."""
-
-        def cb(*_events):
-            if self._doc is None or threading.get_ident() == self._loop_thread:
-                fn()
-                return
-            with self._pending_lock:
-                if fn in self._pending:
-                    return
-                self._pending.add(fn)
-            doc = self._doc
-
-            def run():
-                with self._pending_lock:
-                    self._pending.discard(fn)
-                from panel.io.state import set_curdoc
-
-                with set_curdoc(doc):
-                    try:
-                        fn()
-                    except Exception as e:  # never kill the session over a render
-                        import traceback
-
-                        traceback.print_exc()
-                        self.state.error = f"display error: {type(e).__name__}: {e}"
-
-            try:
-                doc.add_next_tick_callback(run)
-            except Exception:  # the session is gone
-                pass
-
-        return cb
+        self._render_table()
+        self._render_controls()
+        self._render_ranks()
+        self._render_history_table()
+        self._show_pins()
+        self._render_busy()
 
     def _submit(self, fn: Callable, *args, **kwargs):
         return self.state.submit(fn, *args, **kwargs)
@@ -165,74 +343,164 @@ class ExplorerView(pn.viewable.Viewer):
     # ------------------------------------------------------------------ widgets
     def _build_widgets(self) -> None:
         s = self.state
+        busy = s.param.busy
         # network
-        self.example_select = pn.widgets.Select(name="Built-in example", options=list_examples(),
-                                                value=self._load_on_start or DEFAULT_EXAMPLE,
-                                                css_classes=["ts-example"])
-        self.load_button = pn.widgets.Button(name="Load example", button_type="primary", css_classes=["ts-load"])
-        self.model_file = pn.widgets.FileInput(accept=".pt,.pth,.safetensors,.bin,.ckpt", css_classes=["ts-model-file"],
-                                               name="Network file")
-        self.arch_input = pn.widgets.TextInput(name="Architecture (package.module:factory)",
-                                               placeholder="e.g. tensorscope.examples:lenet5",
-                                               css_classes=["ts-arch"])
-        self.trust_box = pn.widgets.Checkbox(name="I trust this file (allow a pickled whole module: runs code from it)",
-                                             css_classes=["ts-trust"])
-        self.upload_button = pn.widgets.Button(name="Load uploaded network", button_type="default",
-                                               css_classes=["ts-upload"])
+        self.example_select = pn.widgets.Select(
+            label="Built-in example", options=list_examples(),
+            value=self._load_on_start if self._load_on_start in list_examples() else DEFAULT_EXAMPLE,
+            css_classes=["ts-example"], description="A built-in network, trained on first use and then cached.")
+        self.load_button = pn.widgets.Button(
+            label="Load example", color="primary", css_classes=["ts-load"],
+            description="Replace this session's network and plan by the example chosen above.")
+        self.model_file = pn.widgets.FileInput(
+            accept=".pt,.pth,.safetensors,.bin,.ckpt", css_classes=["ts-model-file"], label="Network file",
+            description="A state dict, a checkpoint written here, or (if trusted) a pickled module.")
+        self.arch_input = pn.widgets.TextInput(
+            label="Architecture (package.module:factory)", placeholder="e.g. tensorscope.examples:lenet5",
+            css_classes=["ts-arch"], description="What builds the network a state dict belongs to.")
+        self.trust_box = pn.widgets.Checkbox(
+            label="I trust this file (allow a pickled whole module: runs code from it)", css_classes=["ts-trust"])
+        self.upload_button = pn.widgets.Button(
+            label="Load uploaded network", color="default", css_classes=["ts-upload"],
+            description="Replace this session's network by the file above (the current one stays on error).")
         self.upload_hint = pn.pane.Markdown(
             f"State dict (`.pt`, `.safetensors`) with its architecture, a tensorscope checkpoint "
             f"written here, or a pickled module if trusted. **Files over {MAX_UPLOAD_MB:g} MB are refused.**",
-            styles={"font-size": "12px", "color": "#52606d"}, margin=(0, 10))
-        # evaluation data
-        self.eval_select = pn.widgets.RadioButtonGroup(name="Evaluation data", options=["held-out", "uploaded", "none"],
-                                                       value=s.eval_source, button_type="default",
-                                                       css_classes=["ts-eval"])
-        self.eval_file = pn.widgets.FileInput(accept=".pt,.pth,.npz", css_classes=["ts-eval-file"])
-        self.shape_input = pn.widgets.TextInput(name="Input shape of one sample (no data)", placeholder="1,28,28")
-        self.eval_text = pn.pane.Markdown("", styles={"font-size": "12px", "color": "#52606d"}, margin=(0, 10))
-        # data-aware mode and recovery
+            styles=HINT, margin=(0, 10))
+        # evaluation data: the selector follows the state; choosing submits the switch
+        self.eval_select = pn.widgets.RadioButtonGroup(
+            label="Evaluation data", options=["held-out", "uploaded", "none"], value=s.eval_source,
+            color="default", css_classes=["ts-eval"],
+            description="What the accuracy is measured on: held-out data, your upload, or agreement "
+                        "with the original on a calibration batch.")
+        self.eval_file = pn.widgets.FileInput(
+            accept=".pt,.pth,.npz", css_classes=["ts-eval-file"],
+            description="A .pt/.npz of inputs (and labels) to measure quality on.")
+        self.shape_input = pn.widgets.TextInput.from_param(
+            s.param.input_shape, label="Input shape of one sample (no data)", placeholder="1,28,28",
+            description="Without evaluation data: one sample's shape, for FLOPs and a random calibration batch.")
+        self.eval_text = pn.pane.Markdown(pn.bind(lambda d: f"Now: {d or 'none'}", s.param.eval_description),
+                                          styles=HINT, margin=(0, 10))
+        # data-aware mode and recovery: the switch follows the state; flipping it submits the switch
         self.calibrate_switch = pn.widgets.Switch(value=s.calibrate, css_classes=["ts-calibrate"], width=40,
                                                   height=24, sizing_mode="fixed", margin=(8, 10))
-        self.calib_file = pn.widgets.FileInput(accept=".pt,.pth,.npz", css_classes=["ts-calib-file"])
-        self.calib_text = pn.pane.Markdown("", styles={"font-size": "12px", "color": "#52606d"}, margin=(0, 10))
-        self.finetune_steps = pn.widgets.IntInput(name="Fine-tune steps", value=FINETUNE_STEPS, start=1, end=5000,
-                                                  step=50, width=130, css_classes=["ts-finetune-steps"])
-        self.finetune_button = pn.widgets.Button(name="Fine-tune this plan", button_type="primary",
-                                                 css_classes=["ts-finetune"])
-        # budget and presets
-        self.keep_slider = pn.widgets.FloatSlider(name="Keep", start=0.02, end=1.0, step=0.01, value=s.budget_keep,
-                                                  format="0%", css_classes=["ts-keep"])
-        self.by_select = pn.widgets.RadioButtonGroup(options=["params", "flops"], value=s.budget_by)
-        self.auto_button = pn.widgets.Button(name="Auto: fill ranks for this budget", button_type="primary",
-                                             css_classes=["ts-auto"])
-        self.energy_slider = pn.widgets.FloatSlider(name="Energy kept per layer", start=0.5, end=0.999, step=0.005,
-                                                    value=0.9, format="0.0%")
-        self.energy_button = pn.widgets.Button(name="Energy preset", css_classes=["ts-energy"])
-        self.vbmf_button = pn.widgets.Button(name="VBMF preset", css_classes=["ts-vbmf"])
-        self.reset_button = pn.widgets.Button(name="All dense", css_classes=["ts-reset"])
+        self.calib_file = pn.widgets.FileInput(
+            accept=".pt,.pth,.npz", css_classes=["ts-calib-file"],
+            description="A .pt/.npz of inputs (labels optional) for data-aware factors and fine-tuning.")
+        self.calib_text = pn.pane.Markdown(
+            pn.bind(self._calibration_text, s.param.calibrate, s.param.calibration_description, s.param.recovery,
+                    s.param.plan), styles=HINT, margin=(0, 10))
+        self.finetune_steps = pn.widgets.IntInput.from_param(
+            s.param.finetune_steps, label="Fine-tune steps", step=50, width=130, css_classes=["ts-finetune-steps"],
+            description="How many optimizer steps the fine-tune runs.")
+        self.finetune_button = pn.widgets.Button(
+            label="Fine-tune this plan", color="primary", css_classes=["ts-finetune"],
+            description="Distil the compressed model from the original on the calibration data; "
+                        "shows the accuracy before and after.")
+        # budget and presets: the sliders are the state's own settings
+        self.keep_slider = pn.widgets.FloatSlider.from_param(
+            s.param.budget_keep, label="Keep", start=0.02, end=1.0, step=0.01, format="0%", css_classes=["ts-keep"])
+        self.by_select = pn.widgets.RadioButtonGroup.from_param(
+            s.param.budget_by, label="Budget counts", description=s.param.budget_by.doc)
+        self.auto_button = pn.widgets.Button(
+            label="Auto: fill ranks for this budget", color="primary", css_classes=["ts-auto"],
+            description="Every layer's method and ranks from the budget planner, for the share above, now "
+                        "(moving Keep re-plans by itself).")
+        self.energy_slider = pn.widgets.FloatSlider.from_param(
+            s.param.preset_energy, label="Energy kept per layer", step=0.005, format="0.0%",
+            css_classes=["ts-energy-slider"])
+        self.energy_button = pn.widgets.Button(
+            label="Energy preset", css_classes=["ts-energy"],
+            description="Each layer's ranks keep the energy above of the spectra they cut, now (moving the "
+                        "slider applies it by itself).")
+        self.vbmf_button = pn.widgets.Button(
+            label="VBMF preset", css_classes=["ts-vbmf"],
+            description="Each layer's ranks from variational Bayesian matrix factorization (noise-level estimate).")
+        self.reset_button = pn.widgets.Button(
+            label="All dense", css_classes=["ts-reset"],
+            description="Undo every decomposition: the original network.")
         # export
         self.downloads = {
             kind: pn.widgets.FileDownload(callback=self._download(kind), filename=name, label=label, auto=True,
-                                          embed=False, button_type="success" if kind == "checkpoint" else "default",
-                                          css_classes=[f"ts-export-{kind}"])
-            for kind, name, label in [
-                ("checkpoint", "model-compressed.safetensors", "Checkpoint (ts.load)"),
-                ("exported_program", "model-compressed.pt2", "ExportedProgram (.pt2)"),
-                ("torchscript", "model-compressed.pt", "TorchScript (.pt)"),
-                ("plan", "plan.json", "Plan (JSON)"),
+                                          embed=False, color="success" if kind == "checkpoint" else "default",
+                                          css_classes=[f"ts-export-{kind}"], description=tip)
+            for kind, name, label, tip in [
+                ("checkpoint", "model-compressed.safetensors", "Checkpoint (ts.load)",
+                 "The compressed model with its plan: tensorscope.load reads it, no pickle."),
+                ("exported_program", "model-compressed.pt2", "ExportedProgram (.pt2)",
+                 "torch.export: torch.export.load(...).module() runs it with torch alone."),
+                ("torchscript", "model-compressed.pt", "TorchScript (.pt)", "torch.jit.load runs it."),
+                ("plan", "plan.json", "Plan (JSON)", "The plan only: every layer's method and rank."),
             ]
         }
-        # messages and progress
-        self.error_alert = pn.pane.Alert("", alert_type="danger", visible=False, css_classes=["ts-error"])
-        self.message_alert = pn.pane.Alert("", alert_type="info", visible=False, css_classes=["ts-message"])
-        self.progress = pn.indicators.Progress(value=0, max=100, visible=False, bar_color="primary",
-                                               css_classes=["ts-progress"], height=18)
-        self.progress_text = pn.pane.Markdown("", visible=False, styles={"font-size": "12px"}, margin=(0, 10))
-        # summary
-        self.stats = {k: pn.pane.HTML("", stylesheets=[STAT_CSS], css_classes=[f"ts-stat-{k}"], min_width=180,
-                                      sizing_mode="stretch_width")
-                      for k in ("params", "flops", "size", "quality", "agreement")}
-        self.source_text = pn.pane.Markdown("", styles={"font-size": "13px", "color": "#3e4c59"}, margin=(0, 10))
+        # messages and progress: bound to the state
+        self.error_alert = pn.pane.Alert(s.param.error, alert_type="danger", visible=pn.bind(bool, s.param.error),
+                                         css_classes=["ts-error"])
+        self.message_alert = pn.pane.Alert(
+            s.param.message, alert_type="info", css_classes=["ts-message"],
+            visible=pn.bind(lambda m, e: bool(m) and not e, s.param.message, s.param.error))
+        self.progress = pn.indicators.Progress(
+            value=pn.bind(lambda p, b: int(round(100 * p)) if b else 0, s.param.progress, busy), max=100,
+            visible=False, bar_color="primary", css_classes=["ts-progress"], height=18)
+        # the message also shows while a slow method's factors are fitted for the accuracy (not busy)
+        self.progress_text = pn.pane.Markdown(
+            pn.bind(lambda b, q, m: m if (b or q) else "", busy, s.param.quality_pending, s.param.progress_message),
+            visible=False, styles={"font-size": "12px"}, margin=(0, 10), css_classes=["ts-progress-text"])
+        # summary numbers
+        stat = dict(stylesheets=[STAT_CSS], min_width=180, sizing_mode="stretch_width")
+        self.stats = {
+            "params": pn.pane.HTML(pn.bind(self._params_html, s.param.cost), css_classes=["ts-stat-params"], **stat),
+            "flops": pn.pane.HTML(pn.bind(self._flops_html, s.param.cost), css_classes=["ts-stat-flops"], **stat),
+            "size": pn.pane.HTML(pn.bind(self._size_html, s.param.cost), css_classes=["ts-stat-size"], **stat),
+            "latency": pn.pane.HTML(pn.bind(self._latency_html, s.param.latency, s.param.plan, s.param.cost),
+                                    css_classes=["ts-stat-latency"], **stat),
+            "quality": pn.pane.HTML(pn.bind(self._quality_html, s.param.quality, s.param.quality_pending),
+                                    css_classes=["ts-stat-quality"], **stat),
+            "agreement": pn.pane.HTML(pn.bind(self._agreement_html, s.param.quality, s.param.quality_pending),
+                                      css_classes=["ts-stat-agreement"], **stat),
+        }
+        self.source_text = pn.pane.Markdown(
+            pn.bind(lambda src, ev: f"**Network:** {src or 'none loaded'} · **Quality on:** {ev or '–'}",
+                    s.param.source, s.param.eval_description),
+            styles={"font-size": "13px", "color": "#3e4c59"}, margin=(0, 10))
+        # speed on this server
+        self.latency_batch = pn.widgets.IntInput.from_param(
+            s.param.latency_batch, label="Batch (besides 1)", step=8, width=130, css_classes=["ts-latency-batch"],
+            description="The second batch size latency is measured at.")
+        self.latency_button = pn.widgets.Button(
+            label="Measure latency", css_classes=["ts-measure-latency"],
+            description="Time the compressed model against the original on this server (1 thread, batch 1 and the "
+                        "batch on the left, medians): the measured speed-up shows next to the FLOP ratio.")
+        # the ranks view: every layer at hand
+        self.rank_filter = pn.widgets.TextInput(
+            placeholder="filter layers by name or method", css_classes=["ts-rank-filter"], width=260,
+            description="Show only the layers whose name or method contains this text.")
+        self.rank_count = pn.pane.Markdown("", styles=HINT, margin=(12, 10, 0, 10))
+        self.rank_rows_box = pn.Column(scroll=True, height=PLOT_H - 10, sizing_mode="stretch_width",
+                                       css_classes=["ts-ranks-view"])
+        # compare configurations
+        self.history_table = pn.widgets.Tabulator(
+            self._history_frame([]), disabled=True, show_index=False, height=260, layout="fit_data_stretch",
+            selectable=False, buttons={"pin": "<span class='ts-pin'>pin</span>"}, css_classes=["ts-history-table"], pagination=None,
+            header_tooltips={"pin": "Pin this configuration to compare it with another."},
+            titles={"n": "#", "quality": "accuracy %"}, sizing_mode="stretch_width",
+            formatters={"params": {"type": "money", "precision": 0, "thousand": ","},
+                        "ratio": {"type": "money", "precision": 2, "symbol": "×", "symbolAfter": True},
+                        "quality": {"type": "money", "precision": 1}})
+        self.pin_button = pn.widgets.Button(
+            label="Pin the current plan", css_classes=["ts-pin-current"],
+            description="Pin the configuration shown now (once its accuracy shows) to compare it with another.")
+        self.compare_a = pn.widgets.Select(label="A (left)", options={}, css_classes=["ts-compare-a"], width=300,
+                                           description="The pinned configuration shown on the left.")
+        self.compare_b = pn.widgets.Select(label="B (right)", options={}, css_classes=["ts-compare-b"], width=300,
+                                           description="The pinned configuration shown on the right.")
+        self.restore_a = pn.widgets.Button(label="Restore A", css_classes=["ts-restore-a"],
+                                           description="Make configuration A the current plan again.")
+        self.restore_b = pn.widgets.Button(label="Restore B", css_classes=["ts-restore-b"],
+                                           description="Make configuration B the current plan again.")
+        self.compare_pane = pn.pane.HTML(
+            pn.bind(self._comparison, s.param.pins, s.param.compare_a, s.param.compare_b, s.param.latency,
+                    s.param.version), stylesheets=[COMPARE_CSS], css_classes=["ts-compare"], sizing_mode="stretch_width")
         # layer table
         self.table = pn.widgets.Tabulator(
             pd.DataFrame(), disabled=True, selectable=1, show_index=False, height=200, layout="fit_columns",
@@ -250,42 +518,46 @@ class ExplorerView(pn.viewable.Viewer):
             },
             css_classes=["ts-table"], pagination=None,
         )
-        # per-layer controls (rebuilt when the selected layer or its method changes)
-        self.controls_title = pn.pane.Markdown("", margin=(0, 10))
-        self.method_select = pn.widgets.Select(name="Method", options=[DENSE], css_classes=["ts-method"])
+        # the selected layer's controls (sliders rebuilt when the layer or its method changes)
+        self.controls_title = pn.pane.Markdown(pn.bind(self._controls_title, s.param.selected, s.param.version),
+                                               margin=(0, 10))
+        self.method_select = pn.widgets.Select(
+            label="Method", options=[DENSE], css_classes=["ts-method"],
+            description="How this layer is decomposed (dense: kept as it is). Each method's rank sliders follow.")
         self.rank_box = pn.Column(sizing_mode="stretch_width", css_classes=["ts-ranks"])
-        self.layer_info = pn.pane.Markdown("", styles={"font-size": "12px", "color": "#52606d"}, margin=(0, 10))
+        self.layer_info = pn.pane.Markdown(pn.bind(self._layer_text, s.param.selected, s.param.table),
+                                           styles=HINT, margin=(0, 10))
 
     # ------------------------------------------------------------------ plots
     def _build_plots(self) -> None:
-        # a DynamicMap memoises frames by stream value: every event carries a new tick
-        self._tick = 0
-        self._spec_stream = hv.streams.Stream.define("Spec", tick=0)()
-        self._hist_stream = hv.streams.Stream.define("Hist", tick=0)()
+        s = self.state
+        # a DynamicMap memoises frames by stream value: each redraw carries a new tick
         opts = dict(framewise=True, axiswise=True)
-        self.sv_plot = pn.pane.HoloViews(
-            hv.DynamicMap(self._sv_element, streams=[self._spec_stream]).opts(**opts),
-            css_classes=["ts-spectrum-plot"], sizing_mode="stretch_width", linked_axes=False)
-        self.energy_plot = pn.pane.HoloViews(
-            hv.DynamicMap(self._energy_element, streams=[self._spec_stream]).opts(**opts),
-            sizing_mode="stretch_width", linked_axes=False)
-        self.trade_plot = pn.pane.HoloViews(
-            hv.DynamicMap(self._trade_element, streams=[self._spec_stream]).opts(**opts),
-            sizing_mode="stretch_width", linked_axes=False)
+        spec = [self.param.plot_tick]
+        # one curve slot per method with an error curve (a DynamicMap keeps its first frame's layers)
+        self._curve_methods = [m for m in available_methods() if get_method(m).error_curve]
+        self.sv_plot = pn.pane.HoloViews(hv.DynamicMap(self._sv_element, streams=spec).opts(**opts),
+                                         css_classes=["ts-spectrum-plot"], sizing_mode="stretch_width",
+                                         linked_axes=False)
+        self.energy_plot = pn.pane.HoloViews(hv.DynamicMap(self._energy_element, streams=spec).opts(**opts),
+                                             sizing_mode="stretch_width", linked_axes=False)
+        self.trade_plot = pn.pane.HoloViews(hv.DynamicMap(self._trade_element, streams=spec).opts(**opts),
+                                            sizing_mode="stretch_width", linked_axes=False)
         # rebuilt (not updated) on each load: its categorical axis changes with the network
-        self.overview_plot = pn.pane.HoloViews(self._overview_element(), sizing_mode="stretch_width",
-                                               linked_axes=False)
+        self.overview_plot = pn.pane.HoloViews(pn.bind(self._overview_element, s.param.overview),
+                                               sizing_mode="stretch_width", linked_axes=False)
         self.history_plot = pn.pane.HoloViews(
-            hv.DynamicMap(self._history_element, streams=[self._hist_stream]).opts(**opts),
+            hv.DynamicMap(self._history_element, streams=[self.param.history_tick]).opts(**opts),
             sizing_mode="stretch_width", linked_axes=False, css_classes=["ts-history-plot"])
         self.layers_card = pn.Card(self.table, title="Layers (click one to edit it; sortable; search in the header)",
                                    collapsible=False, sizing_mode="stretch_width", css_classes=["ts-layers-card"])
         self.spectrum_card = pn.Card(
             pn.Row(self.sv_plot, self.energy_plot, self.trade_plot),
-            title="Spectrum", collapsible=False, css_classes=["ts-spectrum-card"], sizing_mode="stretch_width",
+            title=pn.bind(lambda n: f"Spectrum of {n}" if n else "Spectrum", s.param.selected),
+            collapsible=False, css_classes=["ts-spectrum-card"], sizing_mode="stretch_width",
             height=PLOT_H + 70)
 
-    def _sv_element(self, tick: int = 0):
+    def _sv_element(self, plot_tick: int = 0):
         d = self.state.spectrum_data()
         if d:
             df = pd.DataFrame({"rank": d["index"], "singular value": d["values"], "kept": d["kept"]})
@@ -295,8 +567,8 @@ class ExplorerView(pn.viewable.Viewer):
         else:
             df = pd.DataFrame({"rank": np.arange(1, 3), "singular value": np.ones(2), "kept": np.ones(2, bool)})
             cut_at, title = None, "Singular values"
-        # Tucker-2 also truncates the input-channel unfolding: its values and r_in, in green
-        show_in = bool(d) and d.get("cut_in") is not None and "values_in" in d
+        # where a rank axis also truncates the input-channel unfolding: its values and cut, in green
+        show_in = bool(d) and d.get("cut_in") is not None
         if show_in:
             di = pd.DataFrame({"rank": d["index_in"], "singular value": d["values_in"], "kept": d["kept_in"]})
             title = "σ: out (blue), in (green)"
@@ -314,7 +586,7 @@ class ExplorerView(pn.viewable.Viewer):
             color=CUT, size=5, marker="square", tools=["hover"])
         vline = hv.VLine((cut_at or len(df)) + 0.5).opts(color=MARK, line_dash="dashed", line_width=2,
                                                          alpha=1.0 if cut_at is not None else 0.0)
-        vline_in = hv.VLine((d.get("cut_in") or 1) + 0.5 if show_in else 1.5).opts(
+        vline_in = hv.VLine((d["cut_in"] + 0.5) if show_in else 1.5).opts(
             color=IN_COLOR, line_dash="dashed", line_width=2, alpha=1.0 if show_in else 0.0)
         vals = np.concatenate([df["singular value"].to_numpy(), di["singular value"].to_numpy()])
         ylim = (float(vals.min()) / 1.3, float(vals.max()) * 1.3)  # explicit: a log axis cannot pad to <= 0
@@ -322,7 +594,7 @@ class ExplorerView(pn.viewable.Viewer):
             title=title, logy=True, ylim=ylim, show_legend=True, legend_position="top_right", xlabel="index",
             ylabel="singular value (log)", responsive=True, height=PLOT_H, toolbar=None)
 
-    def _energy_element(self, tick: int = 0):
+    def _energy_element(self, plot_tick: int = 0):
         d = self.state.spectrum_data()
         e = d["energy"] if d else np.ones(2)
         cut = d["cut"] if d else None
@@ -333,19 +605,17 @@ class ExplorerView(pn.viewable.Viewer):
         point = hv.Scatter([(cut or len(e), at)], "rank", "energy kept").opts(color=MARK, size=9, tools=["hover"])
         where = f": {at:.1%}" if cut else ""
         return _framewise(curve * vline * point).opts(title=f"Energy kept{where}", ylim=(0, 1.02),
-                                            responsive=True, height=PLOT_H, toolbar=None, show_legend=False)
+                                                      responsive=True, height=PLOT_H, toolbar=None, show_legend=False)
 
-    def _trade_element(self, tick: int = 0):
+    def _trade_element(self, plot_tick: int = 0):
         d = self.state.spectrum_data()
+        tradeoffs = d.get("tradeoffs", {}) if d else {}
         curves = []
-        for m in planner_methods():  # the same curves in every frame: a DynamicMap keeps its first layout
-            if d and m in d["tradeoffs"]:
-                p, e = d["tradeoffs"][m]
-                df = pd.DataFrame({"params": p, "relative error": e})
-            else:
-                df = pd.DataFrame({"params": [], "relative error": []})
+        for m in self._curve_methods:  # the layer's curves, each in its method's slot
+            p, e = tradeoffs.get(m, ([], []))
+            df = pd.DataFrame({"params": p, "relative error": e})
             curves.append(hv.Curve(df, "params", "relative error", label=m).opts(
-                color=METHOD_COLORS[m], line_width=2, tools=["hover"]))
+                color=method_color(m), line_width=2, tools=["hover"]))
         if d:
             p, err = d["current"]
             cur = [(p, err)] if err is not None else []
@@ -360,8 +630,8 @@ class ExplorerView(pn.viewable.Viewer):
             responsive=True, height=PLOT_H, toolbar=None, xlabel="parameters of the layer", xformatter=COUNT_FMT,
             ylabel="relative output error (calibration)" if self.state.calibrate else "relative weight error")
 
-    def _overview_element(self):
-        df = self.state.overview
+    def _overview_element(self, overview=None):
+        df = overview if overview is not None else self.state.overview
         if df is None or len(df) == 0:
             return hv.Text(0.5, 0.5, "no network loaded").opts(responsive=True, height=PLOT_H + 20, xaxis=None,
                                                                  yaxis=None, toolbar=None)
@@ -375,11 +645,11 @@ class ExplorerView(pn.viewable.Viewer):
             hm = hm.redim.values(layer=order)
         return hm
 
-    def _history_element(self, tick: int = 0):
+    def _history_element(self, history_tick: int = 0):
         h = self.state.history
         metric = (self.state.quality or {}).get("metric", "accuracy")
         if h:
-            df = pd.DataFrame([{k: v for k, v in e.items() if k != "plan"} for e in h])
+            df = pd.DataFrame([{k: h_[k] for k in ("params", "quality", "label", "ratio")} for h_ in h])
             df["quality"] = df["quality"].astype(float)
         else:
             df = pd.DataFrame({"params": np.zeros(0), "quality": np.zeros(0), "label": np.array([], dtype=object),
@@ -391,45 +661,127 @@ class ExplorerView(pn.viewable.Viewer):
         top = float(df["params"].max()) if len(df) else 1.0
         return _framewise(pts * cur).opts(title=f"This session: {metric} against parameters", xlabel="parameters",
                                           xlim=(0, top * 1.05), ylim=(0, 1.02), xformatter=COUNT_FMT,
-                                ylabel=metric, responsive=True, height=PLOT_H + 20, toolbar="above",
-                                show_legend=False)
+                                          ylabel=metric, responsive=True, height=PLOT_H + 20, toolbar="above",
+                                          show_legend=False)
 
     # ------------------------------------------------------------------ wiring
     def _wire(self) -> None:
         s = self.state
-        w = s.param.watch
-        w(self._on_loop(self._render_status), ["busy", "progress", "progress_message", "error", "message"])
-        w(self._on_loop(self._render_summary), ["cost", "quality", "quality_pending", "source", "eval_description"])
-        w(self._on_loop(self._render_table), ["table"])
-        w(self._on_loop(self._render_controls), ["selected", "plan", "version"])
-        w(self._on_loop(self._render_spectrum), ["selected", "plan_version", "version", "table"])
-        w(self._on_loop(self._render_overview), ["version", "overview"])
-        w(self._on_loop(self._render_calibration), ["calibrate", "calibration_description", "recovery", "plan"])
-        w(self._on_loop(self._render_history), ["history"])
-        w(self._on_loop(self._render_eval), ["eval_source", "eval_choices", "eval_description"])
-
         self.load_button.on_click(lambda e: self._submit(s.load_example, self.example_select.value))
         self.upload_button.on_click(self._on_upload)
-        self.eval_file.param.watch(self._on_eval_file, "value")
-        self.eval_select.param.watch(self._on_eval_select, "value")
-        self.shape_input.param.watch(lambda e: setattr(s, "input_shape", e.new), "value")
-        self.calibrate_switch.param.watch(self._on_calibrate, "value")
-        self.calib_file.param.watch(
-            lambda e: e.new and self._submit(s.load_calibration_upload, e.new, self.calib_file.filename or "calib.pt"),
-            "value")
-        self.finetune_button.on_click(lambda e: self._submit(s.finetune, self.finetune_steps.value))
-        self.auto_button.on_click(lambda e: self._submit(s.apply_budget, self.keep_slider.value, self.by_select.value))
-        self.energy_button.on_click(lambda e: self._submit(s.apply_preset, "energy", self.energy_slider.value))
+        self.finetune_button.on_click(lambda e: self._submit(s.finetune))
+        self.auto_button.on_click(lambda e: self._submit(s.apply_budget))
+        self.energy_button.on_click(lambda e: self._submit(s.apply_preset, "energy"))
         self.vbmf_button.on_click(lambda e: self._submit(s.apply_preset, "vbmf"))
         self.reset_button.on_click(lambda e: s.set_plan({}))
-        self.table.param.watch(self._on_table_select, "selection")
-        self.method_select.param.watch(self._on_method, "value")
+        self.latency_button.on_click(lambda e: self._submit(s.measure_latency))
+        self.pin_button.on_click(lambda e: s.pin())
+        self.history_table.on_click(self._on_history_click)
+        self.restore_a.on_click(lambda e: s.restore(s.compare_a))
+        self.restore_b.on_click(lambda e: s.restore(s.compare_b))
+        pn.bind(self._on_compare_pick, "compare_a", self.compare_a, watch=True)
+        pn.bind(self._on_compare_pick, "compare_b", self.compare_b, watch=True)
+        pn.bind(lambda _text: self._loop(self._render_ranks), self.rank_filter.param.value_input, watch=True)
+        pn.bind(self._on_eval_file, self.eval_file, watch=True)
+        pn.bind(self._on_calib_file, self.calib_file, watch=True)
+        pn.bind(self._on_eval_select, self.eval_select, watch=True)
+        pn.bind(self._on_calibrate, self.calibrate_switch, watch=True)
+        pn.bind(self._on_table_select, self.table.param.selection, watch=True)
+        pn.bind(self._on_method, self.method_select, watch=True)
+
+    # the state -> the widgets that are not bound to one parameter
+    @param.depends("state.table", "state.selected", watch=True)
+    def _table_changed(self) -> None:
+        self._loop(self._render_table)
+
+    @param.depends("state.selected", "state.plan", "state.version", watch=True)
+    def _controls_changed(self) -> None:
+        self._loop(self._render_controls)
+
+    @param.depends("state.selected", "state.plan_version", "state.version", "state.table", watch=True)
+    def _replot(self) -> None:
+        s = self.state
+        # a new table after a quality refresh changes the plots only where it brought the
+        # selected layer's measured error (methods whose error is measured, not read off a curve)
+        key = (s.version, s.selected, s.plan_version, s.calibrate,
+               s.layer_error(s.selected) if s.selected in s.layer_names else None)
+        if key != self._plot_key:
+            self._plot_key = key
+            self._plot_asked = time.monotonic()
+            # redrawing three plots takes a few hundred ms: after the numbers have gone out
+            self._loop(self._bump_plot_tick, defer=True)
+
+    def _bump_plot_tick(self) -> None:
+        now = time.monotonic()
+        if self.state.quality_pending and self._loop.served and now - self._plot_asked < WAIT_QUALITY_S:
+            self._loop(self._bump_plot_tick, defer=True)  # the accuracy first: it is what a person waits for
+            return
+        self.plot_tick = next(self._ticks)
+
+    @param.depends("state.history", watch=True)
+    def _replot_history(self) -> None:
+        self._loop(self._bump_history_tick, defer=True)
+
+    def _bump_history_tick(self) -> None:
+        self.history_tick = next(self._ticks)
+
+    @param.depends("state.busy", "state.loading", "state.quality_pending", "state.progress_message", watch=True)
+    def _busy_changed(self) -> None:
+        self._loop(self._render_busy)
+
+    def _render_busy(self) -> None:
+        """Buttons off while a job runs; the plots and table grey while they are being replaced.
+
+        Rendered from the state's current values on the session's thread, not bound to each
+        event: a quick job flips these twice within milliseconds from a worker thread, and the
+        last value must win (a grey overlay left behind blocks the table's clicks).
+        """
+        s = self.state
+        for w in (self.load_button, self.upload_button, self.calibrate_switch, self.finetune_button,
+                  self.auto_button, self.energy_button, self.vbmf_button, self.reset_button, self.latency_button,
+                  self.restore_a, self.restore_b):
+            if w.disabled != s.busy:
+                w.disabled = s.busy
+        if self.progress.visible != s.busy:
+            self.progress.visible = s.busy
+        text = bool(s.progress_message) and (s.busy or s.quality_pending)
+        if self.progress_text.visible != text:
+            self.progress_text.visible = text
+        for card in (self.layers_card, self.spectrum_card):
+            if card.loading != s.loading:
+                card.loading = s.loading
+
+    @param.depends("state.plan", "state.version", "state.selected", watch=True)
+    def _ranks_changed(self) -> None:
+        self._loop(self._render_ranks)
+
+    @param.depends("state.history", watch=True)
+    def _history_changed(self) -> None:
+        self._loop(self._render_history_table)
+
+    @param.depends("state.pins", "state.compare_a", "state.compare_b", watch=True)
+    def _show_pins(self) -> None:
+        s = self.state
+        options = {p["label"]: p["id"] for p in s.pins}
+        # options and values at once; _on_compare_pick sees the state's own values: no-op
+        self.compare_a.param.update(options=options, value=s.compare_a if s.compare_a in options.values() else None)
+        self.compare_b.param.update(options=options, value=s.compare_b if s.compare_b in options.values() else None)
+
+    @param.depends("state.eval_source", watch=True)
+    def _show_eval_source(self) -> None:
+        self.eval_select.value = self.state.eval_source  # _on_eval_select sees the state's own value: no-op
+
+    @param.depends("state.calibrate", watch=True)
+    def _show_calibrate(self) -> None:
+        self.calibrate_switch.value = self.state.calibrate  # _on_calibrate sees the state's own value: no-op
 
     def start(self) -> None:
-        """Load the default example (called when the page has loaded, so progress shows)."""
+        """Open the default example ready to explore (called when the page has loaded, so progress
+        shows): loaded, a budget plan in place, the largest layer's sliders in view."""
         if self.state.model is None and self._load_on_start is not False:
-            self._submit(self.state.load_example, self._load_on_start or DEFAULT_EXAMPLE)
+            self._submit(self.state.open_example, self._load_on_start or DEFAULT_EXAMPLE)
 
+    # ------------------------------------------------------------------ the person -> the state
     def _on_upload(self, _event) -> None:
         data, name = self.model_file.value, self.model_file.filename
         if not data:
@@ -437,44 +789,72 @@ class ExplorerView(pn.viewable.Viewer):
             return
         self._submit(self.state.load_upload, data, name, self.arch_input.value, self.trust_box.value)
 
-    def _on_eval_file(self, event) -> None:
-        if event.new:
-            self._submit(self.state.load_eval_upload, event.new, self.eval_file.filename or "data.pt")
+    def _on_eval_file(self, data) -> None:
+        if data:
+            self._submit(self.state.load_eval_upload, data, self.eval_file.filename or "data.pt")
 
-    def _on_eval_select(self, event) -> None:
-        if self._syncing or event.new == self.state.eval_source:
-            return
-        if event.new == "uploaded" and "uploaded" not in self.state.eval_choices:
-            self.state.message = "Upload a .pt or .npz file of inputs (and labels) below."
-            return
-        self._submit(self.state.use_eval, event.new)
+    def _on_calib_file(self, data) -> None:
+        if data:
+            self._submit(self.state.load_calibration_upload, data, self.calib_file.filename or "calib.pt")
 
-    def _on_calibrate(self, event) -> None:
-        if self._syncing or event.new == self.state.calibrate:
+    def _on_eval_select(self, kind: str) -> None:
+        s = self.state
+        if kind == s.eval_source:  # the state's own value, shown back
             return
-        self._submit(self.state.set_calibrate, event.new)
+        if kind == "uploaded" and "uploaded" not in s.eval_choices:
+            s.message = "Upload a .pt or .npz file of inputs (and labels) below."
+            self._show_eval_source()
+            return
+        self._submit(s.use_eval, kind).add_done_callback(lambda _f: self._show_eval_source())
 
-    def _on_table_select(self, event) -> None:
-        if self._syncing or not event.new:
+    def _on_calibrate(self, on: bool) -> None:
+        if on == self.state.calibrate:  # the state's own value, shown back
             return
+        self._submit(self.state.set_calibrate, on).add_done_callback(lambda _f: self._show_calibrate())
+
+    def _on_table_select(self, selection: list) -> None:
         df = self.table.value
-        i = event.new[0]
-        if df is not None and 0 <= i < len(df):
-            self.state.select(str(df.iloc[i]["layer"]))
+        if selection and df is not None and 0 <= selection[0] < len(df):
+            self.state.select(str(df.iloc[selection[0]]["layer"]))  # selecting the selected layer is a no-op
 
-    def _on_method(self, event) -> None:
-        if self._syncing or not self.state.selected:
+    def _on_method(self, method: str) -> None:
+        s = self.state
+        name = s.selected
+        if not name or method == s.layer_choice(name)[0]:  # the state's own choice, shown back
             return
-        self.state.set_layer(self.state.selected, event.new, None)
+        if not s.set_layer(name, method, None):
+            self._resync()
 
-    def _on_rank(self, _event=None) -> None:
-        if self._syncing or not self.state.selected:
+    def _on_row_method(self, name: str, method: str) -> None:
+        if method == self.state.layer_choice(name)[0]:  # the state's own choice, shown back
             return
-        name = self.state.selected
-        if self.method_select.value != self.state.layer_choice(name)[0]:
+        if not self.state.set_layer(name, method, None):
+            self._resync()
+
+    def _on_history_click(self, event) -> None:
+        if event.column == "pin":
+            self.state.pin(int(event.row))
+
+    def _on_compare_pick(self, which: str, pin_id) -> None:
+        if pin_id is not None and getattr(self.state, which) != pin_id:
+            setattr(self.state, which, pin_id)
+
+    def _resync(self) -> None:
+        """A request was refused (the error says why): show what the plan holds."""
+        self._render_controls()
+        self._render_ranks()
+
+    def _on_axis(self, name: str, method: str, i: int, value: int) -> None:
+        """One rank slider of layer ``name`` moved: set that axis, keep the others."""
+        s = self.state
+        if s.layer_choice(name)[0] != method:  # a slider of a method the layer no longer has
             return
-        values = [w.value for w in self._rank_widgets]
-        self.state.set_rank_values(name, values)
+        values = list(s.axis_values(name))
+        if i >= len(values) or values[i] == value:  # the state's own value, shown back
+            return
+        values[i] = int(value)
+        if not s.set_rank_values(name, values):
+            self._resync()
 
     def _download(self, kind: str):
         async def callback():
@@ -491,194 +871,200 @@ class ExplorerView(pn.viewable.Viewer):
         return callback
 
     # ------------------------------------------------------------------ rendering
-    def _render_all(self) -> None:
-        for fn in (self._render_status, self._render_summary, self._render_table, self._render_controls,
-                   self._render_eval, self._render_calibration):
-            fn()
+    @staticmethod
+    def _params_html(c: dict) -> str:
+        if not c:
+            return _stat("Parameters", "…", cls="ts-params")
+        ratio = c.get("ratio") or 1.0
+        return _stat("Parameters", format_count(c["params_after"]), format_count(c["params"]),
+                     f'<span class="ts-params-exact">{c["params_after"]:,}</span> · {ratio:.2f}× smaller · '
+                     f"{c.get('layers_planned', 0)} layer(s) decomposed", "ts-params")
 
-    def _render_status(self) -> None:
+    @staticmethod
+    def _flops_html(c: dict) -> str:
+        if not c:
+            return _stat("Flops", "…", cls="ts-flops")
+        fr = c.get("flops_ratio")
+        return _stat("FLOPs per sample", format_count(c.get("flops_after")), format_count(c.get("flops")),
+                     f"{fr:.2f}× fewer (multiply-add = 2)" if fr else "needs an input", "ts-flops")
+
+    @staticmethod
+    def _size_html(c: dict) -> str:
+        if not c:
+            return _stat("Size", "…", cls="ts-size")
+        return _stat("Size (float weights)", format_bytes(c["bytes_after"]), format_bytes(c["bytes"]),
+                     f"{c['bytes'] / c['bytes_after']:.2f}× smaller" if c["bytes_after"] else "", "ts-size")
+
+    def _latency_html(self, latency: dict, *_deps) -> str:
         s = self.state
-        self.error_alert.object = s.error
-        self.error_alert.visible = bool(s.error)
-        self.message_alert.object = s.message
-        self.message_alert.visible = bool(s.message) and not s.error
-        self.progress.visible = s.busy
-        self.progress.value = int(round(100 * s.progress)) if s.busy else 0
-        self.progress_text.object = s.progress_message if s.busy else ""
-        self.progress_text.visible = s.busy
-        for w in (self.load_button, self.upload_button, self.auto_button, self.energy_button, self.vbmf_button,
-                  self.finetune_button, self.calibrate_switch):
-            w.disabled = s.busy
-        for card in (self.layers_card, self.spectrum_card):  # what is being replaced
-            card.loading = s.busy
+        lat = s.latency_for_plan()
+        if not s.plan or not len(s.plan):
+            return _stat("Latency (1 thread)", "–", sub="the original: decompose a layer, then measure", cls="ts-latency")
+        if not lat:
+            return _stat("Latency (1 thread)", "not measured", sub="press “Measure latency” (sidebar)", cls="ts-latency")
+        flops = f" · FLOPs {lat['flops_ratio']:.2f}× fewer" if lat.get("flops_ratio") else ""
+        notes = "".join(f"<br><span class='ts-speed-note'>⚠ {n}</span>" for n in lat["notes"])
+        return _stat("Latency, batch 1", f"{lat['compressed_1']:.2f} ms", f"{lat['original_1']:.2f} ms",
+                     f"<span class='ts-latency-ratio'>{lat['speedup_1']:.2f}× faster; batch {lat['batch']}: "
+                     f"{lat['speedup_n']:.2f}×</span>{flops} (1 thread, this server){notes}", "ts-latency")
 
-    def _render_summary(self) -> None:
+    @staticmethod
+    def _quality_html(q: dict, pending: bool) -> str:
+        if not q:
+            return _stat("Accuracy", "…" if pending else "n/a", sub="updating…" if pending else "no evaluation data",
+                         cls="ts-quality")
+        drop = (q["plan"] - q["original"]) if q.get("plan") is not None and q.get("original") is not None else None
+        cls = "ts-good" if drop is not None and drop > -0.01 else "ts-bad"
+        sub = (f'<span class="{cls}">{100 * drop:+.1f} pts</span> · {q.get("samples", 0)} samples'
+               if drop is not None else "")
+        return _stat(q.get("metric", "accuracy").title() + (" (updating…)" if pending else ""), _pct(q.get("plan")),
+                     _pct(q.get("original")), sub, "ts-quality", pending)
+
+    @staticmethod
+    def _agreement_html(q: dict, pending: bool) -> str:
+        if not q:
+            return _stat("Agreement", "…" if pending else "n/a", cls="ts-agreement")
+        return _stat("Agreement" + (" (updating…)" if pending else ""), _pct(q.get("agreement")), "",
+                     f"output error {q.get('relative_error', 0):.3f} · {q.get('ms', 0):.0f} ms ({q.get('run', '')})",
+                     "ts-agreement", pending)
+
+    def _calibration_text(self, calibrate: bool, description: str, *_deps) -> str:
+        mode = ("**on**: factors, spectra and errors are what each layer's *output* loses on"
+                if calibrate else "off: factors and errors from the weights alone. Calibration data:")
+        text = f"Data-aware {mode} {description}."
+        rec = self.state.recovered()
+        if rec:
+            text += (f"<br>**Fine-tuned** {rec['steps']} steps: {rec['metric']} {_pct(rec['before'])} → "
+                     f"**{_pct(rec['after'])}** (exports are the fine-tuned model).")
+        return text
+
+    def _controls_title(self, name: str | None, _version: int = 0) -> str:
+        if name is None or name not in self.state.layer_names:
+            return "### Layer\nLoad a network to see its layers."
+        info = self.state.layer_info(name)
+        return f"### {name}\n{info.kind} {'×'.join(map(str, info.weight_shape))}"
+
+    def _layer_text(self, name: str | None, table=None) -> str:
         s = self.state
-        c = s.cost or {}
-        q = s.quality or {}
-        pending = s.quality_pending
-        if c:
-            ratio = c.get("ratio") or 1.0
-            self.stats["params"].object = _stat(
-                "Parameters", format_count(c["params_after"]), format_count(c["params"]),
-                f'<span class="ts-params-exact">{c["params_after"]:,}</span> · {ratio:.2f}× smaller · '
-                f"{c.get('layers_planned', 0)} layer(s) decomposed", "ts-params")
-            fr = c.get("flops_ratio")
-            self.stats["flops"].object = _stat(
-                "FLOPs per sample", format_count(c.get("flops_after")), format_count(c.get("flops")),
-                f"{fr:.2f}× fewer (multiply-add = 2)" if fr else "needs an input", "ts-flops")
-            self.stats["size"].object = _stat(
-                "Size (float weights)", format_bytes(c["bytes_after"]), format_bytes(c["bytes"]),
-                f"{c['bytes'] / c['bytes_after']:.2f}× smaller" if c["bytes_after"] else "", "ts-size")
-        else:
-            for k in ("params", "flops", "size"):
-                self.stats[k].object = _stat(k.title(), "…", cls=f"ts-{k}")
-        metric = q.get("metric", "accuracy")
-        if q:
-            drop = (q["plan"] - q["original"]) if q.get("plan") is not None and q.get("original") is not None else None
-            cls = "ts-good" if drop is not None and drop > -0.01 else "ts-bad"
-            sub = (f'<span class="{cls}">{100 * drop:+.1f} pts</span> · {q.get("samples", 0)} samples'
-                   if drop is not None else "")
-            self.stats["quality"].object = _stat(
-                metric.title() + (" (updating…)" if pending else ""), _pct(q.get("plan")), _pct(q.get("original")),
-                sub, "ts-quality", pending)
-            self.stats["agreement"].object = _stat(
-                "Agreement" + (" (updating…)" if pending else ""), _pct(q.get("agreement")), "",
-                f"output error {q.get('relative_error', 0):.3f} · {q.get('ms', 0):.0f} ms ({q.get('run', '')})",
-                "ts-agreement", pending)
-        else:
-            text = "updating…" if pending else "no evaluation data"
-            self.stats["quality"].object = _stat("Accuracy", "…" if pending else "n/a", sub=text, cls="ts-quality")
-            self.stats["agreement"].object = _stat("Agreement", "…" if pending else "n/a", cls="ts-agreement")
-        self.source_text.object = f"**Network:** {s.source or 'none loaded'} · **Quality on:** {s.eval_description or '–'}"
-
-    def _render_table(self) -> None:
-        df = self.state.table
-        if df is None:
-            return
-        self._syncing = True
-        try:
-            self.table.value = df
-            self.table.height = min(460, 78 + 31 * max(len(df), 1))
-            sel = self.state.selected
-            if sel is not None and sel in set(df["layer"]):
-                idx = int(np.flatnonzero(df["layer"].to_numpy() == sel)[0])
-                if self.table.selection != [idx]:
-                    self.table.selection = [idx]
-        finally:
-            self._syncing = False
-
-    def _render_controls(self) -> None:
-        s = self.state
-        name = s.selected
-        if name is None or name not in s.layers:
-            self.controls_title.object = "### Layer\nLoad a network to see its layers."
-            self.rank_box.objects = []
-            self._rank_widgets = []
-            return
-        layer = s.layers[name]
-        method, rank = s.layer_choice(name)
-        key = (s.version, name, method, s.rank_axes(name, method))
-        self._syncing = True
-        try:
-            self.controls_title.object = f"### {name}\n{layer.info.kind} {'×'.join(map(str, layer.info.weight_shape))}"
-            self.method_select.options = [DENSE, *layer.methods]
-            self.method_select.value = method
-            if key != self._control_key:
-                self._rank_widgets = self._make_rank_widgets(name, method)
-                self.rank_box.objects = list(self._rank_widgets)
-                self._control_key = key
-            values = self.state.axis_values(name)
-            for w, v in zip(self._rank_widgets, values):
-                if w.value != v:
-                    w.value = v
-            self.layer_info.object = self._layer_text(name)
-        finally:
-            self._syncing = False
-        self._render_table_selection()
-
-    def _render_table_selection(self) -> None:
-        df = self.table.value
-        sel = self.state.selected
-        if df is None or len(df) == 0 or sel is None:
-            return
-        hits = np.flatnonzero(df["layer"].to_numpy() == sel)
-        if len(hits) and self.table.selection != [int(hits[0])]:
-            self._syncing = True
-            try:
-                self.table.selection = [int(hits[0])]
-            finally:
-                self._syncing = False
-
-    def _make_rank_widgets(self, name: str, method: str) -> list:
-        # one slider per rank axis the method declares (a plugin's sliders come for free)
-        widgets = []
-        for ax in self.state.rank_axes(name, method):
-            top = int(ax.high)
-            w = pn.widgets.IntSlider(name=ax.label, start=int(ax.low), end=max(top, int(ax.low) + 1), value=int(ax.low),
-                                     step=1, css_classes=["ts-rank"], disabled=top <= ax.low)
-            w.param.watch(self._on_rank, "value")
-            widgets.append(w)
-        return widgets
-
-    def _layer_text(self, name: str) -> str:
-        s = self.state
-        row = s.table[s.table["layer"] == name].iloc[0] if s.table is not None else None
-        if row is None:
+        table = s.table if table is None else table
+        if name is None or table is None or name not in s.layer_names:
             return ""
+        rows = table[table["layer"] == name]
+        if not len(rows):
+            return ""
+        row = rows.iloc[0]
         err = row["rel. error"]
         err_text = "computing…" if pd.isna(err) else f"{err:.3f}"
-        m = s.layers[name].metrics
+        m = s.layer_metrics(name)
         method = s.layer_choice(name)[0]
-        note = get_method(method).speed_note if method in available_methods() else ""
+        note = get_method(method).speed_note if method != DENSE else ""
         return (f"{format_count(row['params'])} → **{format_count(row['params after'])}** params "
                 f"({row['ratio']:.2f}×) · relative error {err_text}<br>"
                 f"stable rank {m['stable_rank']:.1f} · effective rank {m['effective_rank']:.1f} of {m['max_rank']}"
                 + (f"<br><span class='ts-speed-note'>⚠ {note}</span>" if note else ""))
 
-    def _render_spectrum(self) -> None:
-        self._tick += 1
-        self._spec_stream.event(tick=self._tick)
-        name = self.state.selected
-        self.spectrum_card.title = f"Spectrum of {name}" if name else "Spectrum"
-        if name in self.state.layers:
-            self.layer_info.object = self._layer_text(name)
-
-    def _render_overview(self) -> None:
-        self.overview_plot.object = self._overview_element()
-        self._render_spectrum()
-
-    def _render_history(self) -> None:
-        self._tick += 1
-        self._hist_stream.event(tick=self._tick)
-
-    def _render_calibration(self) -> None:
+    def _comparison(self, pins: list, *_deps) -> str:
         s = self.state
-        self._syncing = True
+        if len(pins) < 2:
+            return ("<div class='ts-cmp'><p class='ts-hint'>Pin two points of the history (“pin” in the table on "
+                    "the left, or “Pin the current plan”) to compare them side by side: per-layer ranks, parameters, "
+                    "FLOPs, latency, accuracy per class and the samples whose prediction changed.</p></div>")
         try:
-            self.calibrate_switch.value = s.calibrate
-        finally:
-            self._syncing = False
-        mode = ("**on**: factors, spectra and errors are what each layer's *output* loses on"
-                if s.calibrate else "off: factors and errors from the weights alone. Calibration data:")
-        text = f"Data-aware {mode} {s.calibration_description}."
-        rec = s.recovered()
-        if rec:
-            text += (f"<br>**Fine-tuned** {rec['steps']} steps: {rec['metric']} {_pct(rec['before'])} → "
-                     f"**{_pct(rec['after'])}** (exports are the fine-tuned model).")
-        self.calib_text.object = text
+            cmp = s.comparison()
+        except Exception as e:  # a pin of a replaced network, a pin that is gone: say so here
+            return f"<div class='ts-cmp'><div class='ts-warn ts-compare-error'>{e}</div></div>"
 
-    def _render_eval(self) -> None:
+        def image(i: int) -> str:
+            data = base64.b64encode(s.sample_png(i)).decode()
+            return f"<img src='data:image/png;base64,{data}' alt='sample {i}'>"
+
+        return _compare_html(cmp, image if cmp["images"] else None)
+
+    @staticmethod
+    def _history_frame(history: list) -> pd.DataFrame:
+        return pd.DataFrame({
+            "n": pd.Series(range(len(history)), dtype="int64"),
+            "configuration": pd.Series([e["label"] for e in history], dtype="object"),
+            "params": pd.Series([int(e["params"]) for e in history], dtype="int64"),
+            "ratio": pd.Series([float(e["ratio"]) for e in history], dtype="float64"),
+            "quality": pd.Series([float("nan") if e["quality"] is None else 100 * e["quality"] for e in history],
+                                 dtype="float64"),
+        })
+
+    def _render_history_table(self) -> None:
+        h = self.state.history
+        metric = h[-1]["metric"] if h else "accuracy"
+        self.history_table.param.update(value=self._history_frame(h), titles={"n": "#", "quality": f"{metric} %"})
+
+    def _render_ranks(self) -> None:
         s = self.state
-        self._syncing = True
-        try:
-            self.eval_select.value = s.eval_source
-        finally:
-            self._syncing = False
-        self.eval_text.object = f"Now: {s.eval_description or 'none'}"
+        rows = s.rank_rows(self.rank_filter.value_input or "")
+        shown = rows[:ROW_LIMIT]
+        objects = []
+        for row in shown:
+            key = (s.version, row["layer"], row["method"], row["axes"])
+            r = self.layer_rows.get(row["layer"])
+            if r is None or r.key != key:
+                r = self.layer_rows[row["layer"]] = RankRow(self, row, key)
+            else:
+                r.update(row, s.selected)
+            objects.append(r.layout)
+        for name in [n for n in self.layer_rows if n not in s.layer_names]:  # another network: forget its rows
+            del self.layer_rows[name]
+        if [id(o) for o in objects] != [id(o) for o in self.rank_rows_box.objects]:
+            self.rank_rows_box.objects = objects
+        total = len(s.layer_names)
+        self.rank_count.object = (f"{len(shown)} of {total} layers" + (" (filter to see the others)"
+                                                                         if len(rows) > len(shown) else ""))
+
+    def _render_table(self) -> None:
+        s = self.state
+        df = s.table
+        if df is None:
+            return
+        if df is not self.table.value:
+            self.table.param.update(value=df, height=min(460, 78 + 31 * max(len(df), 1)))
+        hits = np.flatnonzero(df["layer"].to_numpy() == s.selected) if s.selected is not None else []
+        selection = [int(hits[0])] if len(hits) else []
+        if self.table.selection != selection:
+            self.table.selection = selection  # _on_table_select selects the selected layer: a no-op
+
+    def _render_controls(self) -> None:
+        s = self.state
+        name = s.selected
+        if name is None or name not in s.layer_names:
+            self.rank_box.objects = []
+            self.rank_sliders = []
+            self._control_key = None
+            return
+        method = s.layer_choice(name)[0]
+        # options and value at once: the value is always one of the options, and equals the
+        # state's choice, so _on_method does nothing
+        self.method_select.param.update(options=[DENSE, *s.methods_for(name)], value=method)
+        axes = s.rank_axes(name)
+        key = (s.version, name, method, axes)
+        if key != self._control_key:
+            self.rank_sliders = [self._axis_slider(name, method, i, ax) for i, ax in enumerate(axes)]
+            self.rank_box.objects = [_with_tip(w, ax.help or self._axis_help(method, ax))
+                                     for w, ax in zip(self.rank_sliders, axes)]
+            self._control_key = key
+        for w, v in zip(self.rank_sliders, s.axis_values(name)):
+            if w.value != v:
+                w.value = int(v)  # _on_axis sees the state's own value: a no-op
+
+    def _axis_slider(self, name: str, method: str, i: int, ax) -> pn.widgets.IntSlider:
+        w = pn.widgets.IntSlider(label=ax.label, start=ax.low, end=max(ax.high, ax.low + 1), value=ax.default,
+                                 step=1, css_classes=["ts-rank"], disabled=ax.high <= ax.low)
+        pn.bind(self._on_axis, name, method, i, w, watch=True)
+        return w
+
+    @staticmethod
+    def _axis_help(method: str, ax) -> str:
+        return f"{ax.label} of {method} ({ax.low}-{ax.high}): lower keeps fewer parameters and loses more."
 
     # ------------------------------------------------------------------ layout
     def sidebar(self) -> list:
+        s = self.state
         return [
             pn.pane.Markdown("### Network", margin=(0, 10)),
             self.example_select, self.load_button,
@@ -688,35 +1074,54 @@ class ExplorerView(pn.viewable.Viewer):
             self.eval_select, self.eval_file, self.shape_input, self.eval_text,
             pn.pane.Markdown("### Data-aware compression and recovery", margin=(10, 10, 0, 10)),
             pn.Row(self.calibrate_switch, pn.pane.Markdown("**use calibration data**", margin=(0, 0, 0, 8),
-                                                           sizing_mode="fixed", width=220, height=36),
+                                                           sizing_mode="fixed", width=190, height=36),
+                   pn.widgets.TooltipIcon(value=s.param.calibrate.doc, width=24, sizing_mode="fixed",
+                                          margin=(8, 0, 0, 0)),
                    sizing_mode="fixed", width=300, height=44),
             self.calib_file, self.calib_text,
             pn.Row(self.finetune_steps, self.finetune_button),
             pn.pane.Markdown("### Let it choose", margin=(10, 10, 0, 10)),
-            self.keep_slider, self.by_select, self.auto_button,
-            self.energy_slider, pn.Row(self.energy_button, self.vbmf_button), self.reset_button,
+            _with_tip(self.keep_slider, s.param.budget_keep.doc), self.by_select, self.auto_button,
+            _with_tip(self.energy_slider, s.param.preset_energy.doc),
+            pn.Row(self.energy_button, self.vbmf_button), self.reset_button,
+            pn.pane.Markdown("### Speed on this server", margin=(10, 10, 0, 10)),
+            pn.Row(self.latency_batch, self.latency_button),
+            pn.pane.Markdown("Times both networks here, one thread, medians; other sessions share the machine, so "
+                             "read the ratio.", styles=HINT, margin=(0, 10)),
             pn.pane.Markdown("### Export", margin=(10, 10, 0, 10)),
             *self.downloads.values(),
             pn.pane.Markdown("Exports are built from the factorized layers: their parameter count is the one shown.",
-                             styles={"font-size": "12px", "color": "#52606d"}, margin=(0, 10)),
+                             styles=HINT, margin=(0, 10)),
         ]
 
     def main(self) -> list:
         controls = pn.Card(self.controls_title, self.method_select, self.rank_box, self.layer_info,
                            title="Layer controls", collapsible=False, width=320, height=PLOT_H + 70, sizing_mode="fixed",
                            css_classes=["ts-controls"])
-        stats = pn.GridBox(*self.stats.values(), ncols=len(self.stats), sizing_mode="stretch_width")
+        ranks = pn.Card(pn.Row(self.rank_filter, self.rank_count), self.rank_rows_box,
+                        title="Ranks of every layer (move any row: the numbers and plots follow)", collapsible=False,
+                        height=PLOT_H + 70, sizing_mode="stretch_width", css_classes=["ts-ranks-card"])
+        stats = pn.GridBox(*self.stats.values(), ncols=len(self.stats), sizing_mode="stretch_width",
+                           css_classes=["ts-stats"])
+        compare = pn.Card(
+            pn.Row(pn.Column(self.history_table, self.pin_button, width=560, sizing_mode="fixed"),
+                   pn.Column(pn.Row(self.compare_a, self.compare_b), pn.Row(self.restore_a, self.restore_b),
+                             self.compare_pane, sizing_mode="stretch_width"), sizing_mode="stretch_width"),
+            title="Compare configurations: pin points of the history, two side by side", collapsible=False,
+            sizing_mode="stretch_width", css_classes=["ts-compare-card"])
         return [
             pn.Column(self.progress, self.progress_text, self.error_alert, self.message_alert,
                       sizing_mode="stretch_width"),
             self.source_text,
             stats,
+            pn.Row(controls, ranks, sizing_mode="stretch_width", css_classes=["ts-layer-row"]),
+            pn.Row(self.spectrum_card, sizing_mode="stretch_width", css_classes=["ts-spectrum-row"]),
             self.layers_card,
-            pn.Row(controls, self.spectrum_card, sizing_mode="stretch_width", css_classes=["ts-spectrum-row"]),
             pn.Row(pn.Card(self.overview_plot, title="Spectra of all layers", collapsible=False),
                    pn.Card(self.history_plot, title="History: every configuration evaluated", collapsible=False,
                            css_classes=["ts-history-card"]),
                    sizing_mode="stretch_width"),
+            compare,
         ]
 
     def __panel__(self):
@@ -725,8 +1130,11 @@ class ExplorerView(pn.viewable.Viewer):
                       pn.Column(*self.main(), sizing_mode="stretch_width"), sizing_mode="stretch_width")
 
     def template(self) -> pn.template.FastListTemplate:
+        # one root each for the sidebar and the main area: Bokeh re-walks every model of the
+        # document for each root added, so forty roots made a page cost about twice as much
         return pn.template.FastListTemplate(
-            title="tensorscope explorer", sidebar=self.sidebar(), main=self.main(), accent=ACCENT,
+            title="tensorscope explorer", sidebar=[pn.Column(*self.sidebar(), sizing_mode="stretch_width")],
+            main=[pn.Column(*self.main(), sizing_mode="stretch_width")], accent=ACCENT,
             header_background=ACCENT, sidebar_width=330, main_layout=None, theme_toggle=False,
         )
 

@@ -18,7 +18,13 @@ held-out images:
   in-process caches (spectra, factors), again warm (a second session of the same server),
   and, with ``--train``, from an empty cache folder (training included);
 * **first CP rank** (``lenet5`` only): a CP rank the session has not seen runs CP-ALS
-  once (then memoised): what a person waits for, with the pending state shown.
+  once (then memoised): what a person waits for, with the pending state shown;
+* **open ready**: ``open_ready`` after the load, what a new page adds before it shows its
+  plan (data-aware mode where the example brings calibration data, the budget planner at 25%);
+* **ranks view**: a row's slider moved (``set_rank_values``) plus ``rank_rows`` (what the
+  ranks view re-reads for every row), for an ``svd`` rank of every layer. Target: 50 ms;
+* **compare view**: two pinned points of the history side by side (``comparison``: per-layer
+  ranks, per-class accuracy, changed samples) plus the PNGs of the changed samples shown.
 
 Run from the repository root::
 
@@ -101,9 +107,23 @@ def bench_example(name: str, repeats: int, train: bool) -> dict:
                 X._example_memo.clear()
     out["params"] = s.cost["params"]
     out["layers"] = len(s.layer_names)
+    # -- what a new page adds: data-aware mode (with calibration data) and the budget plan
+    t0 = time.perf_counter()
+    assert s.open_ready(), s.error
+    out["open_ready"] = 1e3 * (time.perf_counter() - t0)
+    out["open_aware"] = s.calibrate
+    s2 = X.ExplorerState()  # another page of the same server: the example's calibration results are shared
+    assert s2.load_example(name), s2.error
+    t0 = time.perf_counter()
+    assert s2.open_ready(), s2.error
+    out["open_ready_warm"] = 1e3 * (time.perf_counter() - t0)
+    s2.close()
+    if s.calibrate:
+        assert s.set_calibrate(False), s.error  # the timings below are the weights-only ones, as before
+    s.set_plan({})
 
     # -- baseline: one dense forward over the same images
-    x = s._data.inputs
+    x = s.eval_inputs
     model = s.model
     def forward_ms() -> float:
         with torch.inference_mode():
@@ -116,7 +136,7 @@ def bench_example(name: str, repeats: int, train: bool) -> dict:
     misses = factor_cache.misses
     per_layer = {}
     for layer in s.layer_names:
-        top = s.layers[layer].info.max_rank["svd"]
+        top = s.layer_info(layer).max_rank["svd"]
         s.set_layer(layer, "svd", top, refresh=False)
         times = []
         for r in ranks_for(top) * max(1, repeats // 2):
@@ -131,12 +151,30 @@ def bench_example(name: str, repeats: int, train: bool) -> dict:
     slow = max(per_layer, key=per_layer.get)
     out["rank_change_max"] = (slow, per_layer[slow])
 
+    # -- the ranks view: a row's slider, and the rows it re-reads
+    per_layer = {}
+    for layer in s.layer_names:
+        top = s.layer_info(layer).max_rank["svd"]
+        s.set_layer(layer, "svd", top, refresh=False)
+        times = []
+        for r in ranks_for(top) * max(1, repeats // 2):
+            t0 = time.perf_counter()
+            s.set_rank_values(layer, [r], refresh=False)
+            s.rank_rows()
+            times.append(time.perf_counter() - t0)
+        per_layer[layer] = 1e3 * statistics.median(times)
+    assert factor_cache.misses == misses, "a rank change factorized something"
+    out["ranks_view"] = statistics.median(per_layer.values())
+    slow = max(per_layer, key=per_layer.get)
+    out["ranks_view_max"] = (slow, per_layer[slow])
+    s.set_plan({})
+
     # -- accuracy refresh after one layer's rank change
     s.set_plan({})
-    largest = max(s.layer_names, key=lambda n: s.layers[n].info.params)
+    largest = max(s.layer_names, key=lambda n: s.layer_info(n).params)
     refresh = {}
     for which, layer in (("first", s.layer_names[0]), ("largest", largest)):
-        top = s.layers[layer].info.max_rank["svd"]
+        top = s.layer_info(layer).max_rank["svd"]
         ranks = ranks_for(top)
         s.set_layer(layer, "svd", ranks[0])  # records the activations feeding this layer
         inc, full = [], []
@@ -147,20 +185,31 @@ def bench_example(name: str, repeats: int, train: bool) -> dict:
                 q = s.refresh_quality()
                 inc.append(time.perf_counter() - t0)
                 kind = q["run"]
-                # the same change without recorded activations
-                s._evaluator.frontier = None
-                s._evaluator.installed.pop(layer, None)
-                s._evaluator.last = None
-                s._focus = None
+                # the same plan without recorded activations: the whole network runs (and
+                # records them again for the next incremental step)
                 t0 = time.perf_counter()
-                s.refresh_quality()
+                assert s.refresh_quality(incremental=False)["run"] == "full"
                 full.append(time.perf_counter() - t0)
-                s._focus = layer
-                s._evaluator.installed.pop(layer, None)
-                s.refresh_quality()  # record again for the next incremental step
         refresh[which] = (layer, kind, 1e3 * statistics.median(inc), 1e3 * statistics.median(full))
         s.set_plan({})
     out["refresh"] = refresh
+
+    # -- the compare view: two pinned points of the history side by side, with sample images
+    s.set_layer(largest, "svd", ranks_for(s.layer_info(largest).max_rank["svd"])[1])
+    a = s.pin()
+    s.set_layer(largest, "svd", 1)
+    b = s.pin()
+    times, changed = [], 0
+    for _ in range(max(repeats, 3)):
+        t0 = time.perf_counter()
+        cmp = s.comparison(a, b)
+        if cmp["images"]:
+            for item in cmp["changed"]["shown"]:
+                s.sample_png(item["index"])
+        times.append(time.perf_counter() - t0)
+        changed = cmp["changed"]["total"]
+    out["compare"] = (1e3 * statistics.median(times), changed, cmp["images"])
+    s.set_plan({})
     # the baseline again, after: on a shared machine the smaller of the two is the machine's speed
     out["forward"] = min(fwd_before, forward_ms())
 
@@ -207,6 +256,23 @@ def render(results: list[dict], meta: dict) -> str:
         "| refresh, first layer: incremental / full | refresh, largest layer: incremental / full |",
         "|---|---:|---:|---|---|---|",
     ]
+    views = [
+        "",
+        "### The ranks view and the compare view",
+        "",
+        "Ranks view = a row's slider moved (`set_rank_values`, an `svd` rank) + `rank_rows` (every row's "
+        "method, axes and values, what the view re-reads); target 50 ms. Compare view = `comparison` of two "
+        "pinned points of the history (per-layer ranks, per-class accuracy, the samples whose prediction "
+        "changed: all recorded when each was evaluated) + the PNGs of the changed samples shown.",
+        "",
+        "| network | ranks view, median (slowest layer) | compare view (changed samples) |",
+        "|---|---|---|",
+    ]
+    for r in results:
+        sl, sms = r["ranks_view_max"]
+        cms, changed, images = r["compare"]
+        views.append(f"| {r['name']} | {fmt_ms(r['ranks_view'])} ({fmt_ms(sms)}, `{sl}`) | {fmt_ms(cms)} "
+                     f"({changed} changed{', with images' if images else ''}) |")
     for r in results:
         fwd = r["forward"]
         sl, sms = r["rank_change_max"]
@@ -216,20 +282,27 @@ def render(results: list[dict], meta: dict) -> str:
             cells.append(f"`{layer}`: {fmt_ms(inc)} ({inc / fwd:.2f}x fwd) / {fmt_ms(full)} ({full / fwd:.2f}x)")
         lines.append(f"| {r['name']} | {r['params'] / 1e6:.2f}M | {fmt_ms(fwd)} | {fmt_ms(r['rank_change'])} "
                      f"({fmt_ms(sms)}, `{sl}`) | {cells[0]} | {cells[1]} |")
+    lines += views
     lines += [
         "",
         "### Loading an example",
         "",
         "Disk cache = weights already trained and cached, empty in-process caches (inspect, every spectrum "
         "and error curve, the original's outputs on the evaluation data). Warm = a second session of the same "
-        "server (spectra cached by weight hash)." + (" Train = empty cache folder: training included."
-                                                     if meta["train"] else ""),
+        "server (spectra cached by weight hash). Open ready = what a new page adds after the load before it "
+        "shows its plan (`open_ready`: the data-aware mode where the example brings calibration data, the "
+        "budget planner at 25%, the plan's accuracy), for the server's first page and for a later one (the "
+        "example's calibration statistics, whitened spectra and data-aware budget plans are shared)."
+        + (" Train = empty cache folder: training included." if meta["train"] else ""),
         "",
-        "| network | layers | load (disk cache) | load (warm) |" + (" load (train) |" if meta["train"] else ""),
-        "|---|---:|---:|---:|" + ("---:|" if meta["train"] else ""),
+        "| network | layers | load (disk cache) | load (warm) | open ready: first page / later |"
+        + (" load (train) |" if meta["train"] else ""),
+        "|---|---:|---:|---:|---:|" + ("---:|" if meta["train"] else ""),
     ]
     for r in results:
-        row = f"| {r['name']} | {r['layers']} | {fmt_ms(r['load_cold'])} | {fmt_ms(r['load_warm'])} |"
+        aware = " (data-aware)" if r["open_aware"] else ""
+        row = (f"| {r['name']} | {r['layers']} | {fmt_ms(r['load_cold'])} | {fmt_ms(r['load_warm'])} | "
+               f"{fmt_ms(r['open_ready'])} / {fmt_ms(r['open_ready_warm'])}{aware} |")
         if meta["train"]:
             row += f" {fmt_ms(r['load_train'])} |"
         lines.append(row)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from explorer_page import BASE, select_layer, text, wait_loaded
+from explorer_page import BASE, all_dense, select_layer, text, wait_loaded
 from explorer_page import exact_params as params
 
 pytestmark = pytest.mark.browser
@@ -55,7 +55,7 @@ PLANS = [
 
 @pytest.fixture(scope="module")
 def pages(browser, server):
-    """Five sessions, each with the default example loaded.
+    """Five sessions, each with the default example loaded, its plan undone (every layer dense).
 
     Opened one after the other: sessions that load at the same moment can lose their load
     (see :func:`test_tracing_in_one_session_does_not_break_another`).
@@ -69,6 +69,7 @@ def pages(browser, server):
             pg.set_default_timeout(UI_TIMEOUT)
             pg.goto(server, timeout=START_TIMEOUT * 1000)
             wait_loaded(pg, START_TIMEOUT * 1000)
+            all_dense(pg)  # the page opens on a budget plan: these tests start from the original
             result.append(pg)
         yield result
     finally:

@@ -18,6 +18,7 @@ from torch import nn
 
 import tensorscope as ts
 import tensorscope.explorer as X
+from tensorscope.densify import probe_dense
 from tensorscope.recovery import dense_weight
 from tensorscope.explorer import ExplorerState
 from tensorscope.plan import Plan
@@ -40,10 +41,6 @@ def fresh(state):
     state.error = ""
 
 
-def example_input(s: ExplorerState) -> torch.Tensor:
-    return s._data.inputs[:1]
-
-
 # ---- loading -------------------------------------------------------------------------------
 
 
@@ -53,7 +50,7 @@ def test_load_example_fills_everything(state):
     assert state.selected == "features.0"
     assert state.cost["params"] == ts.count_params(state.model) == 431_080
     assert state.cost["params_after"] == state.cost["params"]
-    assert state.cost["flops"] == ts.count_flops(state.model, example_input(state))
+    assert state.cost["flops"] == ts.count_flops(state.model, state.example_input)
     assert state.eval_source == "held-out" and state.eval_choices == ["held-out", "none"]
     table = state.table
     assert list(table["layer"]) == state.layer_names
@@ -90,7 +87,7 @@ def test_unknown_example_is_an_error_and_keeps_the_model(state):
 def test_plan_edit_costs_match_plan_cost(fresh, name, method, rank):
     s = fresh
     assert s.set_layer(name, method, rank, refresh=False), s.error
-    expected = ts.plan_cost(s.model, s.plan, example_input(s))
+    expected = ts.plan_cost(s.model, s.plan, s.example_input)
     assert s.cost["params_after"] == expected["params_after"]
     assert s.cost["flops_after"] == expected["flops_after"]
     row = s.table.set_index("layer").loc[name]
@@ -139,10 +136,10 @@ def test_dense_removes_a_layer(fresh):
 def test_method_switch_picks_a_rank_that_compresses(fresh):
     s = fresh
     for name in s.layer_names:
-        for method in s.layers[name].methods:
+        for method in s.methods_for(name):
             assert s.set_layer(name, method, None, refresh=False), s.error
-            p, _ = s._layer_after(name)
-            geom = s.layers[name].geometry
+            p, _ = s.layer_cost(name)
+            geom = s.layer_info(name).geometry
             # tiny layers (features.0 has 20 x 25 weights) may not get smaller; the others must
             if geom.dense_params > 5000:
                 assert p < geom.dense_params, (name, method)
@@ -171,9 +168,9 @@ def test_preview_matches_the_built_model(fresh):
     s.set_layer("features.3", "tucker2", [10, 6])
     s.set_layer("classifier.1", "svd", 30)
     s.set_layer("classifier.1", "svd", 12)  # only this layer changed: the incremental path
-    assert s._evaluator.stats["last"] == "incremental"
+    assert s.quality["run"] == "incremental"
     small = s.compressed_model()
-    x, y = s._data.inputs, s._data.targets
+    x, y = s.eval_inputs, s.eval_targets
     res = ts.evaluate(small, [(x, y)], reference=s.model)
     assert s.quality["plan"] == pytest.approx(res["accuracy"], abs=1.5e-3)
     assert s.quality["agreement"] == pytest.approx(res["agreement"], abs=1.5e-3)
@@ -183,15 +180,14 @@ def test_preview_matches_the_built_model(fresh):
 def test_incremental_equals_full(fresh, layer):
     s = fresh
     method = "svd"
-    top = s.layers[layer].info.max_rank[method]
+    top = s.layer_info(layer).max_rank[method]
     s.set_layer(layer, method, max(1, top // 2))
     s.set_layer(layer, method, max(1, top // 4))
     inc = dict(s.quality)
     assert inc["run"] == "incremental"
-    s._evaluator.frontier = None  # forget the recorded activations: a full run
-    s._evaluator.last = None
-    full = s._evaluator.run({layer}, None, lambda: False)
-    assert inc["plan"] == pytest.approx(full["accuracy"], abs=1e-6)
+    full = s.refresh_quality(incremental=False)  # forget the recorded activations: a full run
+    assert full["run"] == "full"
+    assert inc["plan"] == pytest.approx(full["plan"], abs=1e-6)
     assert inc["relative_error"] == pytest.approx(full["relative_error"], rel=1e-4, abs=1e-6)
 
 
@@ -202,7 +198,7 @@ def test_measured_errors_replace_estimates(fresh):
     assert 0 < err < 1  # measured on the CP reconstruction
     s.set_layer("classifier.1", "svd", 50)
     err_svd = s.table.set_index("layer").loc["classifier.1", "rel. error"]
-    assert err_svd == pytest.approx(s.layers["classifier.1"].spectrum.relative_error(50), rel=1e-4)
+    assert err_svd == pytest.approx(s.layer_spectrum("classifier.1").relative_error(50), rel=1e-4)
 
 
 def test_async_requests_are_coalesced_and_the_newest_wins(state):
@@ -211,17 +207,17 @@ def test_async_requests_are_coalesced_and_the_newest_wins(state):
     deadline = time.time() + 120
     while s.quality_pending and time.time() < deadline:
         time.sleep(0.02)
-    runs_before = s._evaluator.stats["full"] + s._evaluator.stats["incremental"]
+    runs_before = s.preview_stats["full"] + s.preview_stats["incremental"]
     for r in range(60, 4, -4):  # a slider drag: many requests in a burst
         s.set_layer("classifier.1", "svd", r)
     while s.quality_pending and time.time() < deadline:
         time.sleep(0.02)
     assert not s.quality_pending
-    runs = s._evaluator.stats["full"] + s._evaluator.stats["incremental"] - runs_before
+    runs = s.preview_stats["full"] + s.preview_stats["incremental"] - runs_before
     assert 1 <= runs < 14  # folded, not one run per move
     # the shown quality is the newest plan's
     sync = ExplorerState()
-    sync.load_network(s.model, s._data.inputs, s._data.targets, plan=s.plan)
+    sync.load_network(s.model, s.eval_inputs, s.eval_targets, plan=s.plan)
     assert s.quality["plan"] == pytest.approx(sync.quality["plan"])
     assert s.history[-1]["plan"] == s.plan.to_json(indent=None)
 
@@ -248,23 +244,28 @@ def test_presets(fresh):
     s = fresh
     assert s.apply_preset("energy", 0.9, refresh=False), s.error
     for name, lp in s.plan.items():
-        layer = s.layers[name]
         if lp.method == "svd":
-            assert lp.rank == ts.energy_rank(layer.spectrum, 0.9)
+            assert lp.rank == ts.energy_rank(s.layer_spectrum(name), 0.9)
     energy_plan = s.plan
     assert s.apply_preset("vbmf", refresh=False), s.error
     assert s.plan != energy_plan
     for name, lp in s.plan.items():
         if lp.method == "svd":
-            assert lp.rank == ts.vbmf_rank(s.layers[name].spectrum)
+            assert lp.rank == ts.vbmf_rank(s.layer_spectrum(name))
     # a layer on tucker2 keeps its method, with one rank per unfolding
     s.set_plan({})
     s.set_layer("features.3", "tucker2", [20, 10], refresh=False)
     s.apply_preset("energy", 0.8, refresh=False)
     lp = s.plan["features.3"]
-    layer = s.layers["features.3"]
     assert lp.method == "tucker2"
-    assert tuple(lp.rank) == (ts.energy_rank(layer.spectrum, 0.8), ts.energy_rank(layer.spectrum_in, 0.8))
+    assert tuple(lp.rank) == (ts.energy_rank(s.layer_spectrum("features.3"), 0.8),
+                              ts.energy_rank(s.layer_spectrum("features.3", "in"), 0.8))
+    # with no value given, the preset reads the state's preset_energy
+    s.preset_energy = 0.8
+    s.set_layer("features.3", "tucker2", [20, 10], refresh=False)
+    s.apply_preset("energy", refresh=False)
+    assert s.plan["features.3"].rank == lp.rank
+    s.preset_energy = 0.9
     assert not s.apply_preset("magic")
 
 
@@ -288,10 +289,10 @@ def test_export_checkpoint_loads_with_the_shown_parameter_count(planned, tmp_pat
     loaded = ts.load(path)
     assert ts.count_params(loaded) == s.cost["params_after"]
     assert ts.plan_of(loaded) == s.plan
-    x = s._data.inputs[:64]
+    x = s.eval_inputs[:64]
     torch.testing.assert_close(loaded(x), s.compressed_model()(x), rtol=1e-5, atol=1e-5)
     # the preview showed this model's accuracy
-    res = ts.evaluate(loaded, [(s._data.inputs, s._data.targets)])
+    res = ts.evaluate(loaded, [(s.eval_inputs, s.eval_targets)])
     assert s.quality["plan"] == pytest.approx(res["accuracy"], abs=1.5e-3)
 
 
@@ -302,7 +303,7 @@ def test_export_exported_program(planned, tmp_path):
     path = tmp_path / name
     path.write_bytes(data)
     prog = torch.export.load(str(path)).module()
-    x = s._data.inputs[:5]
+    x = s.eval_inputs[:5]
     torch.testing.assert_close(prog(x), s.compressed_model()(x), rtol=1e-4, atol=1e-4)
     n = sum(p.numel() for p in prog.parameters())
     assert n == s.cost["params_after"]
@@ -314,13 +315,14 @@ def test_export_torchscript_and_plan(planned, tmp_path):
     path = tmp_path / name
     path.write_bytes(data)
     script = torch.jit.load(str(path))
-    x = s._data.inputs[:3]
+    x = s.eval_inputs[:3]
     torch.testing.assert_close(script(x), s.compressed_model()(x), rtol=1e-4, atol=1e-4)
     assert sum(p.numel() for p in script.parameters()) == s.cost["params_after"]
     name, data = s.export_bytes("plan")
     assert name == "lenet5-plan.json"
     assert Plan.from_json(data) == s.plan
-    assert not s._guard("x", lambda: s.export_bytes("zip"))
+    fut = s.submit(s.export_bytes, "zip")  # what the page's download button does
+    assert isinstance(fut.exception(), ts.DataError)
     assert "export kind" in s.error
 
 
@@ -395,7 +397,7 @@ def test_tensorscope_checkpoint_round_trip(planned):
     assert other.cost["params_after"] == s.cost["params_after"]
     assert "tensorscope checkpoint" in other.message
     # the factorized layers were multiplied out: their spectra end at the planned rank
-    spec = other.layers["classifier.1"].spectrum.values
+    spec = other.layer_spectrum("classifier.1").values
     assert spec[23] > 1e-3 * spec[0] and spec[24] < 1e-4 * spec[0]
 
 
@@ -403,7 +405,7 @@ def test_eval_uploads(state, tmp_path):
     s = ExplorerState()
     s.load_network(state.model, name="lenet")
     assert s.quality == {}
-    x, y = state._data.inputs[:300], state._data.targets[:300]
+    x, y = state.eval_inputs[:300], state.eval_targets[:300]
     buf = io.BytesIO()
     np.savez(buf, x=x.numpy(), y=y.numpy())
     assert s.load_eval_upload(buf.getvalue(), "digits.npz"), s.error
@@ -465,7 +467,7 @@ def test_load_network_and_non_traceable_models():
     x = torch.randn(200, 12)
     s = ExplorerState()
     assert s.load_network(net, x, name="branchy"), s.error
-    assert s._evaluator.gm is None
+    assert not s.preview_stats["traced"]
     assert s.quality["metric"] == "agreement"
     s.set_layer("fc1", "svd", 2)
     s.set_layer("fc1", "svd", 1)
@@ -497,20 +499,21 @@ def test_view_builds_and_follows_the_state(state):
     view = ExplorerView(state=s, load=False)
     root = view.__panel__().get_root()  # the inline (notebook) layout renders
     assert root is not None
-    assert s.load_network(state.model, state._data.inputs[:200], state._data.targets[:200], name="lenet")
+    assert s.load_network(state.model, state.eval_inputs[:200], state.eval_targets[:200], name="lenet")
     assert "431,080" in view.stats["params"].object
     assert len(view.table.value) == 4
     s.select("classifier.1")
-    assert view.method_select.options == ["dense", *s.methods_for("classifier.1")] and "svd" in view.method_select.options
+    assert view.method_select.options == ["dense", *s.methods_for("classifier.1")]
+    assert {"svd", "tt"} <= set(view.method_select.options)
     view.method_select.value = "svd"  # the person picks a method: the state follows
     assert s.plan["classifier.1"].method == "svd"
-    assert len(view._rank_widgets) == 1
-    view._rank_widgets[0].value = 7  # and moves the slider
+    assert len(view.rank_sliders) == 1
+    view.rank_sliders[0].value = 7  # and moves the slider
     assert s.plan["classifier.1"].rank == 7
     assert f"{s.cost['params_after']:,}" in view.stats["params"].object
     assert view.spectrum_card.title == "Spectrum of classifier.1"
     s.set_layer("classifier.1", "tt", [1, 4, 4, 4, 1])
-    assert len(view._rank_widgets) == 3 and [w.value for w in view._rank_widgets] == [4, 4, 4]
+    assert len(view.rank_sliders) == 3 and [w.value for w in view.rank_sliders] == [4, 4, 4]
     s.apply_budget(0.25)  # a plan from elsewhere updates the controls
     assert view.method_select.value == s.layer_choice("classifier.1")[0]
     assert not view.error_alert.visible
@@ -532,7 +535,7 @@ def test_view_builds_and_follows_the_state(state):
 def test_probing_a_layer_gives_back_its_dense_weight(layer):
     """How a checkpoint's factorized layers are multiplied out: probing is exact for any geometry."""
     torch.manual_seed(0)
-    w, b = X._probe_dense(layer, layer)
+    w, b = probe_dense(layer, layer)
     torch.testing.assert_close(w, layer.weight.detach(), rtol=0, atol=1e-6)
     if layer.bias is None:
         assert b is None
@@ -552,7 +555,7 @@ def aware():
 
 
 def _calibration_batches(s: ExplorerState) -> list:
-    x = s._calib[0]
+    x = s.calibration_inputs
     return [x[i:i + 128] for i in range(0, len(x), 128)]
 
 
@@ -562,9 +565,9 @@ def test_data_aware_mode_shows_output_errors_and_builds_what_compress_builds(awa
     s.set_layer("classifier.1", "svd", 8)
     s.set_layer("features.3", "tucker2", [12, 6])
     weight_err = s.layer_error("classifier.1")
-    assert weight_err == pytest.approx(s.layers["classifier.1"].plain[0].relative_error(8))
+    assert weight_err == pytest.approx(s.layer_spectrum("classifier.1", data_aware=False).relative_error(8))
     assert s.set_calibrate(True), s.error
-    assert s.calibrate and s.layers["classifier.1"].spectrum.whitened
+    assert s.calibrate and s.layer_spectrum("classifier.1").whitened
     # the error shown is the layer's output error on the calibration data: the whitened tail
     stats = ts.collect_stats(s.model, _calibration_batches(s), ["classifier.1", "features.3"])
     s_w = ts.spectrum(s.model, "classifier.1", data=_calibration_batches(s))
@@ -572,9 +575,9 @@ def test_data_aware_mode_shows_output_errors_and_builds_what_compress_builds(awa
     # the exported model is the data-aware one, and the preview showed its accuracy
     small = s.compressed_model()
     ref = ts.compress(s.model, s.plan, data=_calibration_batches(s))
-    x = s._data.inputs[:64]
+    x = s.eval_inputs[:64]
     torch.testing.assert_close(small(x), ref(x), rtol=1e-5, atol=1e-5)
-    res = ts.evaluate(small, [(s._data.inputs, s._data.targets)])
+    res = ts.evaluate(small, [(s.eval_inputs, s.eval_targets)])
     assert s.quality["plan"] == pytest.approx(res["accuracy"], abs=1.5e-3)
     # on the calibration data, each data-aware layer loses no more than the plain one
     plain = ts.compress(s.model, s.plan)
@@ -589,7 +592,7 @@ def test_data_aware_mode_shows_output_errors_and_builds_what_compress_builds(awa
     assert abs(s.cost["params_after"] / s.cost["params"] - 0.1) <= 0.002
     # off: back to the weights' spectra and errors, nothing recomputed
     assert s.set_calibrate(False)
-    assert not s.layers["classifier.1"].spectrum.whitened
+    assert not s.layer_spectrum("classifier.1").whitened
 
 
 def test_finetune_recovers_and_exports_the_tuned_model(aware, tmp_path):
@@ -604,7 +607,7 @@ def test_finetune_recovers_and_exports_the_tuned_model(aware, tmp_path):
     name, data = s.export_bytes("checkpoint")
     (tmp_path / name).write_bytes(data)
     loaded = ts.load(tmp_path / name)
-    x = s._data.inputs[:32]
+    x = s.eval_inputs[:32]
     torch.testing.assert_close(loaded(x), s.compressed_model()(x))
     assert not torch.allclose(loaded(x), untuned(x))  # the fine-tuned weights, not the fresh factors
     assert ts.count_params(loaded) == s.cost["params_after"]
@@ -622,11 +625,11 @@ def test_calibration_upload(aware, tmp_path):
     assert not s.load_calibration_upload(b"garbage bytes", "calib.pt")
     assert "calib.pt" in s.error and "training images" in s.calibration_description
     buf = io.BytesIO()
-    torch.save({"x": s._data.inputs[:100]}, buf)
+    torch.save({"x": s.eval_inputs[:100]}, buf)
     assert s.load_calibration_upload(buf.getvalue(), "mine.pt"), s.error
     assert "mine.pt (100 samples" in s.calibration_description
     assert s.set_calibrate(True), s.error
-    assert s._stats["features.0"].count == 100 * 24 * 24
+    assert s.calibration_statistics("features.0").count == 100 * 24 * 24
     # wrong input shape for the network: refused, the previous calibration data stays
     buf = io.BytesIO()
     torch.save(torch.randn(10, 3, 8, 8), buf)
@@ -643,3 +646,232 @@ def test_work_caps_refuse_requests_that_would_tie_up_the_server(fresh, monkeypat
     assert s.layer_choice("features.3") == ("cp", 10)  # the plan kept what it had
     monkeypatch.setattr(X.limits, "MAX_LAYER_PARAMS", 1000)
     assert not s.set_layer("classifier.1", "svd", 8) and "TENSORSCOPE_EXPLORER_MAX_LAYER_PARAMS" in s.error
+
+
+# ---- a page opens ready; settings re-plan as they move (issue 15) --------------------------------
+
+
+def test_open_ready_opens_on_a_budget_plan_with_the_largest_layer_selected():
+    s = ExplorerState()
+    assert s.open_example("lenet5"), s.error
+    # the budget planner at the stated keep, data-aware: lenet5 brings calibration data
+    assert s.calibrate and len(s.plan) >= 1
+    assert s.cost["params_after"] / s.cost["params"] == pytest.approx(X.limits.OPEN_KEEP, rel=0.02)
+    assert "Opened on the budget planner's plan for 25%" in s.message and "data-aware" in s.message
+    # the largest decomposed layer is selected: its method chosen, its rank axes ready for sliders
+    largest = max(s.plan, key=lambda n: s.layer_info(n).params)
+    assert s.selected == largest == "classifier.1"
+    method, _ = s.layer_choice(largest)
+    assert method in s.methods_for(largest) and len(s.rank_axes(largest)) >= 1
+    # the numbers show before and after, the accuracy of this plan included
+    assert s.quality["plan"] is not None and s.quality["original"] > 0.9 and not s.quality_pending
+    assert s.history[-1]["plan"] == s.plan.to_json(indent=None)
+
+
+def test_budget_and_preset_settings_replan_as_they_change(fresh):
+    s = fresh
+    s.budget_keep = 0.1  # what moving the Keep slider does (synchronous here: no executor)
+    assert not s.error and len(s.plan) >= 1
+    assert s.cost["params_after"] / s.cost["params"] == pytest.approx(0.1, rel=0.02)
+    s.budget_by = "flops"
+    assert s.cost["flops_after"] / s.cost["flops"] == pytest.approx(0.1, rel=0.02)
+    s.budget_by = "params"
+    before = s.plan
+    s.preset_energy = 0.8  # the energy preset's slider
+    assert s.plan != before and "Preset 80% energy" in s.message
+    for name, lp in s.plan.items():
+        if lp.method == "svd":
+            assert lp.rank == ts.energy_rank(s.layer_spectrum(name), 0.8)
+    s.param.update(budget_keep=0.25, preset_energy=0.9)
+
+
+def test_a_dragged_keep_slider_plans_once_per_burst_for_its_last_value():
+    s = ExplorerState(executor=ThreadPoolExecutor(2))
+    assert s.load_example("lenet5"), s.error
+    calls = []
+    real = s.apply_budget
+
+    def counting(*args, **kwargs):
+        calls.append(s.budget_keep)
+        return real(*args, **kwargs)
+
+    s.apply_budget = counting
+    for k in np.linspace(0.5, 0.2, 12):  # a drag: a burst of values
+        s.budget_keep = float(k)
+    deadline = time.time() + 120
+    while (s.replanning or s.quality_pending) and time.time() < deadline:
+        time.sleep(0.05)
+    assert 1 <= len(calls) <= 3, calls  # debounced and coalesced, not one plan per tick
+    assert calls[-1] == pytest.approx(0.2)
+    assert s.cost["params_after"] / s.cost["params"] == pytest.approx(0.2, rel=0.02)
+
+
+def test_rank_rows_give_every_layer_its_method_and_axes(fresh):
+    s = fresh
+    s.set_layer("features.3", "tucker2", [12, 6], refresh=False)
+    rows = s.rank_rows()
+    assert [r["layer"] for r in rows] == s.layer_names
+    by = {r["layer"]: r for r in rows}
+    assert by["features.3"]["method"] == "tucker2" and by["features.3"]["values"] == (12, 6)
+    assert [a.name for a in by["features.3"]["axes"]] == [a.name for a in s.rank_axes("features.3")]
+    assert by["features.3"]["params_after"] == s.layer_cost("features.3")[0]
+    assert by["classifier.1"]["method"] == "dense" and by["classifier.1"]["axes"] == ()
+    assert by["classifier.1"]["methods"] == ["dense", *s.methods_for("classifier.1")]
+    assert [r["layer"] for r in s.rank_rows("classifier")] == ["classifier.1", "classifier.3"]
+    assert [r["layer"] for r in s.rank_rows("TUCKER")] == ["features.3"]  # by method too, any case
+    # a row's slider moves one axis: the same call as the layer controls' sliders
+    assert s.set_rank_values("features.3", [12, 3], refresh=False)
+    assert {r["layer"]: r for r in s.rank_rows()}["features.3"]["values"] == (12, 3)
+
+
+# ---- pins, comparisons and restores ---------------------------------------------------------------
+
+
+def _predictions(model, x) -> np.ndarray:
+    with torch.inference_mode():
+        return model(x).argmax(-1).numpy()
+
+
+def test_pin_compare_and_restore(fresh):
+    s = fresh
+    s.set_layer("classifier.1", "svd", 12)
+    s.set_layer("features.3", "tucker2", [10, 6])
+    a = s.pin()  # the current plan, as evaluated
+    plan_a, model_a = s.plan, s.compressed_model()
+    s.set_layer("classifier.1", "svd", 2)
+    model_b = s.compressed_model()
+    b = s.pin()
+    assert (s.compare_a, s.compare_b) == (a, b) and [p["id"] for p in s.pins][-2:] == [a, b]
+    cmp = s.comparison()
+    summary = {q: (va, vb) for q, va, vb in cmp["summary"]}
+    assert summary["parameters"] == (s.history[-2]["params"], s.cost["params_after"])
+    assert summary["accuracy"][1] == pytest.approx(s.quality["plan"]) and summary["accuracy"][0] > summary["accuracy"][1]
+    layers = {r["layer"]: r for r in cmp["layers"]}
+    assert layers["classifier.1"]["differs"] and (layers["classifier.1"]["rank a"], layers["classifier.1"]["rank b"]) == ("12", "2")
+    assert not layers["features.3"]["differs"] and layers["features.3"]["method a"] == "tucker2"
+    # per class: the samples add up, and each accuracy is that of the built models
+    x, y = s.eval_inputs, s.eval_targets
+    pa, pb = _predictions(model_a, x), _predictions(model_b, x)
+    classes = cmp["classes"]
+    assert sum(c["samples"] for c in classes) == len(y) and [c["class"] for c in classes] == list(range(10))
+    for c in classes:
+        m = y.numpy() == c["class"]
+        assert c["accuracy a"] == pytest.approx((pa[m] == c["class"]).mean(), abs=2e-2)
+        assert c["accuracy b"] == pytest.approx((pb[m] == c["class"]).mean(), abs=2e-2)
+    # the samples whose prediction changed (as the built models see them, up to float rounding)
+    changed = cmp["changed"]
+    assert changed["total"] == pytest.approx(int((pa != pb).sum()), abs=5) and changed["total"] > 50
+    assert len(changed["shown"]) == X.limits.MAX_CHANGED_SHOWN
+    first = changed["shown"][0]
+    assert first["a"] != first["b"] and first["label"] == int(y[first["index"]])
+    assert cmp["images"]
+    png = s.sample_png(first["index"])
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and png[12:16] == b"IHDR"
+    assert int.from_bytes(png[16:20], "big") == int.from_bytes(png[20:24], "big") == 56  # 28 x 28, twice
+    # any point of the history can be pinned; restore brings a pin's plan back
+    c = s.pin(0)
+    assert s.pins[-1]["label"].endswith("original") and s.comparison(a, c)["summary"][0][2] == 431_080
+    assert s.restore(a) and s.plan == plan_a and "Restored" in s.message
+    assert not s.pin(10_000) and "no point" in s.error
+    s.unpin(c)
+    assert c not in [p["id"] for p in s.pins]
+
+
+def test_a_pin_of_a_replaced_network_is_a_message_and_the_session_keeps_its_network(state):
+    s = ExplorerState()
+    assert s.load_network(state.model, state.eval_inputs[:200], state.eval_targets[:200], name="lenet"), s.error
+    s.set_layer("classifier.1", "svd", 8)
+    old = s.pin()
+    s.set_layer("classifier.1", "svd", 4)
+    s.pin()
+    assert s.comparison()["changed"]["samples"] == 200
+    other = nn.Sequential(nn.Flatten(), nn.Linear(784, 32), nn.ReLU(), nn.Linear(32, 10))
+    assert s.load_network(other, state.eval_inputs[:100], state.eval_targets[:100], name="another"), s.error
+    s.set_layer("1", "svd", 4)
+    model, plan = s.model, s.plan
+    with pytest.raises(ts.DataError, match="replaced"):
+        s.comparison()
+    assert not s.restore(old)
+    assert "was made on lenet, which this session has since replaced (another)" in s.error
+    assert s.model is model and s.plan is plan
+
+
+# ---- latency -----------------------------------------------------------------------------------
+
+
+def test_measure_latency_times_both_models_and_refuses_what_is_too_large(fresh, monkeypatch):
+    s = fresh
+    s.set_layer("classifier.1", "svd", 8)
+    s.set_layer("features.3", "cp", 8)
+    assert s.measure_latency(batch=8, repeats=3), s.error
+    lat = s.latency_for_plan()
+    assert lat["batch"] == 8 and lat["threads"] == 1 and lat["repeats"] == 3
+    for k in ("original_1", "compressed_1", "original_n", "compressed_n"):
+        assert lat[k] > 0
+    assert lat["speedup_1"] == pytest.approx(lat["original_1"] / lat["compressed_1"])
+    assert lat["flops_ratio"] == pytest.approx(s.cost["flops_ratio"])
+    assert any(n.startswith("cp: ") for n in lat["notes"])  # each method's own caveat
+    a = s.pin()
+    assert s.comparison(a, a)["summary"][5][1] == pytest.approx(lat["compressed_1"])  # kept for comparisons
+    s.set_layer("classifier.1", "svd", 9)
+    assert s.latency_for_plan() == {}  # measured for another plan
+    # over the server's cap: a message; nothing else changes
+    monkeypatch.setattr(X.limits, "MAX_LATENCY_GFLOP", 1e-3)
+    plan, latency = s.plan, s.latency
+    assert not s.measure_latency()
+    assert "TENSORSCOPE_EXPLORER_MAX_LATENCY_GFLOP" in s.error and s.plan is plan and s.latency is latency
+    assert not s.measure_latency(batch=1) and "between 2 and 1024" in s.error
+    no_data = ExplorerState()
+    assert no_data.load_network(s.model, name="no data")
+    assert not no_data.measure_latency() and "needs an input" in no_data.error
+
+
+# ---- the view's ranks, compare and latency parts, without a browser -------------------------------
+
+
+def test_view_ranks_view_compare_and_latency_follow_the_state(state):
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("panel")
+    apps = str(Path(__file__).resolve().parent.parent / "apps")
+    if apps not in sys.path:
+        sys.path.insert(0, apps)
+    from explorer import ExplorerView
+
+    s = ExplorerState()
+    view = ExplorerView(state=s, load=False)
+    assert view.__panel__().get_root() is not None
+    assert s.load_network(state.model, state.eval_inputs[:300], state.eval_targets[:300], name="lenet")
+    # the ranks view: a row per layer; its method and its sliders move the plan
+    assert len(view.rank_rows_box.objects) == 4
+    row = view.layer_rows["features.3"]
+    row.method.value = "tucker2"
+    assert s.layer_choice("features.3")[0] == "tucker2"
+    row = view.layer_rows["features.3"]  # rebuilt for the method's two rank axes
+    assert [w.label for w in row.sliders] == [a.name for a in s.rank_axes("features.3")]
+    row.sliders[1].value = 3
+    assert s.layer_choice("features.3")[1][1] == 3 and f"{s.cost['params_after']:,}" in view.stats["params"].object
+    view.rank_filter.value_input = "classifier"
+    assert len(view.rank_rows_box.objects) == 2 and "2 of 4" in view.rank_count.object
+    # history, pins and the comparison
+    assert len(view.history_table.value) == len(s.history)
+    s.pin()
+    assert "Pin two points" in view.compare_pane.object
+    s.set_layer("features.3", "tucker2", [2, 2])
+    s.pin()
+    assert list(view.compare_b.options.values())[-1] == s.compare_b == view.compare_b.value
+    html = view.compare_pane.object
+    assert "Accuracy per class" in html and "change their prediction" in html and "data:image/png;base64" in html
+    view.compare_a.value = s.pins[-1]["id"]  # choosing A in the page sets the state
+    assert s.compare_a == s.pins[-1]["id"]
+    # latency: not measured, then the measured ratio next to the FLOP ratio
+    assert "not measured" in view.stats["latency"].object
+    assert s.measure_latency(batch=4, repeats=2), s.error
+    assert "faster" in view.stats["latency"].object and "FLOPs" in view.stats["latency"].object
+    # pins of a network the session replaced: a message in the page, the new network kept
+    view.rank_filter.value_input = ""
+    other = nn.Sequential(nn.Flatten(), nn.Linear(784, 16), nn.ReLU(), nn.Linear(16, 10))
+    assert s.load_network(other, state.eval_inputs[:50], name="another"), s.error
+    assert "since replaced" in view.compare_pane.object and "ts-compare-error" in view.compare_pane.object
+    assert len(view.rank_rows_box.objects) == 2 and set(view.layer_rows) == {"1", "3"}

@@ -19,10 +19,11 @@ How it stays fast (see DESIGN.md, "How the explorer stays fast"):
   that depends on that layer, from activations recorded on the previous run (a
   ``torch.fx`` trace; networks fx cannot trace are run whole).
 
-Methods that may be slow (:meth:`ExplorerState.load_example`, :meth:`load_upload`,
-:meth:`refresh_quality`, :meth:`apply_budget`, :meth:`export_bytes`) are blocking and
-thread-safe; the view submits them to :data:`EXECUTOR`. With ``executor=None`` (the
-default, for tests and notebooks) plan edits refresh the quality synchronously.
+Methods that may be slow (:meth:`ExplorerState.load_example`, :meth:`open_ready`,
+:meth:`load_upload`, :meth:`refresh_quality`, :meth:`apply_budget`, :meth:`export_bytes`,
+:meth:`measure_latency`) are blocking and thread-safe; the view submits them to
+:data:`EXECUTOR`. With ``executor=None`` (the default, for tests and notebooks) plan edits
+refresh the quality synchronously, and a moved budget or preset setting re-plans at once.
 
 The modules, one job each (``ExplorerState`` combines the job mixins; none imports it):
 
@@ -35,7 +36,15 @@ The modules, one job each (``ExplorerState`` combines the job mixins; none impor
 - ``eval_data``, ``loading``: evaluation data; examples, in-memory networks, uploads.
 - ``data_aware``: calibration data, data-aware mode, fine-tuning.
 - ``quality``: the quality preview loop. ``exports``: the compressed model as a file.
-- ``state``: :class:`ExplorerState` itself and plan editing.
+- ``compare``: pinned configurations, compared side by side and restored.
+- ``latency``: the compressed model timed against the original on the server.
+- ``state``: :class:`ExplorerState` itself: plan editing, what a page opens on
+  (:meth:`~ExplorerState.open_ready`), settings that re-plan as they move, the ranks view's rows.
+
+What the view and tests read is public: parameters, and ``eval_inputs``, ``layer_info``,
+``layer_spectrum``, ``layer_cost``, ``rank_axes``, ``axis_values``, ``rank_rows``,
+``spectrum_data``, ``comparison``, ``preview_stats``, ... (the private attributes are the
+mixins' shared storage).
 """
 
 from __future__ import annotations

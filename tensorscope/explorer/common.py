@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from torch import Tensor, nn
@@ -27,6 +28,25 @@ def _rank_text(method: str, rank: Any) -> str:
 def _rank_key(method: str, rank: Any) -> str:
     """A rank as JSON text: part of the keys memoised errors are stored under."""
     return json.dumps(get_method(method).rank_to_json(rank))
+
+
+_SHARED: dict[tuple, Any] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_result(key: tuple, compute: Callable[[], Any]) -> Any:
+    """A result every session of the process may share: computed once per ``key``, then read.
+
+    Only for immutable results of immutable inputs: what a built-in example's own weights and
+    own calibration data give (its calibration statistics, whitened spectra, data-aware budget
+    plans). A page of a class of students then pays for them once per server, not per page.
+    """
+    with _SHARED_LOCK:
+        if key in _SHARED:
+            return _SHARED[key]
+    value = compute()
+    with _SHARED_LOCK:
+        return _SHARED.setdefault(key, value)
 
 
 def _batches(x: Tensor, y: Tensor | None, size: int = 128) -> list:

@@ -10,17 +10,31 @@ from __future__ import annotations
 import os
 import warnings
 
+import torch
+
 from ..calibration import collect_stats
+from ..data import output_tensor
 from ..errors import DataError
 from ..evaluate import evaluate
 from ..methods import planner_methods
 from ..recovery import finetune as _finetune
 from ..spectra import layer_spectrum, tradeoff
 from . import limits
-from .common import _batches, _overview
+from .common import _batches, _overview, shared_result
 from .eval_data import _check_data, _parse_eval_file
-from .evaluator import _EvalData
+from .evaluator import _EvalData, predictions
 from .session import _Session
+
+
+#: what a fine-tuned configuration's history key adds to its plan's JSON
+TUNED = "|tuned"
+
+
+def _predictions_of(model, inputs):
+    """Top-1 predictions of ``model`` on ``inputs`` (in chunks, as the preview runs)."""
+    with torch.inference_mode():
+        out = torch.cat([output_tensor(model(inputs[i:i + limits.CHUNK])) for i in range(0, len(inputs), limits.CHUNK)])
+    return predictions(out)
 
 
 class _DataAware(_Session):
@@ -41,6 +55,7 @@ class _DataAware(_Session):
             with self._lock:
                 self._calib = (x.contiguous(), y, desc)
                 self._stats = None
+                self._shared_key = None  # not the example's own calibration data any more
                 for layer in self._layers.values():  # whitened views of the old data are stale
                     layer.aware = None
                     layer.use(layer.plain)
@@ -61,7 +76,12 @@ class _DataAware(_Session):
                                 "(the built-in examples bring their training split)")
             x, y, _ = self._calib
             self._report(0.05, f"input statistics of {len(self._layers)} layers on {len(x)} samples")
-            self._stats = collect_stats(self._model, _batches(x, None), list(self._layers))
+
+            def collect():
+                return collect_stats(self._model, _batches(x, None), list(self._layers))
+
+            key = self._shared_key
+            self._stats = shared_result(("stats", *key), collect) if key is not None else collect()
         return self._stats
 
     def set_calibrate(self, on: bool) -> bool:
@@ -78,21 +98,26 @@ class _DataAware(_Session):
             on_ = bool(on)
             if on_ == self.calibrate:
                 return True
-            with self._busy("data-aware mode: whitened spectra" if on_ else "weights-only mode"):
+            with self._busy("data-aware mode: whitened spectra" if on_ else "weights-only mode", loading=True):
                 if on_:
                     stats = self._calibration_stats()
                     n = max(len(self._layers), 1)
                     for i, (name, layer) in enumerate(self._layers.items()):
                         if layer.aware is None:
                             self._report(0.2 + 0.8 * i / n, f"whitened spectrum of {name}")
-                            st = stats[name]
-                            spec = layer_spectrum(layer.module, name, "out", st)
-                            spec_in = (layer_spectrum(layer.module, name, "in", st)
-                                       if layer.spectrum_in is not None else None)
-                            curves = {m: tradeoff(layer.module, m, name, layer.info.geometry, stats=st)
-                                      for m in planner_methods(layer.info.geometry)}
-                            curves = {m: t for m, t in curves.items() if t is not None}
-                            layer.aware = (spec, spec_in, curves, spec.metrics())
+
+                            def whiten(layer=layer, name=name):
+                                st = stats[name]
+                                spec = layer_spectrum(layer.module, name, "out", st)
+                                spec_in = (layer_spectrum(layer.module, name, "in", st)
+                                           if layer.spectrum_in is not None else None)
+                                curves = {m: tradeoff(layer.module, m, name, layer.info.geometry, stats=st)
+                                          for m in planner_methods(layer.info.geometry)}
+                                curves = {m: t for m, t in curves.items() if t is not None}
+                                return spec, spec_in, curves, spec.metrics()
+
+                            key = self._shared_key
+                            layer.aware = shared_result(("whitened", name, *key), whiten) if key else whiten()
                 with self._lock:
                     for layer in self._layers.values():
                         layer.use(layer.aware if on_ else layer.plain)
@@ -106,9 +131,10 @@ class _DataAware(_Session):
 
         return bool(self._guard("Data-aware mode", work))
 
-    def finetune(self, steps: int = limits.FINETUNE_STEPS, lr: float | None = None) -> bool:
+    def finetune(self, steps: int | None = None, lr: float | None = None) -> bool:
         """Recover the current plan's compressed model: a short fine-tune on the calibration data,
-        distilled from the original (with its labels too, where it has them). Blocking.
+        distilled from the original (with its labels too, where it has them), for ``steps``
+        steps (default: ``finetune_steps``). Blocking.
 
         The quality before and after lands in ``recovery`` and the history; exports of this plan
         are the fine-tuned model until the plan changes.
@@ -123,7 +149,7 @@ class _DataAware(_Session):
                                 "(the built-in examples bring their training split)")
             if self._data is None:
                 raise DataError("load evaluation data to see what fine-tuning recovers")
-            n_steps = int(steps)
+            n_steps = int(self.finetune_steps if steps is None else steps)
             if not 1 <= n_steps <= 5000:
                 raise DataError(f"fine-tuning steps must be between 1 and 5000; got {steps!r}")
             with self._lock:
@@ -141,6 +167,7 @@ class _DataAware(_Session):
                                       **({} if lr is None else {"lr": lr}),
                                       progress=lambda f, m: self._report(0.05 + 0.9 * f, f"fine-tuning: {m}"))
                 after = evaluate(tuned, evaluation, reference=self._model)
+                preds = _predictions_of(tuned, self._data.inputs)
             metric = "accuracy" if "accuracy" in after else "agreement"
             with self._lock:
                 if self.plan_version != version:
@@ -151,11 +178,15 @@ class _DataAware(_Session):
                        "before": before.get(metric), "after": after.get(metric),
                        "agreement_before": before.get("agreement"), "agreement_after": after.get("agreement")}
                 entry = {"params": self.cost["params_after"], "flops": self.cost["flops_after"],
-                         "ratio": self.cost["ratio"], "quality": after.get(metric), "metric": metric,
-                         "layers": len(plan), "label": self.describe_plan(plan) + f" + fine-tuned {n_steps} steps",
-                         "plan": plan.to_json(indent=None) + "|tuned", "tuned": True}
+                         "ratio": self.cost["ratio"], "quality": after.get(metric), "agreement": after.get("agreement"),
+                         "metric": metric, "layers": len(plan),
+                         "label": self.describe_plan(plan) + f" + fine-tuned {n_steps} steps",
+                         "plan": plan.to_json(indent=None) + TUNED, "tuned": True}
                 hist = [h for h in self.history if h["plan"] != entry["plan"]] + [entry]
-                self.param.update(recovery=rec, history=hist[-limits.MAX_HISTORY:])
+                hist = hist[-limits.MAX_HISTORY:]
+                self._outcomes[entry["plan"]] = preds
+                self._keep_outcomes(hist)
+                self.param.update(recovery=rec, history=hist)
             note = next((f" ({w.message})" for w in caught if "did not improve" in str(w.message)), "")
             self.message = (f"Fine-tuned {n_steps} steps on {desc}: {metric} {before.get(metric, 0):.1%} -> "
                             f"{after.get(metric, 0):.1%}. Exports of this plan are the fine-tuned model.{note}")

@@ -83,7 +83,7 @@ class _EvalSources(_Session):
             desc += ", with labels)" if y is not None else ", agreement with the original)"
             data_ = _EvalData(x.contiguous(), y, desc, "uploaded")
             _check_data(self._model, data_, filename)
-            with self._busy("evaluating on the uploaded data"):
+            with self._busy("evaluating on the uploaded data", loading=True):
                 self._switch_data({**self._data_choices, "uploaded": data_}, "uploaded")
             self.message = f"Evaluation data: {desc}."
             return True
@@ -108,7 +108,7 @@ class _EvalSources(_Session):
                 choices["none"] = data_
             if kind not in choices:
                 raise DataError(f"no {kind!r} evaluation data available; available: {sorted(choices)}")
-            with self._busy("switching evaluation data"):
+            with self._busy("switching evaluation data", loading=True):
                 self._switch_data(choices, kind)
             return True
 
@@ -148,6 +148,8 @@ class _EvalSources(_Session):
                 if name in infos:
                     layer.info = infos[name]
             self._data, self._data_choices, self._evaluator = data, choices, evaluator
+            self._data_version += 1
+            self._outcomes = {}
             self._base_flops = flops
             self.param.update(eval_source={"calibration": "none"}.get(data.kind, data.kind),
                               eval_choices=sorted(choices, key=EVAL_ORDER.index),

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import numpy as np
 import torch
 import torch.fx as fx
 from torch import Tensor, nn
@@ -23,6 +24,14 @@ from torch import Tensor, nn
 from ..data import output_tensor
 from ..evaluate import metrics as output_metrics
 from . import limits
+
+
+def predictions(out: Tensor) -> np.ndarray | None:
+    """Top-1 class of each sample (and position) of a network's outputs, as int32; None for
+    outputs without a class dimension."""
+    if out.dim() < 2:
+        return None
+    return out.argmax(-1).to(torch.int32).cpu().numpy()
 
 
 class _TraceGuard:
@@ -129,6 +138,9 @@ class _Evaluator:
         with torch.inference_mode():
             self.reference = torch.cat([self._forward(self.data.inputs[c]) for c in self.chunks])
         self.last: dict[str, float] | None = self.metrics(self.reference)  # nothing installed: the original
+        #: top-1 predictions of the original and of the last run (compare pinned configurations)
+        self.reference_pred = predictions(self.reference)
+        self.last_pred = self.reference_pred
 
     # -- graph ------------------------------------------------------------------------------
     def _trace(self) -> None:
@@ -246,6 +258,7 @@ class _Evaluator:
         self._kept = {}
         out = torch.cat(outs)
         metrics = self.metrics(out)
+        self.last_pred = predictions(out)
         kind = "incremental" if use_inc else "full"
         self.stats[kind] += 1
         self.stats["last"] = kind

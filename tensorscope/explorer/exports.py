@@ -77,6 +77,10 @@ class _Exports(_Session):
             return f"{base}-plan.json", (plan.to_json() + "\n").encode()
         if self._model is None:
             raise DataError("load a network first")
+        with self._busy(f"exporting the compressed model ({kind.replace('_', ' ')})"):
+            return self._export_file(kind, base)
+
+    def _export_file(self, kind: str, base: str) -> tuple[str, bytes]:
         small = self.compressed_model()
         with tempfile.TemporaryDirectory(dir=self._upload_dir.name) as tmp:
             if kind == "checkpoint":

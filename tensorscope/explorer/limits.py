@@ -37,6 +37,20 @@ CHUNK = 250
 MAX_HISTORY = 500
 #: the most elements one sample of a typed input shape may have
 MAX_SAMPLE_NUMEL = 10_000_000
+#: the share of the parameters the plan a page opens on keeps (env ``TENSORSCOPE_EXPLORER_OPEN_KEEP``)
+OPEN_KEEP = float(os.environ.get("TENSORSCOPE_EXPLORER_OPEN_KEEP", "0.25") or 0.25)
+#: seconds a budget or preset slider waits for a drag to settle before planning
+SLIDER_DEBOUNCE_S = 0.15
+#: pinned configurations kept per session
+MAX_PINS = 12
+#: changed samples a comparison lists (with their images for image data)
+MAX_CHANGED_SHOWN = 24
+#: latency: timed runs per case (medians), the batch besides batch 1, and the most work one
+#: measurement may start: (original + compressed FLOPs) x (1 + batch) x runs, in GFLOP
+#: (env ``TENSORSCOPE_EXPLORER_MAX_LATENCY_GFLOP``)
+LATENCY_REPEATS = 15
+LATENCY_BATCH = 32
+MAX_LATENCY_GFLOP = float(os.environ.get("TENSORSCOPE_EXPLORER_MAX_LATENCY_GFLOP", "200") or 200)
 
 #: worker threads shared by every session (the state of each session is its own)
 EXECUTOR = ThreadPoolExecutor(

@@ -148,7 +148,7 @@ class _Loading(_EvalSources):
         def work():
             if name not in _examples.list_examples():
                 raise DataError(f"no example named {name!r}; choose one of {_examples.list_examples()}")
-            with self._busy(f"loading {name}"):
+            with self._busy(f"loading {name}", loading=True):
                 ex = _load_example_shared(name, lambda f, m: self._report(0.6 * f, m))
                 model = copy.deepcopy(ex.model).eval()
                 choices = _example_data(ex.train, ex.test)
@@ -185,7 +185,7 @@ class _Loading(_EvalSources):
                 d = _EvalData(x, y, desc, "held-out" if y is not None else "calibration")
                 _check_data(net, d, "the inputs given")
                 choices[kind] = d
-            with self._busy(f"loading {name}"):
+            with self._busy(f"loading {name}", loading=True):
                 wanted = next(iter(choices), "none")
                 calib = None
                 if calibration is not None:
@@ -219,7 +219,7 @@ class _Loading(_EvalSources):
             if trust and os.environ.get("TENSORSCOPE_EXPLORER_NO_PICKLE") == "1":
                 raise DataError("this server does not read pickled files (TENSORSCOPE_EXPLORER_NO_PICKLE=1): "
                                 "upload a state dict or safetensors file with its architecture")
-            with self._busy(f"reading {safe_name}"):
+            with self._busy(f"reading {safe_name}", loading=True):
                 folder = tempfile.mkdtemp(dir=self._upload_dir.name)
                 path = os.path.join(folder, safe_name)
                 with open(path, "wb") as f:
@@ -315,6 +315,12 @@ class _Loading(_EvalSources):
             self._focus = None
             self._calib = loaded.calibration
             self._stats = None
+            self._shared_key = (("example", loaded.example, len(loaded.calibration[0]))
+                                if loaded.example is not None and loaded.calibration is not None else None)
+            self._budget_applied = None
+            self._latency_memo = {}
+            self._outcomes = {}
+            self._data_version += 1
             names = list(loaded.layers)
             sel = self.selected if self.selected in loaded.layers else (names[0] if names else None)
             eval_kind = loaded.data.kind if loaded.data is not None else None
@@ -333,6 +339,7 @@ class _Loading(_EvalSources):
                 calibrate=False,
                 calibration_description=loaded.calibration[2] if loaded.calibration else "no calibration data",
                 recovery={},
+                latency={},
                 version=self.version + 1,
             )
             self._set_plan(loaded.plan, focus=None)

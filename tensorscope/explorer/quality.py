@@ -58,13 +58,15 @@ class _Quality(_Session):
                         self.quality_pending = False
                     return
 
-    def refresh_quality(self) -> dict[str, Any]:
+    def refresh_quality(self, incremental: bool = True) -> dict[str, Any]:
         """Evaluate the current plan on the evaluation data (blocking; thread-safe).
 
         Reconstructs each planned layer's weight (memoised per layer, method and rank; CP-ALS
         and TT-SVD only the first time), puts them in the evaluator's private copy of the
         network and runs it, re-running only what the last edited layer feeds when that is
-        all that changed. Stops early, raising nothing, when a newer plan supersedes this one.
+        all that changed. ``incremental=False`` forgets the recorded activations first: the
+        whole network runs (``quality["run"] == "full"``). Stops early, raising nothing, when
+        a newer plan supersedes this one.
         """
         with self._eval_lock:
             with self._lock:
@@ -104,6 +106,9 @@ class _Quality(_Session):
                         errors[name] = (key, float((w.double() - ref).norm()) / denom if denom > 0 else 0.0)
             if stop():
                 raise _Superseded()
+            if not incremental:
+                evaluator.frontier = None
+                evaluator.last = None
             changed = evaluator.install(weights)
             metrics = evaluator.run(changed, focus, stop)
             base = evaluator.baseline()
@@ -127,17 +132,29 @@ class _Quality(_Session):
                 }
                 entry = {
                     "params": cost["params_after"], "flops": cost["flops_after"], "ratio": cost["ratio"],
-                    "quality": metrics.get(metric), "metric": metric, "layers": len(plan),
-                    "label": self.describe_plan(plan), "plan": plan.to_json(indent=None),
+                    "quality": metrics.get(metric), "agreement": metrics.get("agreement"), "metric": metric,
+                    "layers": len(plan), "label": self.describe_plan(plan), "plan": plan.to_json(indent=None),
                 }
+                original = Plan().to_json(indent=None)
                 hist = list(self.history) or [{
                     "params": cost["params"], "flops": cost["flops"], "ratio": 1.0, "quality": base.get(metric),
-                    "metric": metric, "layers": 0, "label": "original", "plan": Plan().to_json(indent=None)}]
+                    "agreement": base.get("agreement"), "metric": metric, "layers": 0, "label": "original",
+                    "plan": original}]
+                self._outcomes[original] = evaluator.reference_pred
                 if len(plan):  # the newest evaluation of a configuration replaces an older one
                     hist = [h for h in hist if h["plan"] != entry["plan"]] + [entry]
-                self.param.update(quality=quality, history=hist[-limits.MAX_HISTORY:], table=self._table(),
+                    self._outcomes[entry["plan"]] = evaluator.last_pred
+                hist = hist[-limits.MAX_HISTORY:]
+                self._keep_outcomes(hist)
+                self.param.update(quality=quality, history=hist, table=self._table(),
                                   quality_pending=False, progress_message="")
             return quality
+
+    def _keep_outcomes(self, history: list[dict]) -> None:
+        """Forget the predictions of configurations no longer in the history (caller holds the lock)."""
+        keys = {h["plan"] for h in history}
+        for k in [k for k in self._outcomes if k not in keys]:
+            del self._outcomes[k]
 
     @staticmethod
     def describe_plan(plan: Plan) -> str:

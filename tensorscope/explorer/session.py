@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import time
 import zipfile
 from concurrent.futures import Future
 from typing import Any, Callable
@@ -39,17 +40,58 @@ class _Session:
             self.param.update(error=f"{what}: {text}" if text else f"{what}: {type(e).__name__}")
             return None
 
-    def _busy(self, message: str):
+    def _busy(self, message: str, loading: bool = False):
+        """Mark a job that shows progress (``busy``, ``progress``, ``progress_message``);
+        ``loading``: it replaces what the page shows (a network, the evaluation data, the mode)."""
         state = self
 
         class _Ctx:
             def __enter__(self_):
-                state.param.update(busy=True, progress=0.0, progress_message=message, error="")
+                state.param.update(busy=True, progress=0.0, progress_message=message, error="",
+                                   **({"loading": True} if loading else {}))
 
             def __exit__(self_, *exc):
-                state.param.update(busy=False, progress=1.0 if exc[0] is None else state.progress)
+                state.param.update(busy=False, progress=1.0 if exc[0] is None else state.progress,
+                                   **({"loading": False} if loading else {}))
 
         return _Ctx()
+
+    def _latest(self, key: str, fn: Callable[[], Any], delay: float = 0.0) -> None:
+        """Run ``fn`` for the newest settings, once per burst (a slider dragged).
+
+        At most one run per ``key`` is in flight; calls made meanwhile fold into one more run
+        after it, which reads the settings as they are then. With an executor the run waits
+        ``delay`` seconds first (debounce: a drag's first tick does not start a plan of its
+        own) and happens off the caller's thread; without one it runs now.
+        """
+        with self._lock:
+            run = self._runs.setdefault(key, {"running": False, "again": False})
+            if run["running"]:
+                run["again"] = True
+                return
+            run["running"] = True
+
+        def loop():
+            while True:
+                try:
+                    if delay and self.executor is not None:
+                        time.sleep(delay)
+                    with TRACE_GUARD.running():
+                        fn()
+                except BaseException:
+                    with self._lock:
+                        run["running"] = run["again"] = False
+                    raise
+                with self._lock:
+                    if not run["again"]:
+                        run["running"] = False
+                        return
+                    run["again"] = False
+
+        if self.executor is None:
+            loop()
+        else:
+            self.executor.submit(loop)
 
     def submit(self, fn: Callable[..., Any], *args, **kwargs) -> Future:
         """Run ``fn(*args, **kwargs)`` on the executor (or now, without one); errors land in ``error``."""

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import param
-from torch import nn
+from torch import Tensor, nn
 
 from .. import examples as _examples
 from ..budget import plan_for_budget
@@ -25,27 +25,34 @@ from ..methods import RankAxis, get_method, planner_methods
 from ..plan import Plan, as_plan
 from ..ranks import energy_rank, vbmf_rank
 from . import limits
-from .common import DENSE, _batches, _Layer, _rank_key, _rank_text
+from .common import DENSE, _batches, _Layer, _rank_key, _rank_text, shared_result
+from .compare import _Compare
 from .data_aware import _DataAware
 from .evaluator import _EvalData, _Evaluator
 from .exports import _Exports
+from .latency import _Latency
 from .loading import _Loading
 from .quality import _Quality
 from .session import _release_memory
 
 
-class ExplorerState(_Loading, _DataAware, _Quality, _Exports, param.Parameterized):
+class ExplorerState(_Loading, _DataAware, _Quality, _Exports, _Compare, _Latency, param.Parameterized):
     """One network, one plan, and what the explorer shows about them (one per session).
 
-    Inputs a person changes: :meth:`load_example`, :meth:`load_upload`, :meth:`load_eval_upload`,
-    :meth:`use_eval`, :meth:`select`, :meth:`set_layer`, :meth:`apply_budget`,
-    :meth:`apply_preset`. Results the view shows are parameters: ``table``, ``cost``,
-    ``quality``, ``history``, ``message``, ``error``, ``busy``, ``progress``.
+    Inputs a person changes: :meth:`load_example` (and :meth:`open_ready`, what a page opens
+    on), :meth:`load_upload`, :meth:`load_eval_upload`, :meth:`use_eval`, :meth:`select`,
+    :meth:`set_layer`, :meth:`set_rank_values`, :meth:`apply_budget`, :meth:`apply_preset`,
+    :meth:`pin`, :meth:`restore`, :meth:`measure_latency`; and the settings ``budget_keep``,
+    ``budget_by`` and ``preset_energy``, which re-plan as they change (debounced). Results the
+    view shows are parameters: ``table``, ``cost``, ``quality``, ``history``, ``pins``,
+    ``latency``, ``message``, ``error``, ``busy``, ``progress``; and :meth:`rank_rows`,
+    :meth:`spectrum_data`, :meth:`comparison`.
 
     The jobs are mixins, one module each (see :mod:`tensorscope.explorer.session`): loading
     and evaluation data (``loading.py``, ``eval_data.py``), data-aware mode and fine-tuning
-    (``data_aware.py``), the quality preview (``quality.py``), exports (``exports.py``). This
-    class declares the parameters and the private attributes they share, and edits the plan.
+    (``data_aware.py``), the quality preview (``quality.py``), exports (``exports.py``), pins
+    and comparisons (``compare.py``), latency (``latency.py``). This class declares the
+    parameters and the private attributes they share, and edits the plan.
     """
 
     # -- what is loaded ---------------------------------------------------------------------
@@ -66,8 +73,14 @@ class ExplorerState(_Loading, _DataAware, _Quality, _Exports, param.Parameterize
         "output loses on it), instead of from the weights alone."))
     calibration_description = param.String(default="no calibration data")
     recovery = param.Dict(default={}, doc="The last fine-tune: plan, steps and quality before and after.")
-    budget_keep = param.Number(default=0.25, bounds=(0.0, 1.0), inclusive_bounds=(False, True))
-    budget_by = param.Selector(default="params", objects=["params", "flops"])
+    budget_keep = param.Number(default=0.25, bounds=(0.0, 1.0), inclusive_bounds=(False, True), doc=(
+        "The share of the network's parameters (or FLOPs) the budget planner keeps."))
+    budget_by = param.Selector(default="params", objects=["params", "flops"],
+                               doc="What the budget counts: parameters or FLOPs per sample.")
+    preset_energy = param.Number(default=0.9, bounds=(0.5, 0.999), doc=(
+        "The share of each unfolding's energy the energy preset keeps (it picks every layer's ranks)."))
+    finetune_steps = param.Integer(default=limits.FINETUNE_STEPS, bounds=(1, 5000), doc=(
+        "Optimizer steps of a fine-tune: distillation from the original on the calibration data."))
 
     # -- results ----------------------------------------------------------------------------
     plan = param.ClassSelector(class_=Plan, default=Plan(), instantiate=False)
@@ -80,11 +93,18 @@ class ExplorerState(_Loading, _DataAware, _Quality, _Exports, param.Parameterize
     overview = param.Parameter(default=None, doc="Tidy DataFrame of all layers' normalised spectra.")
     message = param.String(default="")
     error = param.String(default="")
-    busy = param.Boolean(default=False)
+    busy = param.Boolean(default=False, doc="A job that shows progress is running.")
+    loading = param.Boolean(default=False, doc="What the page shows is being replaced (network, data, mode).")
     progress = param.Number(default=0.0, bounds=(0.0, 1.0))
     progress_message = param.String(default="")
     version = param.Integer(default=0, doc="Bumped when a new network is installed.")
     plan_version = param.Integer(default=0, doc="Bumped on every plan change.")
+    pins = param.List(default=[], doc="Pinned configurations (see pin), oldest first.")
+    compare_a = param.Integer(default=None, allow_None=True, doc="The pin shown on the left of the comparison.")
+    compare_b = param.Integer(default=None, allow_None=True, doc="The pin shown on the right of the comparison.")
+    latency = param.Dict(default={}, doc="The last latency measurement (see measure_latency).")
+    latency_batch = param.Integer(default=limits.LATENCY_BATCH, bounds=(2, 1024), doc=(
+        "The batch size latency is measured at, besides batch 1."))
 
     def __init__(self, executor: Executor | None = None, **params):
         super().__init__(**params)
@@ -108,8 +128,83 @@ class ExplorerState(_Loading, _DataAware, _Quality, _Exports, param.Parameterize
         self._quality_running = False
         self._export_memo: tuple[str, nn.Module] | None = None
         self._calib: tuple | None = None  # (inputs, labels or None, description)
+        # a built-in example with its own calibration data: what both give is shared by sessions
+        self._shared_key: tuple | None = None
         self._stats: dict | None = None  # layer -> LayerStats of the calibration data (data-aware mode)
         self._upload_dir = tempfile.TemporaryDirectory(prefix="tensorscope-explorer-")
+        self._runs: dict[str, dict] = {}  # coalesced jobs (see _latest)
+        self._budget_applied: tuple | None = None  # (keep, by) of the last budget plan asked for
+        self._data_version = 0  # bumped whenever the evaluation data changes
+        self._outcomes: dict[str, Any] = {}  # history key -> top-1 predictions on the evaluation data
+        self._pin_preds: dict[int, Any] = {}  # pin id -> its predictions
+        self._next_pin = 1
+        self._latency_memo: dict[str, dict] = {}  # plan JSON -> latency measured (this network)
+
+    # -- what is loaded, read-only (the view, tests and notebooks ask these) --------------------
+    @property
+    def eval_inputs(self) -> Tensor | None:
+        """The inputs the quality preview evaluates on (None without evaluation data)."""
+        return self._data.inputs if self._data is not None else None
+
+    @property
+    def eval_targets(self) -> Tensor | None:
+        """Their labels (None without labels: quality is then agreement with the original)."""
+        return self._data.targets if self._data is not None else None
+
+    @property
+    def example_input(self) -> Tensor | None:
+        """One evaluation sample, batch of one (what FLOPs and exports are measured with)."""
+        return self._data.inputs[:1] if self._data is not None else None
+
+    @property
+    def calibration_inputs(self) -> Tensor | None:
+        """The calibration inputs (data-aware mode, fine-tuning); None when there are none."""
+        return self._calib[0] if self._calib is not None else None
+
+    def calibration_statistics(self, name: str):
+        """Layer ``name``'s input statistics on the calibration data (``LayerStats``), once the
+        data-aware mode has collected them; None before."""
+        return self._stats.get(name) if self._stats else None
+
+    def layer_info(self, name: str) -> LayerInfo:
+        """What :func:`tensorscope.inspect` says about layer ``name`` (kind, shape, geometry, max ranks)."""
+        if name not in self._layers:
+            raise DataError(f"no decomposable layer {name!r}")
+        return self._layers[name].info
+
+    def layer_spectrum(self, name: str, unfolding: str = "out", *, data_aware: bool | None = None):
+        """The spectrum of one unfolding ("out" or "in") of layer ``name``: as shown now
+        (``data_aware=None``), of the weights alone (False) or whitened by the calibration
+        data (True; None until the data-aware mode computed it). None for an unfolding no
+        rank axis reads."""
+        if name not in self._layers:
+            raise DataError(f"no decomposable layer {name!r}")
+        layer = self._layers[name]
+        view = (layer.spectrum, layer.spectrum_in) if data_aware is None else (
+            layer.aware if data_aware else layer.plain)
+        if view is None:
+            return None
+        return view[0] if unfolding == "out" else view[1]
+
+    def layer_metrics(self, name: str) -> dict:
+        """Stable rank, effective rank, ... of the spectrum shown for layer ``name``."""
+        return dict(self._layers[name].metrics) if name in self._layers else {}
+
+    def layer_cost(self, name: str) -> tuple[int, int | None]:
+        """(parameters, FLOPs per sample) of layer ``name`` under the plan (FLOPs None without an input)."""
+        if name not in self._layers:
+            raise DataError(f"no decomposable layer {name!r}")
+        return self._layer_after(name)
+
+    @property
+    def preview_stats(self) -> dict:
+        """The quality preview's counters: ``full`` and ``incremental`` runs so far, the ``last``
+        kind and its ``last_ms``, and whether the network could be ``traced`` (incremental
+        re-runs need a ``torch.fx`` trace)."""
+        ev = self._evaluator
+        if ev is None:
+            return {"full": 0, "incremental": 0, "last": "", "last_ms": 0.0, "traced": False}
+        return {**ev.stats, "traced": ev.gm is not None}
 
     # -- the plan ---------------------------------------------------------------------------
     def select(self, name: str) -> None:
@@ -222,14 +317,22 @@ class ExplorerState(_Loading, _DataAware, _Quality, _Exports, param.Parameterize
                 raise DataError("load a network first")
             k = float(self.budget_keep if keep is None else keep)
             b = self.budget_by if by is None else by
+            self._budget_applied = (k, b)  # before the update: the settings' watcher must not re-plan
             self.param.update(budget_keep=k, budget_by=b)
             if b == "flops" and self._data is None:
                 raise DataError("a FLOPs budget needs an input: load evaluation data or give an input shape")
             with self._busy(f"planning for {k:.0%} of the {b}"):
                 example_input = self._data.inputs[:1] if self._data is not None else None
                 data = _batches(self._calib[0], None) if (self.calibrate and self._calib is not None) else None
-                plan = plan_for_budget(self._model, k, by=b, methods="auto", example_input=example_input,
-                                       layers=list(self._layers), data=data)
+
+                def plan_it():
+                    return plan_for_budget(self._model, k, by=b, methods="auto", example_input=example_input,
+                                           layers=list(self._layers), data=data).to_json(indent=None)
+
+                if data is not None and self._shared_key is not None:  # seconds of statistics: once per server
+                    plan = Plan.from_json(shared_result(("budget", k, b, *self._shared_key), plan_it))
+                else:
+                    plan = Plan.from_json(plan_it())
                 with self._lock:
                     self._set_plan(plan, focus=None)
             got = self.cost["params_after"] / self.cost["params"] if b == "params" else (
@@ -241,8 +344,75 @@ class ExplorerState(_Loading, _DataAware, _Quality, _Exports, param.Parameterize
 
         return bool(self._guard("Budget", work))
 
+    @param.depends("budget_keep", "budget_by", watch=True)
+    def _budget_moved(self) -> None:
+        """The budget settings changed (the Keep slider moved): re-plan, debounced, off the caller's thread."""
+        if self._model is None or (self.budget_keep, self.budget_by) == self._budget_applied:
+            return
+        self._latest("budget", lambda: self.apply_budget(), delay=limits.SLIDER_DEBOUNCE_S)
+
+    @param.depends("preset_energy", watch=True)
+    def _energy_moved(self) -> None:
+        """The energy preset's setting changed: apply the preset, debounced."""
+        if self._model is None:
+            return
+        self._latest("preset", lambda: self.apply_preset("energy"), delay=limits.SLIDER_DEBOUNCE_S)
+
+    @property
+    def replanning(self) -> bool:
+        """A re-plan asked for by a moved setting (Keep, energy) is running or queued."""
+        with self._lock:
+            return any(r["running"] for r in self._runs.values())
+
+    def open_ready(self, keep: float | None = None) -> bool:
+        """What a page opens on, once a network is loaded: the data-aware mode when calibration
+        data came with it, the budget planner's plan keeping ``keep`` of the parameters
+        (default ``limits.OPEN_KEEP``), and the largest decomposed layer selected, so its
+        method and rank sliders are in view and every number shows before and after."""
+
+        def work():
+            if self._model is None:
+                raise DataError("load a network first")
+            k = float(limits.OPEN_KEEP if keep is None else keep)
+            aware = self._calib is not None and (self.calibrate or self.set_calibrate(True))
+            if not self.apply_budget(k, "params", refresh=False):
+                return False
+            planned = [n for n in self.layer_names if n in self._resolved] or list(self.layer_names)
+            if planned:
+                self.select(max(planned, key=lambda n: self._layers[n].info.params))
+            self.message = (
+                f"Opened on the budget planner's plan for {k:.0%} of the parameters"
+                + (f", with data-aware factors from {self._calib[2]}" if aware else "")
+                + f" ({len(self.plan)} layer(s) decomposed). Move any rank slider, or Keep to re-plan.")
+            self.request_quality()
+            return True
+
+        return bool(self._guard("Opening", work))
+
+    def open_example(self, name: str, keep: float | None = None) -> bool:
+        """:meth:`load_example`, then :meth:`open_ready` (what a new page does)."""
+        return self.load_example(name) and self.open_ready(keep)
+
+    def rank_rows(self, text: str = "") -> list[dict[str, Any]]:
+        """The ranks view: one row per layer (network order) whose name or method contains
+        ``text``: its method and the methods it may take, its rank axes and their values,
+        the rank as text, and its parameters before and after."""
+        t = (text or "").strip().lower()
+        rows = []
+        for name in self.layer_names:
+            method, _ = self.layer_choice(name)
+            if t and t not in name.lower() and t not in method.lower():
+                continue
+            p, _ = self._layer_after(name)
+            rows.append({"layer": name, "kind": self._layers[name].info.kind, "method": method,
+                         "methods": [DENSE, *self.methods_for(name)], "axes": self.rank_axes(name),
+                         "values": self.axis_values(name), "rank": self.rank_text(name),
+                         "params": int(self._layers[name].info.params), "params_after": int(p)})
+        return rows
+
     def apply_preset(self, kind: str, value: float | None = None, *, refresh: bool = True) -> bool:
-        """Ranks from a rule, per layer: ``("energy", 0.9)`` keeps 90% of each unfolding's energy;
+        """Ranks from a rule, per layer: ``("energy", 0.9)`` keeps 90% of each unfolding's energy
+        (``preset_energy`` when no value is given);
         ``("vbmf",)`` uses the VBMF rank. A layer on a method with a cheap error curve keeps it,
         others get the first such method (svd); a layer whose rank would not make it smaller
         stays dense."""
@@ -250,7 +420,7 @@ class ExplorerState(_Loading, _DataAware, _Quality, _Exports, param.Parameterize
         def work():
             if kind not in ("energy", "vbmf"):
                 raise DataError(f"preset must be 'energy' or 'vbmf'; got {kind!r}")
-            keep = 0.9 if value is None else float(value)
+            keep = float(self.preset_energy if value is None else value)
             if kind == "energy" and not 0.0 < keep <= 1.0:
                 raise DataError(f"energy to keep must be in (0, 1]; got {value!r}")
             rule = (lambda s: energy_rank(s, keep)) if kind == "energy" else vbmf_rank
