@@ -3,7 +3,10 @@
 Each layer offers a menu of (cost, error) options: every rank of every method with a cheap
 error curve (``svd``, and ``tucker2`` over all rank pairs), plus "keep it dense" (error 0).
 The loss of a plan is the sum over layers of the squared relative error, i.e. the fraction
-of each layer's energy discarded (with data: of its output energy on that data). On the
+of each layer's energy discarded (with data: of its output energy on that data), or with
+``allocation="output"`` the estimated loss of the network's output (:mod:`.allocation`).
+With data, one pass gathers every statistic (:func:`~tensorscope.collect_stats`), and the
+same statistics serve any number of budgets and ``compress`` (``stats=``). On the
 Pareto options of every layer, a multiple-choice knapsack by dynamic programming over
 rounded costs picks the plan of least loss within the budget (greedy steps along each
 layer's convex hull, the usual shortcut, miss the target by far more than the tolerance when
@@ -15,14 +18,16 @@ evaluates the network.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from .calibration import collect_stats
+from .allocation import ALLOCATIONS, HELDOUT_ROWS, as_options, candidate_losses, measured_scales, split_halves
+from .calibration import DEFAULT_PROBES, Calibration, collect_stats
 from .data import forward, iter_batches, split_batch
 from .errors import BudgetError
 from .evaluate import evaluate
@@ -33,9 +38,6 @@ from .preview import preview_weights, swapped_weights
 from .progress import Progress
 from .sources import ON_DISK, open_source
 from .spectra import Tradeoff, tradeoff
-#: with heldout="auto", layers with fewer calibration input rows than this many times their
-#: input size are scored held out
-HELDOUT_ROWS = 4
 
 
 @dataclass
@@ -46,71 +48,46 @@ class _Option:
     rank: Any
     params: int
     flops: int | None
+    options: dict | None = None
 
 
 def _menu(info: LayerInfo, module: nn.Module, methods: Sequence[str], by: str, stats: Any,
-          halves: tuple | None = None, heldout: bool | str = "auto") -> list[_Option]:
+          halves: tuple | None = None, heldout: bool | str = "auto", allocation: str = "layer",
+          variants: Any = "auto") -> list[_Option]:
     """The layer's Pareto options: cheapest first, each strictly better than the cheaper ones.
 
     "Keep it dense" (method ``None``) is one of them unless a cheaper rank is already exact.
-    ``halves``: statistics of two halves of the data, to score ``svd`` ranks held out.
+    ``halves``: statistics of two halves of the data, to score ranks held out; each factor
+    variant of a method (``Method.data_variants``) is one more set of options.
     """
     geom = info.geometry
     dense = _Option(float(geom.dense_params if by == "params" else geom.dense_flops), 0.0, None, None,
                     geom.dense_params, geom.dense_flops)
-    opts = [dense]
+    scored: list[tuple[bool, _Option]] = []
     for m in methods:
         if m not in info.max_rank:
             continue
-        t: Tradeoff | None = tradeoff(module, m, info.name, geom, stats=stats)
-        if t is None:
-            continue
-        cost = t.params if by == "params" else t.flops
-        losses = np.asarray(t.errors, dtype=np.float64) ** 2
-        if halves is not None:
-            a, b = halves
-            if heldout == "auto" and stats is not None and stats.count >= HELDOUT_ROWS * stats.patch.shape[-1]:
-                pass  # plenty of rows: the in-sample score is reliable
-            else:
-                method = get_method(m)
-                ab, ba = method.heldout_errors(module, a, b), method.heldout_errors(module, b, a)
-                if ab is not None and ba is not None:
-                    losses = 0.5 * (np.asarray(ab) ** 2 + np.asarray(ba) ** 2)
-        for i, rank in enumerate(t.ranks):
-            c = float(cost[i])
-            if c >= dense.cost:
-                continue
-            opts.append(_Option(c, float(losses[i]), m, rank, int(t.params[i]),
-                                None if t.flops is None else int(t.flops[i])))
+        method = get_method(m)
+        curve = lambda st, m=m: tradeoff(module, m, info.name, geom, stats=st)  # noqa: E731
+        for options, t, losses, held in candidate_losses(method, module, geom, curve, stats, halves, heldout,
+                                                         allocation, variants):
+            cost = t.params if by == "params" else t.flops
+            for i, rank in enumerate(t.ranks):
+                c = float(cost[i])
+                if c >= dense.cost:
+                    continue
+                scored.append((held, _Option(c, float(losses[i]), m, rank, int(t.params[i]),
+                                             None if t.flops is None else int(t.flops[i]), options or None)))
+    # in-sample scores flatter the factors (they fit the data they are scored on): where some
+    # method's options are scored held out, only those compete
+    any_held = any(h for h, _ in scored)
+    opts = [dense] + [o for h, o in scored if h or not any_held]
     opts.sort(key=lambda o: (o.cost, o.loss))
     pareto: list[_Option] = []
     for o in opts:
         if not pareto or o.loss < pareto[-1].loss - 1e-15:
             pareto.append(o)
     return pareto
-
-
-def _halves(batches: list) -> tuple[list, list] | None:
-    """Two halves of the calibration data: alternate batches, or the rows of a single batch
-    (a tensor, or a dict of keyword tensors); ``None`` when it cannot be split."""
-    if len(batches) >= 2:
-        return batches[0::2], batches[1::2]
-    if len(batches) != 1:
-        return None
-    b = split_batch(batches[0])
-    n = b.size
-    if n < 2:
-        return None
-    if len(b.args) == 1 and not b.kwargs:
-        x = b.args[0]
-        return [x[: n // 2]], [x[n // 2:]]
-    if b.kwargs and not b.args:
-        def rows(sl: slice) -> dict:
-            return {k: v[sl] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == n else v
-                    for k, v in b.kwargs.items()}
-
-        return [rows(slice(0, n // 2))], [rows(slice(n // 2, n))]
-    return None
 
 
 def _allocate(menus: list[list[_Option]], budget: float, floor: float, bins: int) -> list[int]:
@@ -181,6 +158,11 @@ def plan_for_budget(
     tolerance: float = 0.02,
     heldout: bool | str = "auto",
     progress: Any = False,
+    stats: Any = None,
+    allocation: str = "layer",
+    variants: Any = "auto",
+    probes: int = DEFAULT_PROBES,
+    measure: bool | str = "auto",
 ) -> Plan:
     """A plan keeping about ``keep`` of the model's parameters (or FLOPs), losing as little as possible.
 
@@ -199,13 +181,36 @@ def plan_for_budget(
         factorization.
     data : iterable of batches, optional
         Use the layers' output errors on this data (whitened spectra) instead of weight errors.
+        Its statistics are gathered in one pass (:func:`tensorscope.collect_stats`).
+    stats : Calibration, optional
+        Statistics already gathered by :func:`tensorscope.collect_stats` (instead of
+        ``data``): plan many budgets, then ``compress(model, plan, stats=stats)``, from one
+        pass over the data. With ``allocation="output"`` they must hold gradients.
+    allocation : "layer" or "output"
+        What the planner minimises: the sum of the layers' own squared relative errors
+        (``"layer"``, default), or the estimated loss of the network's output (``"output"``,
+        needs data: the input and output-gradient moments of every layer, Fisher/K-FAC; see
+        :mod:`tensorscope.allocation` for the rule and what it follows).
+    variants : "auto" or list of option dicts
+        With data and held-out scores: the factor variants scored per layer (``"auto"``:
+        each method's ``data_variants``, for ``svd`` whitened, shrunk and plain factors, and
+        with ``"output"`` output-weighted ones). The chosen variant's options are written in
+        the plan, so ``compress`` rebuilds the same factors.
+    probes : int
+        With ``allocation="output"`` and ``data``: output-gradient probes per sample.
+    measure : bool or "auto"
+        Check the estimates end to end: each layer's option (the chosen one, or one that
+        halves it) is built from one half of the data and the network's output loss measured
+        on the other half; each layer's curve is rescaled by measured / estimated and the
+        budget allocated again (:func:`tensorscope.allocation.measured_scales`). ``"auto"``
+        (default): with ``allocation="output"`` and ``data``.
     heldout : bool or "auto"
-        With ``data``: score each ``svd`` rank on the half of the batches its factors were not
-        fitted to (both ways, averaged), not on the data it fits. In-sample scores flatter
-        wide layers with few calibration samples, which then take the damage. ``"auto"``
-        (default) does it for the layers that saw fewer than ``4 x`` as many input rows as
-        they have inputs, where in-sample scores are known to mislead; with plenty of rows
-        both agree and the in-sample score is the less noisy one.
+        With ``data``: score each rank on the half of the data its factors were not fitted to
+        (both ways, averaged), not on the data it fits. In-sample scores flatter wide layers
+        with few calibration samples, which then take the damage. ``"auto"`` (default) does it
+        for ``allocation="output"``, and for ``"layer"`` on the layers that saw fewer than
+        ``4 x`` as many input rows as they have inputs, where in-sample scores are known to
+        mislead; with plenty of rows both agree and the in-sample score is the less noisy one.
     example_input : optional
         Needed for ``by="flops"`` (the first batch of ``data`` is used otherwise).
     layers : names, optional
@@ -227,9 +232,16 @@ def plan_for_budget(
         raise BudgetError(
             f"method(s) {no_curve} have no cheap error curve: each of their ranks needs its own factorization, so "
             f"the budget planner cannot price them; plan with {planner_methods()} (or set their ranks by hand)")
+    if allocation not in ALLOCATIONS:
+        raise BudgetError(f"allocation must be one of {ALLOCATIONS}; got {allocation!r}")
+    if heldout not in (True, False, "auto"):
+        raise BudgetError(f'heldout must be True, False or "auto"; got {heldout!r}')
+    variants = as_options(variants)
+    if stats is not None and not isinstance(stats, Mapping):
+        raise BudgetError(f"stats= must map layer names to LayerStats (ts.collect_stats); got {type(stats).__name__}")
     source = None
     if isinstance(model, ON_DISK):
-        if data is not None or by != "params":
+        if data is not None or stats is not None or by != "params":
             raise BudgetError('a model on disk is planned from its weights alone: by="params", without data= '
                               "(load it in memory for data-aware or FLOPs budgets)")
         source = open_source(model)
@@ -238,6 +250,9 @@ def plan_for_budget(
         data = list(iter_batches(data))  # read once: a generator would be spent by the first pass
         if example_input is None:
             example_input = data[0] if data else None
+    if allocation == "output" and data is None and stats is None:
+        raise BudgetError('allocation="output" estimates what the network\'s output loses: it needs data= '
+                          "(calibration batches) or stats= (ts.collect_stats(..., gradients=True))")
     if by == "flops" and example_input is None:
         raise BudgetError('a FLOPs budget needs an example input: pass example_input= (or data=)')
     infos = inspect(model, example_input)
@@ -246,26 +261,39 @@ def plan_for_budget(
         infos = [i for i in infos if i.name in wanted]
     if by == "flops":  # a layer the example input never reaches costs no FLOPs
         infos = [i for i in infos if i.geometry.dense_flops is not None]
+    # layers no planned method can make smaller (depthwise convs) stay dense: no statistics for them
+    infos = [i for i in infos if _can_shrink(i, methods)]
     total = count_params(model) if by == "params" else count_flops(model, example_input)
     if keep >= 1.0:
         return Plan()
-    stats = halves = None
-    if data is not None:
-        names_ = [i.name for i in infos]
-        stats = collect_stats(model, data, names_, progress=progress)
-        if heldout not in (True, False, "auto"):
-            raise BudgetError(f'heldout must be True, False or "auto"; got {heldout!r}')
-        parts = _halves(data) if heldout else None
-        if parts is not None:
-            halves = (collect_stats(model, parts[0], names_), collect_stats(model, parts[1], names_))
+    names_ = [i.name for i in infos]
+    if data is not None and stats is None:
+        stats = collect_stats(model, data, names_, halves=heldout is not False, gradients=allocation == "output",
+                              probes=probes, progress=progress)
+    halves = None
+    if stats is not None:
+        missing = [n for n in names_ if n not in stats]
+        if missing:
+            raise BudgetError(f"stats= has no statistics of layer(s) {missing[:5]}; collect them for every layer "
+                              "to plan (or restrict layers=)")
+        if allocation == "output" and any(getattr(stats[n], "grad", None) is None for n in names_):
+            raise BudgetError('allocation="output" needs output-gradient moments: '
+                              "ts.collect_stats(model, data, gradients=True)")
+        if heldout is not False and isinstance(stats, Calibration) and stats.has_halves:
+            halves = True
+        if heldout is True and halves is None:
+            warnings.warn("heldout=True but the statistics have no halves (one sample, or collected with "
+                          "halves=False): ranks are scored on the data the factors fit", stacklevel=2)
     modules = source.loader() if source is not None else dict(model.named_modules())  # on disk: read when asked
     menus: dict[str, list[_Option]] = {}
     with Progress(progress, total=len(infos), desc="planning") as bar:
-        for info in infos:
+        for k, info in enumerate(infos):
             bar.set_message(info.name)
             n = info.name
-            menus[n] = _menu(info, modules[n], methods, by, stats.get(n) if stats else None,
-                             (halves[0][n], halves[1][n]) if halves else None, heldout)
+            menus[n] = _menu(info, modules[n], methods, by, stats[n] if stats is not None else None,
+                             stats.half(n) if halves else None, heldout, allocation, variants)
+            if halves and (k + 1 == len(infos) or stats.get(infos[k + 1].name) is not stats[n]):
+                stats.release(n)  # the halves' factors: not needed again, and as large as the layer
             bar.update(1)
     names = list(menus)
     # not the menus' last options: on rank-deficient weights a low rank is as exact as dense
@@ -286,19 +314,78 @@ def plan_for_budget(
     # enough cost resolution that rounding every layer up loses under a quarter of the tolerance
     bins = int(min(_MAX_BINS, max(2000, np.ceil(4 * len(names) / max(tolerance, 1e-3)))))
     floor = max(target * (1 - tolerance) - fixed, 0.0)
-    picks = _allocate([menus[n] for n in names], budget, floor, bins) if budget > 0 else [0] * len(names)
-    chosen = dict(zip(names, picks))
-    spent = fixed + sum(menus[n][chosen[n]].cost for n in names)
-    spent = _fill(menus, chosen, spent, max(target, smallest))
+
+    def allocate() -> dict[str, int]:
+        picks = _allocate([menus[n] for n in names], budget, floor, bins) if budget > 0 else [0] * len(names)
+        chosen = dict(zip(names, picks))
+        spent = fixed + sum(menus[n][chosen[n]].cost for n in names)
+        _fill(menus, chosen, spent, max(target, smallest))
+        return chosen
+
+    chosen = allocate()
+    if measure == "auto":
+        measure = allocation == "output" and data is not None and halves is not None
+    if measure and allocation != "output":
+        raise BudgetError('measure=True rescales estimates of the output loss: it needs allocation="output"')
+    if measure:
+        parts = split_halves(data) if data is not None else None
+        if parts is None or not halves:
+            raise BudgetError("measure=True checks the estimates end to end on held-out calibration data: pass "
+                              "data= (at least two samples) with statistics that have halves")
+        probes = {}
+        for n in names:
+            menu, o = menus[n], menus[n][chosen[n]]
+            if o.method is None:  # dense: check the option that halves the layer
+                cand = [x for x in menu if x.method is not None]
+                if not cand:
+                    continue
+                dense_cost = next((x.cost for x in menu if x.method is None), menu[-1].cost)
+                o = min(cand, key=lambda x: abs(x.cost - 0.5 * dense_cost))
+            probes[n] = o
+        scales = measured_scales(model, modules, stats, parts, probes, progress)
+        for n, k in scales.items():
+            for o in menus[n]:
+                o.loss *= k
+        chosen = allocate()
     plan_layers = {}
     for n, i in chosen.items():
         o = menus[n][i]
         if o.method is not None:
-            plan_layers[n] = {"method": o.method, "rank": list(o.rank) if isinstance(o.rank, tuple) else int(o.rank)}
+            plan_layers[n] = {"method": o.method, "rank": list(o.rank) if isinstance(o.rank, tuple) else int(o.rank),
+                              **(o.options or {})}
     return Plan(plan_layers)
 
 
 _MAX_BINS = 20000
+
+
+def plannable_layers(model: nn.Module, methods: Sequence[str] | str = "auto", by: str = "params",
+                     example_input: Any = None) -> list[str]:
+    """The layers :func:`plan_for_budget` would plan: what to gather statistics of
+    (``collect_stats(model, data, plannable_layers(model))``) before planning with ``stats=``."""
+    if methods == "auto":
+        methods = planner_methods()
+    if isinstance(methods, str):
+        methods = (methods,)
+    infos = inspect(model, example_input)
+    if by == "flops":
+        infos = [i for i in infos if i.geometry.dense_flops is not None]
+    return [i.name for i in infos if _can_shrink(i, methods)]
+
+
+def _can_shrink(info: LayerInfo, methods: Sequence[str]) -> bool:
+    """Whether some method's smallest rank gives ``info``'s layer fewer parameters than dense."""
+    for m in methods:
+        if m not in info.max_rank:
+            continue
+        method = get_method(m)
+        try:
+            low = method.rank_from_axes(info.geometry, [ax.low for ax in method.rank_axes(info.geometry)])
+            if method.count_params(info.geometry, low) < info.geometry.dense_params:
+                return True
+        except Exception:  # noqa: BLE001 - a method that cannot say: let the planner price it
+            return True
+    return False
 
 
 def _fill(menus: dict[str, list[_Option]], chosen: dict[str, int], spent: float, limit: float) -> float:

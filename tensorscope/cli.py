@@ -286,13 +286,34 @@ def cmd_compress(args: argparse.Namespace) -> int:
     if args.iterative is not None:
         small, plan = _compress_iterative(args, loaded, data)
     else:
+        methods = args.methods if args.methods == "auto" else args.methods.split(",")
+        stats = None
+        if args.allocation == "output" and data is None:
+            raise TensorscopeError("--allocation output estimates what the network's output loses: pass --data FILE")
+        if args.correct and data is None:
+            raise TensorscopeError("--correct refits layers on the compressed network's inputs: pass --data FILE")
         if args.plan is not None:
             plan = Plan.load(args.plan)
             plan.validate(model)  # every error before any work
         else:
-            plan = plan_for_budget(model, args.keep, by=args.by, methods=args.methods if args.methods == "auto" else args.methods.split(","), data=data,
-                                   example_input=example, progress=not args.quiet)
-        small = compress(model, plan, data=data, fold_bn=args.fold_bn, progress=not args.quiet)
+            if data is not None and not args.fold_bn:  # one pass of statistics for the plan and the factors
+                from .budget import plannable_layers
+                from .calibration import collect_stats
+
+                stats = collect_stats(model, data, plannable_layers(model, methods, args.by, example),
+                                      gradients=args.allocation == "output", progress=not args.quiet)
+            plan = plan_for_budget(model, args.keep, by=args.by, methods=methods, data=None if stats else data,
+                                   stats=stats, example_input=example, allocation=args.allocation,
+                                   progress=not args.quiet)
+        if stats is not None:
+            small = compress(model, plan, stats=stats, progress=not args.quiet)
+            if args.correct:
+                from .correction import correct
+
+                small = correct(small, model, data, stats=stats, progress=not args.quiet)
+        else:
+            small = compress(model, plan, data=data, fold_bn=args.fold_bn, correct=args.correct,
+                             progress=not args.quiet)
     if args.finetune and args.iterative is None:
         from .recovery import finetune
 
@@ -506,6 +527,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default="auto",
                    help="methods the budget planner may use, comma-separated (default: all with a cheap error curve)")
     p.add_argument("--data", help="calibration data (.pt/.npz): data-aware factors and budget")
+    p.add_argument("--allocation", choices=["layer", "output"], default="layer",
+                   help="with --keep and --data: minimise the layers' own errors (layer) or the estimated loss "
+                        "of the network's output (output: Fisher/K-FAC, held out; see tensorscope.allocation)")
+    p.add_argument("--correct", action="store_true",
+                   help="with --data: refit each compressed layer to the compressed network's own inputs")
     p.add_argument("--eval", help="evaluation data (.pt/.npz); default: a built-in example's test split")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--finetune", type=int, default=None, metavar="STEPS",

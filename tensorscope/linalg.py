@@ -190,11 +190,81 @@ def whitened_svd(layer: nn.Module, stats: Any):
     if key not in stats._memo:
         L = stats.whitener("patch")
         m = grouped_matrix(layer) @ L
-        u, s, vh = torch.linalg.svd(m, full_matrices=False)
+        u, s, vh = gram_svd(m)
         # vh @ L^{-1}: solve L^T X^T = vh^T
         back = torch.linalg.solve_triangular(L.transpose(-1, -2), vh.transpose(-1, -2), upper=True).transpose(-1, -2)
         stats._memo[key] = (u, s, back)
     return stats._memo[key]
+
+
+def gram_svd(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD ``(U, S, Vh)`` of ``m`` (batched, float64) from the eigendecomposition of its
+    smaller Gram matrix: 2-4x faster than LAPACK's SVD on the planner's wide matrices.
+
+    The leading vectors (what truncations keep) are as accurate as the SVD's; those of
+    singular values near ``sqrt(eps) * S[0]`` are not, but ``U diag(S) Vh`` still equals
+    ``m`` to float precision (the other side is ``U^T m / S``), so every truncation's error
+    computed from these factors is the error of the factors built.
+    """
+    m = m.to(torch.float64)
+    o, n = m.shape[-2:]
+    if o <= n:
+        vals, u = gram_eig(m)
+        s = vals.sqrt()
+        vh = (u.transpose(-1, -2) @ m) / torch.where(s > 0, s, torch.ones_like(s))[..., None]
+        return u, s, vh
+    vals, v = gram_eig(m.transpose(-1, -2))
+    s = vals.sqrt()
+    u = (m @ v) / torch.where(s > 0, s, torch.ones_like(s))[..., None, :]
+    return u, s, v.transpose(-1, -2)
+
+
+def weighted_svd(layer: nn.Module, stats: Any, fisher: float | None = None):
+    """:func:`whitened_svd`, and with ``fisher`` also weighted on the output side: the SVD of
+    ``R^T W L`` with ``R R^T`` the layer's output-gradient moment shrunk by ``fisher``
+    (``stats.output_whitener``), returned as ``(R^{-T} U, S, V^T L^{-1})``.
+
+    Truncating it minimises ``tr(G (W - W_r) C (W - W_r)^T)``, the Kronecker-factored
+    (K-FAC) estimate of what the network's output loss gains from the layer's error, where
+    the whitened SVD minimises the layer's own output error (``G = I``). ``fisher = 1``
+    weighs every output alike (up to scale): the whitened SVD.
+    """
+    if fisher is None or getattr(stats, "grad", None) is None:
+        return whitened_svd(layer, stats)
+    key = ("svd2", fingerprint(layer.weight), stats.ridge, float(fisher))
+    if key not in stats._memo:
+        L = stats.whitener("patch")
+        R = stats.output_whitener(float(fisher))
+        m = R.transpose(-1, -2) @ grouped_matrix(layer) @ L
+        u, s, vh = gram_svd(m)
+        front = torch.linalg.solve_triangular(R.transpose(-1, -2), u, upper=True)  # R^{-T} U
+        back = torch.linalg.solve_triangular(L.transpose(-1, -2), vh.transpose(-1, -2), upper=True).transpose(-1, -2)
+        stats._memo[key] = (front, s, back)
+    return stats._memo[key]
+
+
+def truncation_losses(front: torch.Tensor, s: torch.Tensor, back: torch.Tensor, c: torch.Tensor,
+                      g: torch.Tensor | None = None) -> tuple[np.ndarray, float]:
+    """``tr(G (W - W_r) C (W - W_r)^T)`` summed over groups for every rank ``r = 1..k``, and the
+    same for ``W`` itself (``r = 0``), from a complete factorization ``W = front diag(s) back``.
+
+    ``front`` ``(g, o, k)``, ``s`` ``(g, k)``, ``back`` ``(g, k, n)`` with ``k = min(o, n)``
+    (what :func:`weighted_svd` returns, fitted on any statistics); ``c`` ``(g, n, n)`` and
+    ``g`` ``(g, o, o)`` the moments of the data to score on (``g=None``: the identity).
+    With ``P_ij = (a_i^T G a_j)(b_i^T C b_j)`` for the columns ``a_i`` of ``front`` and the
+    rows ``b_i`` of ``diag(s) back``, the loss at rank ``r`` is the sum of ``P`` outside its
+    leading ``r x r`` block: one ``k x k`` matrix prices every rank, without forming ``W_r``.
+    """
+    bs = s[..., None] * back  # (g, k, n)
+    cb = c @ bs.transpose(-1, -2)  # (g, n, k)
+    ga = front if g is None else g @ front  # (g, o, k)
+    pm = (front.transpose(-1, -2) @ ga) * (bs @ cb)  # (g, k, k)
+    pm = pm.sum(0)  # the groups' losses add up
+    total = float(pm.sum())
+    rows = pm.sum(-1)
+    inner = torch.diagonal(pm) + 2 * torch.tril(pm, -1).sum(-1)
+    err = total - 2 * torch.cumsum(rows, 0) + torch.cumsum(inner, 0)
+    return np.clip(err.numpy(), 0.0, None), max(total, 0.0)
 
 
 def unfolding_values(layer: nn.Module, unfolding: str = "out", stats: Any = None) -> tuple[np.ndarray, tuple[int, int]]:

@@ -84,6 +84,8 @@ def finetune(
     eval_every: int = 25,
     patience: int = 4,
     progress: Any = False,
+    dropout: bool = False,
+    trainable: str = "all",
 ) -> nn.Module:
     """Train a copy of ``model`` briefly and return it (``model`` itself is not modified).
 
@@ -93,6 +95,11 @@ def finetune(
     ``val_data`` (default: the last batch of ``data``, held out from training) is checked,
     and training stops after ``patience`` checks without improvement, restoring the best.
     BatchNorm statistics stay fixed.
+
+    The student trains in eval mode: dropout and drop-connect stay off (``dropout=True``
+    turns them on), since with few calibration samples their noise costs more than it
+    regularises. ``trainable="factors"`` trains only the factorized layers' parameters (the
+    rest of the network stays the teacher's), fewer parameters to overfit few samples with.
 
     The default ``lr`` is small on purpose: a compressed model starts close to its teacher,
     and Adam at 1e-3 first moves it away (measured on both built-in networks: the held-out
@@ -109,16 +116,23 @@ def finetune(
         val_batches = list(iter_batches(val_data)) if val_data is not None else batches[-1:]
     if teacher is None and split_batch(train_batches[0]).target is None:
         raise DataError("finetune needs labels in the batches or a teacher model to distil from")
+    if trainable not in ("all", "factors"):
+        raise ValueError(f'trainable must be "all" or "factors"; got {trainable!r}')
     student = copy.deepcopy(model)
-    student.train()
-    _frozen_norm_layers(student)
+    _train_mode(student, dropout)
     if teacher is not None:
         teacher.eval()
+    if trainable == "factors":
+        keep = {id(p) for m in student.modules() if isinstance(m, FactorizedLayer) for p in m.parameters()}
+        if not keep:
+            raise DataError('finetune(trainable="factors") found no factorized layer in the model')
+        frozen = [p for p in student.parameters() if id(p) not in keep and p.requires_grad]
+        for p in frozen:
+            p.requires_grad_(False)
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     best = _held_out_loss(student.eval(), teacher, val_batches, temperature, label_weight)
-    student.train()
-    _frozen_norm_layers(student)
+    _train_mode(student, dropout)
     best_state = initial_state = copy.deepcopy(student.state_dict())
     since_best = 0
     step = 0
@@ -139,8 +153,7 @@ def finetune(
             bar.update(1)
             if step % eval_every == 0 or step == steps:
                 val = _held_out_loss(student.eval(), teacher, val_batches, temperature, label_weight)
-                student.train()
-                _frozen_norm_layers(student)
+                _train_mode(student, dropout)
                 if val < best - 1e-6:
                     best, since_best = val, 0
                     best_state = copy.deepcopy(student.state_dict())
@@ -153,7 +166,20 @@ def finetune(
             f"fine-tuning did not improve the held-out loss in {step} steps (lr={lr:g}); the starting "
             "weights are returned. Try a smaller lr, more steps or more data.", stacklevel=2)
     student.load_state_dict(best_state)
+    if trainable == "factors":
+        for p in frozen:
+            p.requires_grad_(True)
     return student.eval()
+
+
+def _train_mode(model: nn.Module, dropout: bool) -> None:
+    """Training mode for :func:`finetune`: eval mode (no dropout, no drop-connect, fixed
+    normalisation statistics) unless ``dropout``; then train mode with normalisation fixed."""
+    if dropout:
+        model.train()
+        _frozen_norm_layers(model)
+    else:
+        model.eval()
 
 
 # ---- layer-wise refinement ----------------------------------------------------------------

@@ -104,6 +104,7 @@ def compress(
     max_batches: int | None = None,
     progress: bool | Callable[[float, str], None] = False,
     stats: Mapping[str, Any] | None = None,
+    correct: bool = False,
     out: str | os.PathLike | None = None,
     **on_disk: Any,
 ) -> nn.Module:
@@ -131,7 +132,13 @@ def compress(
         A tqdm bar, or ``callable(fraction, message)``.
     stats : dict, optional
         Statistics already collected by :func:`tensorscope.collect_stats` (instead of ``data``),
-        e.g. the ones the explorer's preview used, so both build the same factors.
+        e.g. the ones the explorer's preview used or ``plan_for_budget`` planned with, so both
+        build the same factors and nothing is gathered twice. Plan entries with output
+        weighting (``svd``'s ``fisher``) need them gathered with ``gradients=True`` (with
+        ``data=`` that happens here).
+    correct : bool
+        With ``data``: refit each factorized layer, in network order, to the inputs the
+        compressed network gives it (:func:`tensorscope.correct`, closed form, one pass).
     """
     if isinstance(model, ON_DISK):
         if out is None:
@@ -154,10 +161,21 @@ def compress(
     _refuse_unfactorizable(resolved)
     for r in resolved:  # refuse NaN/Inf before spending time on anything
         check_finite(r.module, r.name)
-    if data is not None and stats is not None:
+    if data is not None and stats is not None and not correct:
         raise TypeError("compress takes data= or stats=, not both")
-    if data is not None and resolved:
-        stats = collect_stats(new, data, [r.name for r in resolved], max_batches=max_batches, progress=progress)
+    if correct and data is None:
+        raise TypeError("compress(correct=True) refits layers on the compressed network's inputs: pass data=")
+    wants_grads = [r.name for r in resolved if r.method.needs_gradients(r.options)]
+    if data is not None and stats is None and resolved:
+        stats = collect_stats(new, data, [r.name for r in resolved], max_batches=max_batches, progress=progress,
+                              halves=False, gradients=bool(wants_grads))
+    elif stats is not None and wants_grads:
+        lacking = [n for n in wants_grads if n in stats and getattr(stats[n], "grad", None) is None]
+        if lacking:
+            raise PlanError(f"layer {lacking[0]!r}: its plan entry weighs outputs (fisher) but stats= holds no "
+                            "output-gradient moments; collect them with ts.collect_stats(..., gradients=True)")
+    if stats is not None:
+        _warn_few_rows(resolved, stats)
     bar = Progress(progress, total=len(resolved), desc="decomposing")
     try:
         for r in resolved:
@@ -168,7 +186,33 @@ def compress(
         bar.close()
     object.__setattr__(new, PLAN_ATTR, plan)
     object.__setattr__(new, FOLD_ATTR, bool(fold_bn))
+    if correct and resolved:
+        from .correction import correct as _correct
+
+        ref = model
+        if fold_bn:  # the reference the chains were made from: the folded original
+            ref = copy.deepcopy(model)
+            fold_batchnorm(ref)
+        new = _correct(new, ref, data, stats=stats, max_batches=max_batches, progress=progress)
     return new
+
+
+def _warn_few_rows(resolved: list[ResolvedLayer], stats: Mapping[str, Any]) -> None:
+    """Warn when whitened factors are fitted on fewer input rows than the layer has inputs and
+    the plan did not choose them on held-out data (no ``shrinkage`` option): they fit those
+    rows and may generalise worse than plain factors."""
+    few = []
+    for r in resolved:
+        st = stats.get(r.name)
+        if st is None or not r.method.uses_data or "shrinkage" in r.options or not hasattr(st, "patch"):
+            continue
+        if st.count < st.patch.shape[-1]:
+            few.append(f"{r.name} ({st.count} rows, {st.patch.shape[-1]} inputs)")
+    if few:
+        warnings.warn(f"data-aware factors of {', '.join(few[:3])}{' ...' if len(few) > 3 else ''} are fitted on "
+                      "fewer input rows than inputs: on other data they can be worse than plain factors. Plan with "
+                      "data (plan_for_budget chooses whitened, shrunk or plain factors per layer on held-out data) "
+                      "or give these entries a shrinkage option (1.0: plain)", stacklevel=3)
 
 
 def _refuse_unfactorizable(resolved: list[ResolvedLayer]) -> None:

@@ -16,7 +16,9 @@ method, never its name:
   ``uses_data`` (calibration statistics change its factors);
 - work: ``factorize``, ``build``, ``empty_factors``, ``reconstruct``, ``tradeoff``,
   ``cheap_error``, ``heldout_errors``, and ``recompress`` where ``core_recompression``;
-  ``factorize_refusal`` (an entry only ``tensorize`` builds, never ``compress``).
+  ``factorize_refusal`` (an entry only ``tensorize`` builds, never ``compress``);
+- with data: ``heldout_losses`` (held-out scores, also of the network's output loss),
+  ``data_variants`` (option sets the planner chooses between per layer), ``needs_gradients``.
 
 Counting functions take a :class:`LayerGeometry` and a rank only: the planner and the
 explorer price thousands of candidate ranks without building (or factorizing) anything.
@@ -420,6 +422,36 @@ class Method(abc.ABC):
     def heldout_errors(self, layer: nn.Module, fit: Any, check: Any) -> np.ndarray | None:
         """Relative output error on ``check``'s data of factors fitted on ``fit``'s, at every
         rank of the curve (None when the method cannot score held out)."""
+        return None
+
+    def heldout_losses(self, layer: nn.Module, fit: Any, check: Any, options: Mapping[str, Any] | None = None,
+                       *, output: bool = False) -> tuple[np.ndarray, float] | None:
+        """Squared error on ``check``'s data of factors fitted on ``fit``'s (with ``options``) at
+        every rank of :meth:`tradeoff`'s curve, and the same for a zero weight.
+
+        ``output=False``: the layer's own output error. ``output=True``: the estimated loss of
+        the network's output per sample (``check`` holds output-gradient moments, see
+        :mod:`tensorscope.allocation`). None when the method cannot score this way; the
+        planner then scales the in-sample curve.
+        """
+        return None
+
+    def data_variants(self, geom: LayerGeometry, output: bool = False) -> list[dict[str, Any]]:
+        """Option sets the data-aware planner scores per layer (held out) and chooses between,
+        e.g. whitened, shrunk and plain factors. Default: the plain options only."""
+        return [{}]
+
+    def needs_gradients(self, options: Mapping[str, Any] | None = None) -> bool:
+        """Whether :meth:`factorize` with these options reads output-gradient moments."""
+        return False
+
+    def correct(self, layer: nn.Module, chain: nn.Module, fit: Any, cross: torch.Tensor, *,
+                options: Mapping[str, Any] | None = None, ridge: float = 0.1) -> nn.Module | None:
+        """A chain refitted to the inputs the compressed network gives the layer
+        (:func:`tensorscope.correct`): ``fit`` holds their moments (a ``LayerStats``, with the
+        layer's output-gradient moments when it had any), ``cross`` ``sum x x^T`` of the
+        original network's inputs against them per group, ``options`` the plan entry's.
+        Default: None, the chain stays as it is."""
         return None
 
     # ---- factorize and build ---------------------------------------------------------

@@ -17,6 +17,7 @@ convolutional networks for classification and detection", TPAMI 2015.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -25,31 +26,52 @@ from torch import nn
 
 from .. import linalg
 from ..layers import FactorizedLayer
-from .base import Factors, LayerGeometry, Method, RankAxis, Tradeoff, check_finite, resolve_int_rank
+from .base import Factors, LayerGeometry, Method, Option, RankAxis, Tradeoff, check_finite, resolve_int_rank
 from .registry import register_method
 
 
-def heldout_svd_errors(layer: nn.Module, fit, check) -> np.ndarray:
-    """Relative output error on ``check``'s data of the whitened SVD fitted on ``fit``'s, at every rank.
+def _options(options) -> tuple[float, float | None]:
+    o = dict(options or {})
+    return float(o.get("shrinkage", 0.0)), (None if o.get("fisher") is None else float(o["fisher"]))
+
+
+def _factors_for(layer: nn.Module, stats, options):
+    """``(front, s, back)`` with ``W = front diag(s) back``, fitted on ``stats`` with ``options``."""
+    shrink, fisher = _options(options)
+    st = stats.shrunk(shrink) if shrink else stats
+    return linalg.weighted_svd(layer, st, fisher)
+
+
+def heldout_svd_losses(layer: nn.Module, fit, check, options=None, output: bool = False) -> tuple[np.ndarray, float]:
+    """Squared error at every rank on ``check``'s data of the factors fitted on ``fit``'s.
+
+    ``output=False``: the layer's output error ``||(W - W_r) L||_F^2`` (``L L^T`` the mean
+    input moment of ``check``). ``output=True``: ``1/2 rows/samples tr(G (W - W_r) C (W -
+    W_r)^T)`` with ``G`` the mean output-gradient moment of ``check``, the K-FAC estimate of
+    the network's output loss per sample. Returns the curve and the same for ``W_r = 0``.
 
     The in-sample error of a whitened truncation (the tail of the whitened spectrum) is
     optimistic when the calibration set is small next to the layer's width: it fits those
     inputs and generalises worse. Scoring ranks on data the factors were not fitted to is
-    what lets a budget planner see which layers really suffer. With ``W_r = U_r S_r B_r`` the
-    factors from ``fit`` and ``L`` the whitener of ``check``, the orthonormal ``U`` makes the
-    squared error a cumulative sum over ranks, so all ranks cost one pass.
+    what lets a budget planner see which layers really suffer.
     """
-    u, s, back = linalg.whitened_svd(layer, fit)  # (g, o, k), (g, k), (g, k, n)
-    L = check.whitener("patch")
-    wl = linalg.grouped_matrix(layer) @ L  # (g, o, n)
-    z = back @ L  # (g, k, n)
-    total = float((wl ** 2).sum())
-    if total <= 0:
-        return np.zeros(s.shape[1])
-    cross = (torch.einsum("gok,gon,gkn->gk", u, wl, z) * s).sum(0)
-    sq = ((s ** 2) * (z ** 2).sum(-1)).sum(0)
-    err2 = total - 2 * torch.cumsum(cross, 0) + torch.cumsum(sq, 0)
-    return np.sqrt(np.clip(err2.numpy() / total, 0.0, None))
+    front, s, back = _factors_for(layer, fit, options)
+    c = check.ridged_moment("patch")
+    g = None
+    scale = 1.0
+    if output:
+        g = check.grad_moment()
+        if g is None:
+            raise ValueError("output losses need statistics gathered with gradients=True")
+        scale = 0.5 * check.count / max(check.samples, 1)
+    err, total = linalg.truncation_losses(front, s, back, c, g)
+    return err * scale, total * scale
+
+
+def heldout_svd_errors(layer: nn.Module, fit, check) -> np.ndarray:
+    """Relative output error on ``check``'s data of the whitened SVD fitted on ``fit``'s, at every rank."""
+    err, total = heldout_svd_losses(layer, fit, check)
+    return np.sqrt(err / total) if total > 0 else np.zeros_like(err)
 
 
 def _tail_errors(grouped: np.ndarray) -> np.ndarray:
@@ -68,6 +90,21 @@ class SVD(Method):
     error_curve = True
     cheap_error_is_exact = True
     uses_data = True
+    option_specs = {
+        "shrinkage": Option("float", 0.0, 1.0, "with data: shrink the input moment toward a multiple of the identity "
+                            "(0: whitened SVD, 1: plain SVD)"),
+        "fisher": Option("float", 0.0, 1.0, "with data gathered with gradients: weigh outputs by the output-gradient "
+                         "moment shrunk by this much (K-FAC; 1: every output alike)"),
+    }
+
+    def data_variants(self, geom: LayerGeometry, output: bool = False) -> list[dict]:
+        """Whitened, shrunk and plain factors (and with gradients, output-weighted ones)."""
+        if not output:  # plain factors cost nothing more (their whitener is a multiple of I)
+            return [{"shrinkage": 0.0}, {"shrinkage": 1.0}]
+        return [{"shrinkage": 0.0, "fisher": 0.1}, {"shrinkage": 1.0, "fisher": 0.1}]
+
+    def needs_gradients(self, options=None) -> bool:
+        return (options or {}).get("fisher") is not None
 
     def rank_axes(self, geom: LayerGeometry, options=None) -> tuple[RankAxis, ...]:
         mx = self.max_rank(geom)
@@ -103,16 +140,49 @@ class SVD(Method):
         return Tradeoff(name, self.name, ranks, params, errs, flops, geom.dense_params, geom.dense_flops)
 
     def cheap_error(self, layer: nn.Module, rank: int, stats=None, options=None) -> float:
+        shrink, fisher = _options(options)
+        if stats is not None and (shrink or fisher is not None):
+            # shrunk or output-weighted factors: their output error on the data, measured
+            err, total = heldout_svd_losses(layer, stats, stats, options)
+            return float(np.sqrt(err[int(rank) - 1] / total)) if total > 0 else 0.0
         grouped, _ = linalg.unfolding_values(layer, "out", stats)
         return float(_tail_errors(grouped)[int(rank) - 1])
 
     def heldout_errors(self, layer: nn.Module, fit, check) -> np.ndarray:
         return heldout_svd_errors(layer, fit, check)
 
+    def heldout_losses(self, layer: nn.Module, fit, check, options=None, *, output: bool = False):
+        return heldout_svd_losses(layer, fit, check, options, output)
+
+    def correct(self, layer: nn.Module, chain: nn.Module, fit, cross, *, options=None, ridge: float = 0.1):
+        """Reduced-rank ridge regression onto the compressed network's inputs (see
+        :mod:`tensorscope.correction`): ``A = W (X + l I)(C^ + l I)^{-1}``, then this method's
+        factors of ``A`` in the metric of ``C^ + l I`` (``fit`` shrunk by ``l / (1 + l)``, the
+        same up to scale) and the layer's output weighting, at the chain's rank."""
+        import copy
+
+        rows = fit.count
+        if rows <= 0 or not math.isfinite(ridge):
+            return None
+        w = linalg.grouped_matrix(layer)  # (g, o, n)
+        ch, cx = fit.patch / rows, cross / rows
+        lam = ridge * torch.diagonal(ch, dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30)  # (g,)
+        reg = ch.clone()
+        reg.diagonal(dim1=-2, dim2=-1).add_(lam[:, None])
+        rhs = cx.clone()
+        rhs.diagonal(dim1=-2, dim2=-1).add_(lam[:, None])
+        a = torch.linalg.solve(reg, (w @ rhs).transpose(-1, -2)).transpose(-1, -2)  # A reg = W rhs (reg symmetric)
+        fake = copy.deepcopy(layer)
+        fake.weight.data = a.reshape(layer.weight.shape).to(layer.weight.dtype)
+        opts = dict(options or {})
+        opts["shrinkage"] = ridge / (1.0 + ridge)  # the ridge above is this fit's shrinkage
+        factors = self.factorize(fake, int(chain.rank), opts, stats=fit)
+        return self.build(layer, factors)
+
     def factorize(self, layer: nn.Module, rank: int, options=None, *, stats=None, refine=True) -> Factors:
         check_finite(layer)
         if stats is not None:
-            u, s, vh = linalg.whitened_svd(layer, stats)
+            u, s, vh = _factors_for(layer, stats, options)
         else:
             u, s, vh = linalg.svd(layer)
         r = rank

@@ -71,6 +71,23 @@ def tucker2_retained(layer: nn.Module) -> np.ndarray:
     return factor_cache.get(key, compute).numpy()
 
 
+def whitened_tucker2_retained(layer: nn.Module, stats) -> np.ndarray:
+    """:func:`tucker2_retained` of the kernel with its input mode whitened by the channel
+    moment (``M = W x_in L^T``): the energy each rank pair's truncation keeps of the layer's
+    output on the calibration data, as far as the channel moment tells it (input patches
+    whose kernel offsets correlate make it approximate). Memoised in the statistics."""
+    key = ("tucker2-energy", fingerprint(layer.weight), stats.ridge)
+    if key not in stats._memo:
+        w = linalg.grouped_weight(layer).to(torch.float64)
+        m = torch.einsum("goikl,gij->gojkl", w, stats.whitener("channel"))
+        g, o, i = m.shape[:3]
+        u_out = linalg.gram_eig(m.reshape(g, o, -1))[1]
+        u_in = linalg.gram_eig(m.transpose(1, 2).reshape(g, i, -1))[1]
+        e = torch.einsum("goikl,goa,gib->gabkl", m, u_out, u_in).pow(2).sum(dim=(0, 3, 4))
+        stats._memo[key] = e.cumsum(0).cumsum(1).numpy()
+    return stats._memo[key]
+
+
 def whitened_tucker2(layer: nn.Conv2d, rank, stats, sweeps: int = 2) -> Factors:
     """Tucker-2 of ``W`` with its input mode whitened by the channel second moment.
 
@@ -111,13 +128,16 @@ class Tucker2(Method):
         )
 
     def tradeoff(self, layer: nn.Module, geom: LayerGeometry | None = None, stats=None, name: str = "") -> Tradeoff | None:
-        """Every rank pair's HOSVD error from one energy table (no curve with data: the
-        data-aware factors are refit per rank)."""
-        if stats is not None:
-            return None
+        """Every rank pair's HOSVD error from one energy table; with data, of the kernel
+        whitened on its input mode (:func:`whitened_tucker2_retained`: an estimate, since the
+        factors ``compress`` builds are refined and refit per rank)."""
         geom = geom or LayerGeometry.of(layer)
-        e = tucker2_retained(layer)
-        total = float(linalg.grouped_weight(layer).to(torch.float64).pow(2).sum())
+        if stats is not None:
+            e = whitened_tucker2_retained(layer, stats)
+            total = float(e[-1, -1])
+        else:
+            e = tucker2_retained(layer)
+            total = float(linalg.grouped_weight(layer).to(torch.float64).pow(2).sum())
         mo, mi = e.shape
         a, b = np.meshgrid(np.arange(1, mo + 1), np.arange(1, mi + 1), indexing="ij")
         a, b = a.reshape(-1), b.reshape(-1)
@@ -133,10 +153,9 @@ class Tucker2(Method):
         return Tradeoff(name, self.name, ranks, params, errs, flops, geom.dense_params, geom.dense_flops).pareto()
 
     def cheap_error(self, layer: nn.Module, rank, stats=None, options=None) -> float | None:
-        """The HOSVD truncation's error from the energy table (refined factors do a little better)."""
-        if stats is not None:
-            return None
-        e = tucker2_retained(layer)
+        """The HOSVD truncation's error from the energy table (refined factors do a little better;
+        with data, an estimate from the whitened table)."""
+        e = tucker2_retained(layer) if stats is None else whitened_tucker2_retained(layer, stats)
         total = float(e[-1, -1])  # the full core holds all of ||W||^2 (orthonormal bases)
         if total <= 0:
             return 0.0

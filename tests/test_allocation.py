@@ -1,0 +1,304 @@
+"""Allocation by what the network loses, shrunk statistics, one statistics pass, correction.
+
+Tiny networks only (the real ones are in bench/real_networks.py).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.testing import assert_close
+
+import tensorscope as ts
+from tensorscope import calibration
+from tensorscope.allocation import estimated_damage, measured_damage
+from tensorscope.calibration import collect_stats, ledoit_wolf
+from tensorscope.correction import correct
+from tensorscope.linalg import whitened_svd
+from tensorscope.methods import get_method
+
+
+def _tokens(n: int, t: int, d: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(d, d, generator=g, dtype=torch.float64) * torch.logspace(0, -1.5, d, dtype=torch.float64)
+    return torch.randn(n, t, d, generator=g, dtype=torch.float64) @ mix
+
+
+def test_output_estimate_equals_a_direct_computation_on_a_linear_network():
+    """On a linear network with exact probes, the K-FAC estimate of the output loss of one
+    truncated layer equals the loss measured end to end (no higher-order terms)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 12), nn.Linear(12, 5)).double()
+    x = _tokens(40, 3, 8)
+    data = [x[:20], x[20:]]
+    # 3 tokens x 5 outputs = 15 outputs per sample: 15 unit probes give the exact Gauss-Newton
+    stats = collect_stats(net, data, ["0", "1"], gradients=True, probes=15, ridge=0.0)
+    assert stats.loss == "mse" and stats.halves is not None
+    for layer, rank, options in (("0", 3, {"shrinkage": 0.0, "fisher": 0.1}), ("1", 2, {"shrinkage": 0.3}),
+                                 ("0", 4, {})):
+        plan = ts.Plan({layer: {"method": "svd", "rank": rank, **options}})
+        est = estimated_damage(net, plan, stats)[layer]
+        small = ts.compress(net, plan, stats=stats)
+        got = measured_damage(net, small, data)
+        assert est == pytest.approx(got, rel=1e-6), (layer, rank, options)
+        # held out: factors from one half, scored on the other half's moments and data
+        a, b = stats.halves
+        est_ab = estimated_damage(net, plan, a, b)[layer]
+        got_ab = measured_damage(net, ts.compress(net, plan, stats=a), [x[20:]])
+        assert est_ab == pytest.approx(got_ab, rel=1e-6)
+    # the planner's own check finds measured / estimated = 1 on every layer
+    from tensorscope.allocation import measured_scales, split_halves
+    from tensorscope.budget import _Option
+
+    opts = {n: _Option(0.0, 0.0, "svd", 2, 0, None, {"shrinkage": 0.0, "fisher": 0.1}) for n in ("0", "1")}
+    scales = measured_scales(net, dict(net.named_modules()), stats, split_halves(data), opts)
+    assert scales == {"0": pytest.approx(1.0, rel=1e-6), "1": pytest.approx(1.0, rel=1e-6)}
+
+
+def test_output_estimate_follows_measured_damage_on_a_classifier():
+    """Class scores: the Fisher of the softmax (exact with one probe per class). Truncating
+    the last layer, the second-order estimate of the KL divergence is close to the measured one."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(10, 32), nn.Tanh(), nn.Linear(32, 6)).double()
+    with torch.no_grad():
+        net[2].weight.mul_(0.3)
+    x = torch.randn(200, 10, dtype=torch.float64)
+    stats = collect_stats(net, [x], ["0", "2"], gradients=True, probes=6)
+    assert stats.loss == "kl"
+    for rank in (5, 4):
+        plan = ts.Plan({"2": {"method": "svd", "rank": rank}})
+        est = estimated_damage(net, plan, stats)["2"]
+        got = measured_damage(net, ts.compress(net, plan, stats=stats), [x])
+        assert got > 0 and est == pytest.approx(got, rel=0.15), rank
+
+
+def test_output_allocation_spends_the_budget_where_the_output_loses_least():
+    """Two identical layers, one of whose outputs the network scales down 100x: the
+    output allocation keeps that one smaller, the layer allocation cannot tell them apart."""
+    torch.manual_seed(0)
+
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(16, 16), nn.Linear(16, 16)
+            self.b.load_state_dict(self.a.state_dict())
+
+        def forward(self, x):
+            return torch.stack([self.a(x), 0.01 * self.b(x)], 1)  # (N, 2, 16): not class scores
+
+    net = Two().double()
+    x = _tokens(64, 1, 16)[:, 0]
+    stats = collect_stats(net, [x[:32], x[32:]], ["a", "b"], gradients=True)
+    plan = ts.plan_for_budget(net, 0.6, stats=stats, allocation="output")
+    ranks = {n: plan.layers[n].rank if n in plan.layers else 16 for n in ("a", "b")}
+    assert ranks["b"] < ranks["a"]
+    layer_plan = ts.plan_for_budget(net, 0.6, stats=stats)
+    lr = {n: layer_plan.layers[n].rank if n in layer_plan.layers else 16 for n in ("a", "b")}
+    assert abs(lr["a"] - lr["b"]) <= 1
+
+
+def test_shrinkage_zero_is_plain_whitening_and_one_is_plain_svd():
+    torch.manual_seed(0)
+    layer = nn.Linear(20, 12).double()
+    net = nn.Sequential(layer)
+    x = _tokens(30, 1, 20)[:, 0]
+    stats = collect_stats(net, [x], ["0"])["0"]
+    same = stats.shrunk(0.0)
+    assert_close(same.whitener("patch"), stats.whitener("patch"))
+    assert_close(same.moment(), stats.moment())
+    m = get_method("svd")
+    for r in (3, 7):
+        plain_white = m.reconstruct(layer, m.factorize(layer, r, stats=stats))
+        zero = m.reconstruct(layer, m.factorize(layer, r, {"shrinkage": 0.0}, stats=stats))
+        assert_close(zero, plain_white, rtol=1e-9, atol=1e-9)
+        one = m.reconstruct(layer, m.factorize(layer, r, {"shrinkage": 1.0}, stats=stats))
+        data_free = m.reconstruct(layer, m.factorize(layer, r))
+        assert_close(one, data_free, rtol=1e-9, atol=1e-9)
+    # in between: the moment is the convex mix with tr(C)/n I
+    half = stats.shrunk(0.5).moment()
+    c = stats.moment()
+    mu = torch.diagonal(c, dim1=-2, dim2=-1).mean()
+    assert_close(half, 0.5 * c + 0.5 * mu * torch.eye(20, dtype=c.dtype))
+    with pytest.raises(ValueError):
+        stats.shrunk(1.5)
+
+
+def test_ledoit_wolf_shrinks_more_with_fewer_samples():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(40, 4)).double()
+    few = collect_stats(net, [torch.randn(30, 40, dtype=torch.float64)], ["0"], fourth=True)["0"]
+    many = collect_stats(net, [torch.randn(4000, 40, dtype=torch.float64)], ["0"], fourth=True)["0"]
+    assert 0.0 <= ledoit_wolf(many) < ledoit_wolf(few) <= 1.0
+    assert ledoit_wolf(few) > 0.3
+
+
+def test_one_pass_statistics_are_the_sum_of_their_halves_and_are_reused(monkeypatch):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(24, 96), nn.ReLU(), nn.Linear(96, 64))
+    batches = [torch.randn(10, 24) for _ in range(4)]
+    stats = collect_stats(net, batches, ["0", "2"])
+    a, b = stats.halves
+    for n in ("0", "2"):
+        assert_close(a[n].patch + b[n].patch, stats[n].patch)
+        separate = collect_stats(net, batches[0::2], [n], halves=False)[n]
+        assert_close(a[n].patch, separate.patch, rtol=1e-10, atol=1e-10)
+    calls = []
+    real = calibration.collect_stats
+    monkeypatch.setattr("tensorscope.budget.collect_stats", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with_data = ts.plan_for_budget(net, 0.5, data=batches)
+    assert len(calls) == 1
+    for keep in (0.5, 0.3):  # any number of budgets from the same statistics
+        plan = ts.plan_for_budget(net, keep, stats=stats)
+        kept = ts.plan_cost(net, plan)["params_after"] / ts.count_params(net)
+        assert abs(kept / keep - 1) <= 0.02
+    assert ts.plan_for_budget(net, 0.5, stats=stats).to_dict() == with_data.to_dict()
+    assert len(calls) == 1
+
+
+def test_layers_reading_one_tensor_share_their_input_moments():
+    class QKV(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.v = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.q(x) + self.k(x) + self.v(x).repeat(1, 1, 2)
+
+    net = QKV()
+    x = [torch.randn(5, 3, 8) for _ in range(2)]
+    stats = collect_stats(net, x, ["q", "k", "v"], gradients=True, probes=2)
+    assert stats["q"].patch is stats["k"].patch is stats["v"].patch
+    assert stats["q"].grad is not stats["k"].grad
+    alone = collect_stats(net, x, ["v"])
+    assert_close(alone["v"].patch, stats["v"].patch)
+
+
+def test_output_plans_compress_with_their_factors_and_hit_the_target():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10))
+    x = torch.randn(96, 16)
+    data = [x[:48], x[48:]]
+    stats = collect_stats(net, data, ["0", "2", "4"], gradients=True)
+    plan = ts.plan_for_budget(net, 0.5, stats=stats, allocation="output")
+    kept = ts.plan_cost(net, plan)["params_after"] / ts.count_params(net)
+    assert abs(kept / 0.5 - 1) <= 0.02
+    assert all("fisher" in lp.options for lp in plan.layers.values())
+    a = ts.compress(net, plan, stats=stats)
+    b = ts.compress(net, plan, data=data)  # gathers the gradients it needs itself
+    with torch.no_grad():
+        assert_close(a(x), b(x), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ts.PlanError, match="gradients=True"):
+        ts.compress(net, plan, stats=collect_stats(net, data, ["0", "2", "4"]))
+    measured = ts.plan_for_budget(net, 0.5, stats=stats, data=data, allocation="output")  # estimates checked
+    kept = ts.plan_cost(net, measured)["params_after"] / ts.count_params(net)
+    assert abs(kept / 0.5 - 1) <= 0.02
+    with pytest.raises(ts.BudgetError, match="allocation"):
+        ts.plan_for_budget(net, 0.5, stats=stats, data=data, measure=True)
+    with pytest.raises(ts.BudgetError, match="data="):
+        ts.plan_for_budget(net, 0.5, allocation="output")
+    with pytest.raises(ts.BudgetError, match="gradient"):
+        ts.plan_for_budget(net, 0.5, stats=collect_stats(net, data, ["0", "2", "4"]), allocation="output")
+    with pytest.raises(ts.BudgetError, match="no statistics"):
+        ts.plan_for_budget(net, 0.5, stats=collect_stats(net, data, ["0"]))
+
+
+def test_tucker2_has_a_data_aware_curve():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1))
+    data = [torch.randn(4, 3, 10, 10) for _ in range(2)]
+    for allocation in ("layer", "output"):
+        plan = ts.plan_for_budget(net, 0.5, data=data, methods=("tucker2",), allocation=allocation)
+        assert plan.layers and all(lp.method == "tucker2" for lp in plan.layers.values())
+        kept = ts.plan_cost(net, plan)["params_after"] / ts.count_params(net)
+        assert abs(kept / 0.5 - 1) <= 0.02
+
+
+def test_sequential_correction_fits_the_compressed_inputs():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 8)).double()
+    x = _tokens(200, 1, 16)[:, 0]
+    plan = ts.Plan({n: {"method": "svd", "rank": 6} for n in ("0", "2", "4")})
+    small = ts.compress(net, plan, data=[x])
+    fixed = correct(small, net, [x], ridge=1e-3)
+    again = ts.compress(net, plan, data=[x], correct=True)
+    assert ts.plan_of(fixed).to_dict() == plan.to_dict()
+    with torch.no_grad():
+        before, after = (small(x) - net(x)).norm(), (fixed(x) - net(x)).norm()
+        assert after < 0.9 * before
+        assert ts.count_params(fixed) == ts.count_params(small)
+        assert_close(again(x), correct(small, net, [x])(x))
+    with pytest.raises(TypeError, match="data="):
+        ts.compress(net, plan, correct=True)
+
+
+def test_tied_weights_are_left_dense_or_refused():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.Linear(8, 8))
+    net[3].weight = net[2].weight  # tied
+    plan = ts.plan_for_budget(net, 0.8, data=[torch.randn(16, 8)], allocation="output")
+    assert "2" not in plan.layers and "3" not in plan.layers
+    with pytest.raises(ts.PlanError, match="tied"):
+        ts.compress(net, {"2": {"method": "svd", "rank": 2}})
+
+
+def test_bad_calibration_batches_name_the_batch_and_leave_the_model_alone():
+    net = nn.Sequential(nn.Linear(6, 4))
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(ts.DataError, match="batch 1"):
+        collect_stats(net, [torch.randn(3, 6), torch.randn(3, 5)], ["0"])
+    with pytest.raises(ts.DataError, match="batch 0"):
+        collect_stats(net, [torch.randn(3, 6, dtype=torch.float64)], ["0"], gradients=True)
+    assert net.training and all(p.requires_grad for p in net.parameters())
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, state[k])
+    with pytest.raises(ts.DataError, match="probes"):
+        collect_stats(net, [torch.randn(3, 6)], ["0"], probes=0)
+
+
+def test_few_rows_warn_when_whitened_factors_were_not_chosen_held_out():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(32, 8))
+    x = torch.randn(10, 32)
+    with pytest.warns(UserWarning, match="fewer input rows"):
+        ts.compress(net, {"0": {"method": "svd", "rank": 4}}, data=[x])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ts.compress(net, {"0": {"method": "svd", "rank": 4, "shrinkage": 1.0}}, data=[x])
+
+
+def test_finetune_keeps_dropout_off_and_can_train_only_the_factors():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Dropout(0.9), nn.Linear(16, 4)).eval()
+    x = torch.randn(64, 8)
+    small = ts.compress(net, {"0": {"method": "svd", "rank": 2}})
+    seen = []
+    h = small[2].register_forward_hook(lambda m, a, o: seen.append(m.training))
+    tuned = ts.finetune(small, [x[:32], x[32:]], teacher=net, steps=10, eval_every=5, lr=1e-3,
+                        trainable="factors")
+    h.remove()
+    assert seen and not any(seen)
+    assert torch.equal(tuned[3].weight, small[3].weight)  # not a factorized layer: untouched
+    assert not torch.equal(tuned[0][0].weight, small[0][0].weight)
+    assert all(p.requires_grad for p in small.parameters())
+
+
+def test_cli_compress_with_output_allocation_and_correction(capsys, tmp_path):
+    from tensorscope.cli import main
+
+    ex = ts.examples.load_example("lenet5")
+    x = ex.train.tensors[0][:128]
+    torch.save({"x": x}, tmp_path / "calib.pt")
+    rc = main(["compress", "lenet5", "--keep", "0.2", "--data", str(tmp_path / "calib.pt"), "--batch-size", "64",
+               "--allocation", "output", "--correct", "--plan-out", str(tmp_path / "p.json"),
+               "-o", str(tmp_path / "s.pt"), "-q"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    plan = ts.Plan.load(tmp_path / "p.json")
+    assert any("fisher" in lp.options for lp in plan.layers.values())
+    assert ts.count_params(ts.load(tmp_path / "s.pt")) < 0.21 * ts.count_params(ex.model)
+    rc = main(["compress", "lenet5", "--keep", "0.2", "--allocation", "output", "-o", str(tmp_path / "t.pt"), "-q"])
+    assert rc != 0 and not (tmp_path / "t.pt").exists()
