@@ -22,7 +22,8 @@ from tensorscope.methods import LayerGeometry, get_method
 # float64 layers: full-rank reconstructions agree to ~1e-12; float32 to ~1e-5
 TOL64 = dict(rtol=1e-9, atol=1e-9)
 TOL32 = dict(rtol=1e-4, atol=1e-4)
-CONV_METHODS = ["svd", "tucker2", "cp"]
+# every registered method (plugins included): a new method is tested here with no edit
+METHODS = ts.available_methods()
 settings.register_profile("ci", max_examples=15, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("ci")
@@ -58,14 +59,20 @@ def _built_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-@pytest.mark.parametrize("method", CONV_METHODS + ["tt", "tr", "rcp", "rtucker"])
+def _fast_options(m) -> dict | None:
+    """Fewer iterations for iterative methods (their costs do not depend on convergence)."""
+    return {"iters": 5} if "iters" in m.option_specs else None
+
+
+@pytest.mark.parametrize("method", METHODS)
 @given(case=conv_layers())
 def test_conv_full_rank_exact_and_costs(method, case):
     layer, (h, w) = case
     m = get_method(method)
     geom = LayerGeometry.of(layer, in_size=(h, w))
     if m.unsupported_reason(geom):
-        assert method in ("tt", "tr", "rcp", "rtucker") and layer.groups > 1
+        # a method may refuse grouped convs, never a plain one
+        assert layer.groups > 1, m.unsupported_reason(geom)
         return
     rank = m.max_rank(geom)
     with warnings.catch_warnings():
@@ -79,7 +86,7 @@ def test_conv_full_rank_exact_and_costs(method, case):
     assert isinstance(built, ts.FactorizedLayer) and built.method == method
 
 
-@pytest.mark.parametrize("method", CONV_METHODS + ["tt", "tr", "rcp", "rtucker"])
+@pytest.mark.parametrize("method", METHODS)
 @given(case=conv_layers(), frac=st.floats(0.05, 0.95))
 def test_conv_truncated_costs_match_built(method, case, frac):
     layer, (h, w) = case
@@ -90,7 +97,7 @@ def test_conv_truncated_costs_match_built(method, case, frac):
     rank = m.resolve_rank(geom, frac)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ts.BreakEvenWarning)
-        built = m.decompose(layer, rank, {"iters": 5} if method in ("cp", "rcp") else None)
+        built = m.decompose(layer, rank, _fast_options(m))
     x = torch.randn(1, layer.in_channels, h, w, dtype=torch.float64)
     assert m.count_params(geom, rank) == _built_params(built)
     assert m.count_flops(geom, rank) == _flops(built, x)
@@ -99,12 +106,14 @@ def test_conv_truncated_costs_match_built(method, case, frac):
 
 @given(out_f=st.integers(1, 40), in_f=st.integers(1, 40), bias=st.booleans(), tokens=st.integers(1, 3),
        seed=st.integers(0, 1000))
-@pytest.mark.parametrize("method", ["svd", "tt", "tr"])
+@pytest.mark.parametrize("method", METHODS)
 def test_linear_full_rank_exact_and_costs(method, out_f, in_f, bias, tokens, seed):
     torch.manual_seed(seed)
     layer = nn.Linear(in_f, out_f, bias=bias).double()
     m = get_method(method)
     geom = LayerGeometry.of(layer, tokens=tokens)
+    if m.unsupported_reason(geom):  # a conv-only method
+        return
     rank = m.max_rank(geom)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ts.BreakEvenWarning)
@@ -179,7 +188,7 @@ def test_cp_balances_and_truncates():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("method", ["svd", "tucker2", "cp", "tt", "tr", "rcp", "rtucker"])
+@pytest.mark.parametrize("method", METHODS)
 def test_dtype_is_kept(method, dtype):
     torch.manual_seed(0)
     layer = nn.Conv2d(4, 6, 3, padding=1).to(dtype)
@@ -193,12 +202,17 @@ def test_dtype_is_kept(method, dtype):
         assert_close(built(x), layer(x), **TOL32)
 
 
-@pytest.mark.parametrize("method,bad", [
+BAD_RANKS = [
     ("svd", 0), ("svd", -1), ("svd", 10_000), ("svd", 1.5), ("svd", float("nan")), ("svd", "8"), ("svd", True),
     ("tucker2", [0, 2]), ("tucker2", [2, 99]), ("tucker2", [1, 2, 3]), ("cp", 0), ("cp", 10**9),
     ("tt", [2, 2, 2]), ("tt", [1, 0, 1]), ("tr", [2, 3, 3, 1]), ("tr", [1, 0, 1]), ("tr", 10**6),
     ("rcp", 0), ("rcp", 10**9), ("rtucker", [1, 1, 1]), ("rtucker", [9, 1, 1, 1]), ("rtucker", 0),
-])
+]
+# ranks no method takes: wrong types, non-finite, below one
+BAD_ANY = [-1, 1.5, float("nan"), "8", True, None, {"rank": 2}]
+
+
+@pytest.mark.parametrize("method,bad", BAD_RANKS)
 def test_bad_ranks_raise_rank_error_naming_the_range(method, bad):
     layer = nn.Conv2d(4, 6, 3)
     m = get_method(method)
@@ -207,10 +221,39 @@ def test_bad_ranks_raise_rank_error_naming_the_range(method, bad):
     assert method in str(e.value)
 
 
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("bad", BAD_ANY, ids=repr)
+def test_every_method_refuses_malformed_ranks(method, bad):
+    m = get_method(method)
+    with pytest.raises(ts.PlanError) as e:
+        m.resolve_rank(LayerGeometry.of(nn.Conv2d(4, 6, 3)), bad)
+    assert method in str(e.value)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_refuses_axis_values_out_of_range(method):
+    """Each rank axis one past its bounds, the others at their defaults: a PlanError."""
+    m = get_method(method)
+    geom = LayerGeometry.of(nn.Conv2d(4, 6, 3))
+    axes = m.rank_axes(geom)
+    for i, axis in enumerate(axes):
+        for v in (axis.low - 1, axis.high + 1):
+            values = [a.default for a in axes]
+            values[i] = v
+            with pytest.raises(ts.PlanError):
+                m.resolve_rank(geom, m.rank_from_axes(geom, values))
+
+
+def test_every_builtin_method_has_bad_rank_cases():
+    """A new built-in method gets its own malformed ranks above (plugins are tested generically)."""
+    builtin = {n for n in METHODS if get_method(n).__module__.startswith("tensorscope.")}
+    assert builtin <= {m for m, _ in BAD_RANKS}
+
+
 def test_fraction_one_is_exact_rank():
     layer = nn.Conv2d(4, 6, 3)
     geom = LayerGeometry.of(layer)
-    for name in ("svd", "tucker2", "cp", "tt", "tr", "rcp", "rtucker"):
+    for name in METHODS:
         m = get_method(name)
         assert m.resolve_rank(geom, 1.0) == m.max_rank(geom)
 
@@ -224,7 +267,7 @@ def test_break_even_warns():
 def test_nan_weights_refused_before_factorizing():
     layer = nn.Conv2d(3, 4, 3)
     layer.weight.data[0, 0, 0, 0] = float("nan")
-    for name in ("svd", "tucker2", "cp", "tt", "tr", "rcp", "rtucker"):
+    for name in METHODS:
         with pytest.raises(ts.NonFiniteWeightError, match="NaN/Inf"):
             get_method(name).decompose(layer, 2)
 

@@ -135,7 +135,7 @@ def test_plan_parser_never_raises_anything_but_plan_error(doc):
 # ---- compress -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", ["svd", "tucker2", "cp", "tt"])
+@pytest.mark.parametrize("method", ts.available_methods())
 def test_residual_net_full_rank_is_exact_and_original_untouched(net, method):
     before = copy.deepcopy(net.state_dict())
 
