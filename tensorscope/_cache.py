@@ -80,9 +80,10 @@ def _fingerprint(t: torch.Tensor) -> str:
     t = t.detach()
     if t.device.type != "cpu":
         t = t.cpu()
+    shape = tuple(t.shape)  # the real shape: a (5, 2, 1, 1) and a (5, 1, 2, 1) kernel share their bytes
     t = t.contiguous().reshape(-1)
     h = hashlib.blake2b(digest_size=16)
-    h.update(f"{tuple(t.shape)}|{t.dtype}".encode())
+    h.update(f"{shape}|{t.dtype}".encode())
     if t.numel():
         h.update(memoryview(t.view(torch.uint8).numpy()))
     return h.hexdigest()

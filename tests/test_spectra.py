@@ -562,3 +562,20 @@ def test_concurrent_requests_compute_each_factorization_once(monkeypatch):
     assert len(results) == 2
     np.testing.assert_array_equal(results[0].grouped, results[1].grouped)
     assert len(calls) == 1, f"the same SVD was computed {len(calls)} times concurrently"
+
+
+def test_caches_tell_kernels_with_the_same_bytes_apart():
+    """Two kernels holding the same numbers in different shapes (a 2-in 1x1 and a 1-in 2x1
+    conv) must not share memoised factors or spectra (found by hypothesis: a cached Tucker-2
+    of the one was built into the other)."""
+    a = nn.Conv2d(2, 5, (1, 1), bias=False).double()
+    b = nn.Conv2d(1, 5, (2, 1), bias=False).double()
+    b.weight.data.copy_(a.weight.data.reshape(b.weight.shape))
+    m = get_method("tucker2")
+    for layer in (a, b, a):
+        rank = m.max_rank(ts.LayerGeometry.of(layer))
+        built = m.decompose(layer, rank)
+        x = torch.randn(2, layer.in_channels, 6, 6, dtype=torch.float64)
+        with torch.no_grad():
+            torch.testing.assert_close(built(x), layer(x), rtol=1e-9, atol=1e-9)
+    assert tucker2_retained(a).shape != tucker2_retained(b).shape
