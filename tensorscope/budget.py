@@ -410,7 +410,10 @@ def _fill(menus: dict[str, list[_Option]], chosen: dict[str, int], spent: float,
 
 
 def plan_cost(model: nn.Module, plan: Any, example_input: Any = None) -> dict[str, Any]:
-    """Parameters (and FLOPs per sample with an example input) before and after ``plan``, without building."""
+    """Parameters (and FLOPs per sample with an example input) before and after ``plan``, without building.
+
+    ``"layers"`` prices each per-layer entry, ``"groups"`` each group as one unit (what its
+    members share counted once)."""
     plan = as_plan(plan)
     infos = inspect(model, example_input).by_name()
     resolved = plan.validate(model, {n: i.geometry for n, i in infos.items()})
@@ -427,8 +430,19 @@ def plan_cost(model: nn.Module, plan: Any, example_input: Any = None) -> dict[st
             flops_after += f - r.geometry.dense_flops
         per_layer[r.name] = {"params": p, "dense_params": r.geometry.dense_params, "flops": f,
                              "dense_flops": r.geometry.dense_flops, "rank": r.rank, "method": r.method.name}
+    per_group = {}
+    for g in plan.resolve_groups(model, {n: i.geometry for n, i in infos.items()}):  # one unit, counted once
+        p = g.method.count_params_group(g.geometries, g.rank, g.options)
+        f = g.method.count_flops_group(g.geometries, g.rank, g.options)
+        dense_p = sum(x.dense_params for x in g.geometries)
+        dense_f = None if any(x.dense_flops is None for x in g.geometries) else sum(x.dense_flops for x in g.geometries)
+        after += p - dense_p
+        if flops_after is not None and f is not None and dense_f is not None:
+            flops_after += f - dense_f
+        per_group[g.name] = {"params": p, "dense_params": dense_p, "flops": f, "dense_flops": dense_f,
+                             "rank": g.rank, "method": g.method.name, "layers": list(g.members)}
     return {"params": params, "params_after": after, "flops": flops, "flops_after": flops_after,
-            "ratio": params / after if after else float("inf"), "layers": per_layer}
+            "ratio": params / after if after else float("inf"), "layers": per_layer, "groups": per_group}
 
 
 def sensitivity(
