@@ -247,7 +247,7 @@ class Plan:
     def __repr__(self) -> str:
         inner = ", ".join(f"{n!r}: {p.method}@{_jsonable(p.rank)}" for n, p in self.layers.items())
         if self.groups:
-            inner += "; groups " + ", ".join(f"{g!r}: {p.method}@{_jsonable(p.rank)} over {len(p.layers)} layers"
+            inner += ("; " if inner else "") + "groups " + ", ".join(f"{g!r}: {p.method}@{_jsonable(p.rank)} over {len(p.layers)} layers"
                                               for g, p in self.groups.items())
         return f"Plan({{{inner}}})"
 

@@ -311,3 +311,45 @@ def test_joint_core_is_a_module_of_its_own():
     core.reset_parameters()
     assert core.kernel(2).shape == (4, 5, 3, 3)
     assert torch.allclose(core.u_out.t() @ core.u_out, torch.eye(3), atol=1e-5)
+
+
+# ---- the budget planner ------------------------------------------------------------------
+
+GROUPED = ["convs.0", "convs.1", "convs.2", "convs.3"]
+
+
+@pytest.mark.parametrize("keep", [0.6, 0.35])
+def test_plan_for_budget_plans_a_group_as_one_unit(keep):
+    model = tower(torch.float32)
+    plan = ts.plan_for_budget(model, keep, groups={"tower": GROUPED})
+    assert not set(GROUPED) & set(plan.layers)  # members are planned only as the group
+    cost = ts.plan_cost(model, plan)
+    assert cost["params_after"] <= keep * cost["params"] * 1.02
+    small = ts.compress(model, plan)
+    assert ts.count_params(small) == cost["params_after"]
+    if "tower" in plan.groups:
+        assert plan.groups["tower"].layers == tuple(GROUPED) and plan.groups["tower"].method == "joint_tucker"
+    # without groups= no group is formed
+    assert not ts.plan_for_budget(model, keep).groups
+
+
+def test_plan_for_budget_by_flops_with_a_group():
+    model = tower(torch.float32)
+    x = X[:1].float()
+    plan = ts.plan_for_budget(model, 0.4, by="flops", example_input=x,
+                              groups={"g": {"method": "joint_tucker", "layers": GROUPED}})
+    cost = ts.plan_cost(model, plan, example_input=x)
+    assert cost["flops_after"] <= 0.4 * cost["flops"] * 1.02
+    assert cost["flops_after"] == ts.count_flops(ts.compress(model, plan), x)
+
+
+def test_plan_for_budget_refuses_bad_groups():
+    from tensorscope.errors import BudgetError
+
+    model = tower(torch.float32)
+    with pytest.raises(BudgetError, match="has 1 layer"):
+        ts.plan_for_budget(model, 0.5, groups={"g": ["convs.0"]})
+    with pytest.raises(BudgetError, match="'wide'.*differs"):
+        ts.plan_for_budget(model, 0.5, groups={"g": ["convs.0", "wide"]})
+    with pytest.raises(BudgetError, match="chooses the rank"):
+        ts.plan_for_budget(model, 0.5, groups={"g": {"layers": GROUPED, "rank": [1, 2, 2]}})

@@ -30,7 +30,7 @@ from torch import nn
 from ..errors import PlanError, PluginError
 from .base import Factors, LayerGeometry, Option, RankAxis, Tradeoff
 
-__all__ = ["GroupMethod", "available_group_methods", "get_group_method", "register_group_method"]
+__all__ = ["DEFAULT_GROUP_METHOD", "GroupMethod", "available_group_methods", "get_group_method", "register_group_method"]
 
 
 class GroupMethod(abc.ABC):
@@ -152,6 +152,9 @@ def kernel_shape(geom: LayerGeometry) -> tuple[int, ...]:
         return (geom.out_features, geom.in_features)
     return (geom.out_features, geom.in_features // geom.groups, *geom.kernel_size)
 
+
+#: the group method ``plan_for_budget(groups=...)`` uses for a bare list of layer names
+DEFAULT_GROUP_METHOD = "joint_tucker"
 
 _REGISTRY: dict[str, GroupMethod] = {}
 _LOCK = threading.RLock()
