@@ -11,12 +11,14 @@ The built-in ``tower`` has six identical residual 32 -> 32 3x3 convs (``blocks.k
 
 Both are built by ``ts.compress`` (HOOI-refined factors). Reported: the six convs' parameters,
 the stacked kernels' relative weight error, the test accuracy right after ``compress`` (1000
-digits), and after a short fine-tune (``ts.train``, Adam 1e-3, one epoch of the 4000 training
-digits, seeds 0, 1, 2: mean and spread), the dense accuracy alongside. One thread.
+digits), after a short fine-tune (``ts.train``, Adam 1e-3, ``--epochs`` of the 4000 training
+digits), and the same structure trained from a random start (``ts.tensorize(init="random")``
+then ``ts.train``, Adam 3e-3, ``--scratch-epochs``; T-Net trains its tensor end to end);
+seeds 0, 1, 2 (mean and half-range), the dense accuracy alongside. One thread.
 
 Run from the repository root::
 
-    python bench/joint.py [--no-write] [--epochs 1]
+    python bench/joint.py [--no-write] [--epochs 2] [--scratch-epochs 4]
 
 It writes the section "Joint Tucker (T-Net) versus Tucker-2" of ``docs/benchmarks.md``.
 """
@@ -94,10 +96,24 @@ def finetune(small, train, test, seed: int, epochs: int) -> float:
     return accuracy(tuned, test)
 
 
+def scratch(model, plan, train, test, seed: int, epochs: int) -> float:
+    net = ts.tensorize(model, plan, init="random", seed=seed)
+    torch.manual_seed(seed)
+    for mod in net.modules():  # the whole network starts afresh, not only the planned layers
+        if mod is not net and not list(mod.children()) and callable(getattr(mod, "reset_parameters", None)):
+            mod.reset_parameters()
+    gen = torch.Generator().manual_seed(seed)
+    loader = DataLoader(train, batch_size=64, shuffle=True, generator=gen)
+    torch.manual_seed(seed)
+    trained, _ = ts.train(net, loader, epochs=epochs, optimizer="adam", lr=3e-3)
+    return accuracy(trained, test)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--no-write", action="store_true")
-    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--scratch-epochs", type=int, default=4)
     args = ap.parse_args()
     torch.set_num_threads(1)
     load0 = report.load_average()
@@ -128,7 +144,8 @@ def main() -> None:
             err = stacked_error(model, small)
             post = accuracy(small, test)
             tuned = [finetune(small, ex.train, test, s, args.epochs) for s in SEEDS]
-            rows.append((ratio, name, rank, p, conv_params / p, err, post, tuned))
+            fresh = [scratch(model, plan, ex.train, test, s, args.scratch_epochs) for s in SEEDS]
+            rows.append((ratio, name, rank, p, conv_params / p, err, post, tuned, fresh))
             print(rows[-1], f"{time.perf_counter() - t0:.0f} s", flush=True)
     total = time.perf_counter() - t0
     lines = [
@@ -138,16 +155,22 @@ def main() -> None:
         "over the stacked kernels) or as six independent `tucker2` chains (one rank pair for all), at the same "
         "budget for the six convs (their parameters / 55 and / 24): each form takes the rank of least HOSVD error "
         "within the budget. Built by `ts.compress` (HOOI-refined). Fine-tune: `ts.train`, Adam 1e-3, "
-        f"{args.epochs} epoch(s) of the 4000 training digits, seeds {', '.join(map(str, SEEDS))} (mean ± spread "
-        f"over seeds). One thread; torch {torch.__version__}; load average at start {load0}, at end "
+        f"{args.epochs} epoch(s) of the 4000 training digits. From scratch: the same structure, every weight "
+        f"drawn afresh (`ts.tensorize(init=\"random\")`), `ts.train` Adam 3e-3 for {args.scratch_epochs} epochs "
+        f"(the dense example: Adam 3e-3, cosine, 10 epochs). Seeds {', '.join(map(str, SEEDS))} (mean ± half-range). "
+        f"One thread; torch {torch.__version__}; load average at start {load0}, at end "
         f"{report.load_average()}; total {total:.0f} s.\n",
-        "| target | form | rank | conv parameters | ratio | stacked weight error | after compress | after fine-tune |",
-        "|---|---|---|---|---|---|---|---|",
+        "| target | form | rank | conv parameters | ratio | stacked weight error | after compress | fine-tuned | "
+        "from scratch |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for ratio, name, rank, p, r, err, post, tuned in rows:
-        mean, spread = statistics.mean(tuned), (max(tuned) - min(tuned)) / 2
-        lines.append(f"| {ratio}x | `{name}` | {rank} | {p:,} | {r:.1f}x | {err:.3f} | {post:.1f}% | "
-                     f"{mean:.1f} ± {spread:.1f}% |")
+
+    def ms(xs):
+        return f"{statistics.mean(xs):.1f} ± {(max(xs) - min(xs)) / 2:.1f}%"
+
+    for ratio, name, rank, p, r, err, post, tuned, fresh in rows:
+        lines.append(f"| {ratio}x | `{name}` | {rank} | {p:,} | {r:.1f}x | {err:.3f} | {post:.1f}% | {ms(tuned)} | "
+                     f"{ms(fresh)} |")
     lines.append("")
     text = "\n".join(lines)
     print(text)

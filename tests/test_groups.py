@@ -353,3 +353,37 @@ def test_plan_for_budget_refuses_bad_groups():
         ts.plan_for_budget(model, 0.5, groups={"g": ["convs.0", "wide"]})
     with pytest.raises(BudgetError, match="chooses the rank"):
         ts.plan_for_budget(model, 0.5, groups={"g": {"layers": GROUPED, "rank": [1, 2, 2]}})
+
+
+# ---- the explorer ------------------------------------------------------------------------
+
+
+def test_explorer_state_costs_previews_and_lists_a_group_as_one_unit():
+    pytest.importorskip("pandas")
+    from tensorscope.explorer import ExplorerState
+
+    s = ExplorerState()
+    assert s.load_example("tower"), s.error
+    members = [f"blocks.{k}.conv" for k in range(6)]
+    doc = {"tensorscope_plan": 2, "layers": {"fc": {"method": "svd", "rank": 4}},
+           "groups": {"tower": {"method": "joint_tucker", "layers": members, "rank": [3, 8, 8]}}}
+    assert s.set_plan(doc), s.error
+    assert s.plan.groups["tower"].layers == tuple(members)
+    cost = ts.plan_cost(s.model, doc)
+    assert s.cost["params_after"] == cost["params_after"]
+    assert s.cost["layers_planned"] == 7
+    table = s.table
+    row = table[table["type"] == "group"]
+    assert len(row) == 1 and row["params after"].iloc[0] == cost["groups"]["tower"]["params"]
+    assert set(table[table["method"] == "group tower"]["layer"]) == set(members)
+    # the live preview runs the members' slices of the group: as the compressed network does
+    small = ts.compress(s.model, doc, refine=s.refine)
+    q = s.refresh_quality(incremental=False)
+    got = ts.evaluate(small, [(s.eval_inputs, s.eval_targets)])
+    assert q["metric"] == "accuracy" and q["plan"] == pytest.approx(got["accuracy"], abs=1.5 / got["samples"])
+    alone = ts.evaluate(ts.compress(s.model, {"fc": {"method": "svd", "rank": 4}}), [(s.eval_inputs, s.eval_targets)])
+    assert q["plan"] != pytest.approx(alone["accuracy"], abs=1e-9)  # the group is in the preview
+    # editing another layer keeps the group
+    assert s.set_layer("stem.0", "svd", 4), s.error
+    assert "tower" in s.plan.groups
+    assert ts.count_params(small) == cost["params_after"]
