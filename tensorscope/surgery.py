@@ -1,8 +1,9 @@
 """Model surgery: apply a plan to a copy of a model.
 
 ``compress(model, plan)`` deep-copies the model, replaces each planned layer by the chain
-its method builds, and returns the copy; the original is never modified. Everything is
-validated before any factorization starts, so a bad plan fails fast and leaves nothing
+its method builds (each plan group: one factorization, whose members share one core), and
+returns the copy; the original is never modified. Everything is validated before any
+factorization starts, so a bad plan fails fast and leaves nothing
 half-done. ``tensorize(model, plan)`` builds the same structure without factorizing, with
 fresh random weights, for training a factorized network from scratch.
 """

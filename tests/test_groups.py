@@ -387,3 +387,16 @@ def test_explorer_state_costs_previews_and_lists_a_group_as_one_unit():
     assert s.set_layer("stem.0", "svd", 4), s.error
     assert "tower" in s.plan.groups
     assert ts.count_params(small) == cost["params_after"]
+
+
+def test_the_group_plan_in_the_readme_validates_on_tower():
+    import pathlib
+    import re
+
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    doc = next(d for d in re.findall(r"```json\n(\{.*?)```", readme, re.S) if '"groups"' in d)
+    plan = ts.Plan.from_json(doc)
+    model = ts.examples.build_example("tower")
+    (g,) = plan.resolve_groups(model)
+    assert len(g.members) == 6 and g.rank == (3, 8, 8)
+    assert ts.compress(model.eval(), plan)(torch.randn(1, 1, 28, 28)).shape == (1, 10)
