@@ -6,6 +6,8 @@ The built-in ``tower`` has six identical residual 32 -> 32 3x3 convs (``blocks.k
 
 * ``joint_tucker``: one group over the six convs, at the rank triple ``[r_layer, r_out, r_in]``
   of least HOSVD error among those whose count does not exceed the budget;
+* ``joint_tucker`` with ``r_layer = 6``: each layer keeps a core of its own, only the channel
+  factors are shared; the least-error ``[r_out, r_in]`` within the budget;
 * ``tucker2``: each conv alone, all at one rank pair ``[r_out, r_in]``, the pair of least total
   HOSVD error among those whose six counts together do not exceed the budget.
 
@@ -60,6 +62,24 @@ def joint_rank(layers, geoms, budget):
     ok = [k for k in range(len(t.ranks)) if t.params[k] <= budget]
     k = min(ok, key=lambda i: t.errors[i])
     return list(t.ranks[k])
+
+
+def joint_rank_all_layers(layers, geoms, budget):
+    """The least-error ``[L, r_out, r_in]`` within the budget: every layer keeps its own core
+    (r_layer = number of layers), the channel factors are what the layers share."""
+    jt = get_group_method("joint_tucker")
+    n = len(layers)
+    stack = torch.stack([m.weight.detach().double() for m in layers])
+    best = None
+    for a in range(1, 33):
+        for b in range(1, 33):
+            if jt.count_params_group(geoms, (n, a, b)) > budget:
+                continue
+            rec = torch.stack(jt.reconstruct_group(layers, jt.factorize_group(layers, (n, a, b), refine=False)))
+            err = float((rec.double() - stack).norm())
+            if best is None or err < best[0]:
+                best = (err, [n, a, b])
+    return best[1]
 
 
 def tucker2_rank(layers, geoms, budget):
@@ -129,11 +149,14 @@ def main() -> None:
         budget = conv_params / ratio
         rj = joint_rank(layers, geoms, budget)
         rt = tucker2_rank(layers, geoms, budget)
-        plans = {
-            "joint_tucker": (rj, {"tensorscope_plan": 2, "layers": {},
-                                  "groups": {"tower": {"method": "joint_tucker", "layers": MEMBERS, "rank": rj}}}),
-            "tucker2": (rt, {n: {"method": "tucker2", "rank": rt} for n in MEMBERS}),
-        }
+        ra = joint_rank_all_layers(layers, geoms, budget)
+
+        def group(rank):
+            return {"tensorscope_plan": 2, "layers": {},
+                    "groups": {"tower": {"method": "joint_tucker", "layers": MEMBERS, "rank": rank}}}
+
+        plans = {"joint_tucker": (rj, group(rj)), "joint_tucker, r_layer = 6": (ra, group(ra)),
+                 "tucker2": (rt, {n: {"method": "tucker2", "rank": rt} for n in MEMBERS})}
         for name, (rank, plan) in plans.items():
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -154,7 +177,8 @@ def main() -> None:
         f"identical residual 32->32 3x3 convs ({conv_params:,} parameters) as one `joint_tucker` group (one core "
         "over the stacked kernels) or as six independent `tucker2` chains (one rank pair for all), at the same "
         "budget for the six convs (their parameters / 55 and / 24): each form takes the rank of least HOSVD error "
-        "within the budget. Built by `ts.compress` (HOOI-refined). Fine-tune: `ts.train`, Adam 1e-3, "
+        "within the budget; the second joint row keeps r_layer = 6 (each layer its own core, the channel factors "
+        "shared) and takes the least-error [r_out, r_in]. Built by `ts.compress` (HOOI-refined). Fine-tune: `ts.train`, Adam 1e-3, "
         f"{args.epochs} epoch(s) of the 4000 training digits. From scratch: the same structure, every weight "
         f"drawn afresh (`ts.tensorize(init=\"random\")`), `ts.train` Adam 3e-3 for {args.scratch_epochs} epochs "
         f"(the dense example: Adam 3e-3, cosine, 10 epochs). Seeds {', '.join(map(str, SEEDS))} (mean ± half-range). "
