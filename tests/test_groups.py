@@ -400,3 +400,17 @@ def test_the_group_plan_in_the_readme_validates_on_tower():
     (g,) = plan.resolve_groups(model)
     assert len(g.members) == 6 and g.rank == (3, 8, 8)
     assert ts.compress(model.eval(), plan)(torch.randn(1, 1, 28, 28)).shape == (1, 10)
+
+
+def test_torchscript_export_of_a_group(tmp_path):
+    model = tower(torch.float32)
+    small = ts.compress(model, group_plan([2, 3, 4]))
+    x = X.float()
+    path = ts.export(small, tmp_path / "small", example_input=x, format="torchscript")
+    loaded = torch.jit.load(str(path))
+    torch.testing.assert_close(loaded(x), small(x))
+
+
+def test_weights_on_disk_refuse_groups(tmp_path):
+    with pytest.raises(PlanError, match="groups.*in memory"):
+        ts.compress(str(tmp_path / "w.safetensors"), group_plan([2, 3, 3]), out=tmp_path / "out")
