@@ -156,8 +156,8 @@ def summary(rows) -> str:
         "one another), the r_layer = 6 row shares only the channel factors; (3) the training here is short "
         "(a few epochs at a constant Adam step, where the dense example needed 10 with a cosine decay) and its "
         "seed spread is several points, as large as the differences the expectation names; (4) the earlier "
-        "experiment used 8x8 digits (the same six 32->32 kernels, other inputs and training). The mechanics (one core, exact at full rank, counted "
-        "once) are tested in tests/test_groups.py; differences within the seed spread are noise."
+        "experiment used 8x8 digits (the same six 32->32 kernels, other inputs and training). The mechanics "
+        "(one core, exact at full rank, counted once) are tested in tests/test_groups.py; differences within the seed spread are noise."
     )
 
 
