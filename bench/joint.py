@@ -157,7 +157,8 @@ def summary(rows) -> str:
         "(a few epochs at a constant Adam step, where the dense example needed 10 with a cosine decay) and its "
         "seed spread is several points, as large as the differences the expectation names; (4) the earlier "
         "experiment used 8x8 digits (the same six 32->32 kernels, other inputs and training). The mechanics "
-        "(one core, exact at full rank, counted once) are tested in tests/test_groups.py; differences within the seed spread are noise."
+        "(one core, exact at full rank, counted once) are tested in tests/test_groups.py; differences within "
+        "the seed spread are noise."
     )
 
 
@@ -210,7 +211,8 @@ def main() -> None:
         "over the stacked kernels) or as six independent `tucker2` chains (one rank pair for all), at the same "
         "budget for the six convs (their parameters / 55 and / 24): each form takes the rank of least HOSVD error "
         "within the budget; the second joint row keeps r_layer = 6 (each layer its own core, the channel factors "
-        "shared) and takes the least-error [r_out, r_in]. Built by `ts.compress` (HOOI-refined). Fine-tune: `ts.train`, Adam 1e-3, "
+        "shared) and takes the least-error [r_out, r_in]. Built by `ts.compress` (HOOI-refined). "
+        "Fine-tune: `ts.train`, Adam 1e-3, "
         f"{args.epochs} epoch(s) of the 4000 training digits. From scratch: the same structure, every weight "
         f"drawn afresh (`ts.tensorize(init=\"random\")`), `ts.train` Adam 3e-3 for {args.scratch_epochs} epochs "
         f"(the dense example: Adam 3e-3, cosine, 10 epochs). Seeds {', '.join(map(str, SEEDS))} (mean ± half-range). "

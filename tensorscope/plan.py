@@ -247,8 +247,8 @@ class Plan:
     def __repr__(self) -> str:
         inner = ", ".join(f"{n!r}: {p.method}@{_jsonable(p.rank)}" for n, p in self.layers.items())
         if self.groups:
-            inner += ("; " if inner else "") + "groups " + ", ".join(f"{g!r}: {p.method}@{_jsonable(p.rank)} over {len(p.layers)} layers"
-                                              for g, p in self.groups.items())
+            inner += ("; " if inner else "") + "groups " + ", ".join(
+                f"{g!r}: {p.method}@{_jsonable(p.rank)} over {len(p.layers)} layers" for g, p in self.groups.items())
         return f"Plan({{{inner}}})"
 
     def with_layer(self, name: str, method: str | None = None, rank: Any = None, **options) -> "Plan":

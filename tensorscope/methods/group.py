@@ -30,7 +30,8 @@ from torch import nn
 from ..errors import PlanError, PluginError
 from .base import Factors, LayerGeometry, Option, RankAxis, Tradeoff
 
-__all__ = ["DEFAULT_GROUP_METHOD", "GroupMethod", "available_group_methods", "get_group_method", "register_group_method"]
+__all__ = ["DEFAULT_GROUP_METHOD", "GroupMethod", "available_group_methods", "get_group_method",
+           "register_group_method"]
 
 
 class GroupMethod(abc.ABC):
