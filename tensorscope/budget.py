@@ -68,7 +68,7 @@ def _group_menu(g: Any, by: str) -> tuple[list[_Option], float]:
     Its loss is ``n_members x`` the squared relative error of the stacked kernels, the sum of
     the members' own squared relative errors when their kernels hold equal energy (the
     per-layer menus' unit); groups are scored on their weights, with or without data."""
-    t = g.method.tradeoff_group(g.modules, g.geometries, g.name)
+    t = g.method.tradeoff_group(g.modules, g.geometries, g.name) if g.method.error_curve else None
     if t is None:
         raise BudgetError(f"group {g.name!r}: group method {g.method.name!r} has no cheap error curve, so the "
                           "planner cannot price it; set its rank by hand (Plan.with_group)")

@@ -169,13 +169,17 @@ def _rank_text(rank: Any) -> str:
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
-    from .methods import available_methods, get_method
+    from .methods import available_group_methods, available_methods, get_group_method, get_method
 
     rows = []
     for n in available_methods():
         d = get_method(n).describe()
         flags = [f for f, on in (("budget", d["error_curve"]), ("data-aware", d["uses_data"]), ("slow", d["slow"])) if on]
         rows.append([n, ", ".join(d["kinds"]), ", ".join(d["options"]) or "-", ", ".join(flags) or "-", d["description"]])
+    for n in available_group_methods():  # under a plan's "groups": several layers together
+        d = get_group_method(n).describe()
+        flags = ["group"] + (["budget"] if d["error_curve"] else [])
+        rows.append([n, ", ".join(d["kinds"]), ", ".join(d["options"]) or "-", ", ".join(flags), d["description"]])
     print(text_table(rows, ["method", "layers", "options", "traits", "what it builds"], "lllll"))
     return 0
 

@@ -44,6 +44,8 @@ class GroupMethod(abc.ABC):
     rank_separator: ClassVar[str] = "×"
     #: the smallest number of members (a group of one is a per-layer method's job)
     min_members: ClassVar[int] = 2
+    #: ``tradeoff_group`` gives a cheap error curve (the budget planner can price the group)
+    error_curve: ClassVar[bool] = False
 
     # ---- what can be grouped ---------------------------------------------------------
     def unsupported_reason(self, geom: LayerGeometry) -> str | None:
@@ -144,7 +146,7 @@ class GroupMethod(abc.ABC):
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "kinds": list(self.kinds), "description": self.description,
-                "options": sorted(self.option_specs), "group": True}
+                "options": sorted(self.option_specs), "error_curve": self.error_curve, "group": True}
 
 
 def kernel_shape(geom: LayerGeometry) -> tuple[int, ...]:

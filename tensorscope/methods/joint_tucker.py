@@ -160,6 +160,7 @@ class JointTucker(GroupMethod):
     kinds = ("conv2d",)
     description = "one Tucker over the stacked kernels of same-shaped convs; rank [r_layer, r_out, r_in]"
     option_specs = {"sweeps": Option("int", 0, 10_000, f"HOOI sweeps after the HOSVD (default {DEFAULT_SWEEPS})")}
+    error_curve = True
 
     def unsupported_reason(self, geom: LayerGeometry) -> str | None:
         why = super().unsupported_reason(geom)
