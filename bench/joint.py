@@ -141,6 +141,7 @@ def summary(rows) -> str:
             parts.append(f"at {ratio}x joint {jm:.1f} vs tucker2 {tm:.1f}% fine-tuned, {js:.1f} vs {tsc:.1f}% from "
                          "scratch")
             ahead[ratio] = (jm > tm, js > tsc)
+    lo, hi = min(r[5] for r in rows), max(r[5] for r in rows)
     pattern = ahead.get(55, (False, False)), ahead.get(24, (True, True))
     reproduced = [k for k, name in enumerate(("fine-tuned", "from scratch")) if pattern[0][k] and not pattern[1][k]]
     verdict = ("The expected pattern (joint ahead at 55x, behind at 24x) holds "
@@ -150,7 +151,7 @@ def summary(rows) -> str:
         "Expected (RESEARCH.md, our earlier experiment on scikit-learn's 8x8 digits, trained): joint ahead at 55x "
         "(95.8 vs 92.8%), behind at 24x (97.6 vs 98.4%). Measured here: " + "; ".join(parts) + ". " + verdict +
         "Where it misses, the reasons we see: (1) post hoc, 55x and 24x of these trained convs leave every "
-        "form with most of the kernels' energy gone (stacked weight error 0.85-0.91), so the residual tower "
+        f"form with most of the kernels' energy gone (stacked weight error {lo:.2f}-{hi:.2f}), so the residual tower "
         "falls to chance right after `compress` and what follows is mostly retraining; (2) the rank of least "
         "weight error is not the rank that trains best: at 55x it is r_layer = 1 (six kernels proportional to "
         "one another), the r_layer = 6 row shares only the channel factors; (3) the training here is short "
