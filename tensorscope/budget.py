@@ -29,10 +29,11 @@ from torch import nn
 from .allocation import ALLOCATIONS, HELDOUT_ROWS, as_options, candidate_losses, measured_scales, split_halves
 from .calibration import DEFAULT_PROBES, Calibration, collect_stats
 from .data import forward, iter_batches, split_batch
-from .errors import BudgetError
+from .errors import BudgetError, PlanError, RankError
 from .evaluate import evaluate
 from .inventory import LayerInfo, count_flops, count_params, inspect
 from .methods import get_method, planner_methods
+from .methods.group import DEFAULT_GROUP_METHOD
 from .plan import Plan, as_plan
 from .preview import preview_weights, swapped_weights
 from .progress import Progress
@@ -49,6 +50,62 @@ class _Option:
     params: int
     flops: int | None
     options: dict | None = None
+    group: bool = False  # an option of a joint group (method is a group method)
+
+
+def _pareto(opts: list[_Option]) -> list[_Option]:
+    opts = sorted(opts, key=lambda o: (o.cost, o.loss))
+    pareto: list[_Option] = []
+    for o in opts:
+        if not pareto or o.loss < pareto[-1].loss - 1e-15:
+            pareto.append(o)
+    return pareto
+
+
+def _group_menu(g: Any, by: str) -> tuple[list[_Option], float]:
+    """A joint group's options (one unit) and its dense cost.
+
+    Its loss is ``n_members x`` the squared relative error of the stacked kernels, the sum of
+    the members' own squared relative errors when their kernels hold equal energy (the
+    per-layer menus' unit); groups are scored on their weights, with or without data."""
+    t = g.method.tradeoff_group(g.modules, g.geometries, g.name) if g.method.error_curve else None
+    if t is None:
+        raise BudgetError(f"group {g.name!r}: group method {g.method.name!r} has no cheap error curve, so the "
+                          "planner cannot price it; set its rank by hand (Plan.with_group)")
+    if by == "flops" and t.flops is None:
+        raise BudgetError(f"group {g.name!r}: a FLOPs budget needs every member's input size (example_input=)")
+    dense_cost = float(t.dense_params if by == "params" else t.dense_flops)
+    cost = t.params if by == "params" else t.flops
+    n = len(g.members)
+    opts = [_Option(dense_cost, 0.0, None, None, int(t.dense_params), t.dense_flops)]
+    for i, rank in enumerate(t.ranks):
+        if float(cost[i]) < dense_cost:
+            opts.append(_Option(float(cost[i]), n * float(t.errors[i]) ** 2, g.method.name, tuple(rank),
+                                int(t.params[i]), None if t.flops is None else int(t.flops[i]), None, True))
+    return _pareto(opts), dense_cost
+
+
+def _as_groups(groups: Any) -> dict[str, dict]:
+    """``groups=`` of :func:`plan_for_budget` as plan group entries without a rank."""
+    if groups is None:
+        return {}
+    if not isinstance(groups, Mapping):
+        raise BudgetError('groups= maps group names to lists of layer names (joint_tucker) or to '
+                          '{"method": ..., "layers": [...]}; got ' + type(groups).__name__)
+    out = {}
+    for name, spec in groups.items():
+        if isinstance(spec, Mapping):
+            spec = dict(spec)
+        elif isinstance(spec, (list, tuple)):
+            spec = {"method": DEFAULT_GROUP_METHOD, "layers": list(spec)}
+        else:
+            raise BudgetError(f"groups[{name!r}] must be a list of layer names or a group entry; got {spec!r}")
+        if "rank" in spec:
+            raise BudgetError(f"groups[{name!r}]: the planner chooses the rank; leave \"rank\" out")
+        spec.setdefault("method", DEFAULT_GROUP_METHOD)
+        out[name] = spec
+    return out
+
 
 
 def _menu(info: LayerInfo, module: nn.Module, methods: Sequence[str], by: str, stats: Any,
@@ -81,13 +138,7 @@ def _menu(info: LayerInfo, module: nn.Module, methods: Sequence[str], by: str, s
     # in-sample scores flatter the factors (they fit the data they are scored on): where some
     # method's options are scored held out, only those compete
     any_held = any(h for h, _ in scored)
-    opts = [dense] + [o for h, o in scored if h or not any_held]
-    opts.sort(key=lambda o: (o.cost, o.loss))
-    pareto: list[_Option] = []
-    for o in opts:
-        if not pareto or o.loss < pareto[-1].loss - 1e-15:
-            pareto.append(o)
-    return pareto
+    return _pareto([dense] + [o for h, o in scored if h or not any_held])
 
 
 def _allocate(menus: list[list[_Option]], budget: float, floor: float, bins: int) -> list[int]:
@@ -163,6 +214,7 @@ def plan_for_budget(
     variants: Any = "auto",
     probes: int = DEFAULT_PROBES,
     measure: bool | str = "auto",
+    groups: Mapping[str, Any] | None = None,
 ) -> Plan:
     """A plan keeping about ``keep`` of the model's parameters (or FLOPs), losing as little as possible.
 
@@ -215,6 +267,14 @@ def plan_for_budget(
         Needed for ``by="flops"`` (the first batch of ``data`` is used otherwise).
     layers : names, optional
         Restrict the planner to these layers (others stay dense).
+    groups : dict, optional
+        Joint groups to plan, each as one unit: ``{"stage1": ["b1.conv", "b2.conv", ...]}``
+        (a ``joint_tucker`` group) or ``{"stage1": {"method": ..., "layers": [...]}}``. The
+        planner prices every rank of the group (its cheap error curve, from the stacked
+        kernels' weights even with ``data``) against keeping its members dense, alongside the
+        other layers' options; a chosen group goes into the plan's ``"groups"``. Members are
+        planned only as the group. Without ``groups=`` no group is formed: which layers to
+        decompose together is the user's choice. Not with ``allocation="output"``.
 
     Raises :class:`BudgetError` when the target cannot be reached (it says the smallest
     reachable fraction).
@@ -255,7 +315,20 @@ def plan_for_budget(
                           "(calibration batches) or stats= (ts.collect_stats(..., gradients=True))")
     if by == "flops" and example_input is None:
         raise BudgetError('a FLOPs budget needs an example input: pass example_input= (or data=)')
+    group_specs = _as_groups(groups)
+    if group_specs and allocation == "output":
+        raise BudgetError('groups= are scored by their weights; allocation="output" scores the network\'s output '
+                          'loss, which they cannot be compared with: use allocation="layer"')
     infos = inspect(model, example_input)
+    resolved_groups = []
+    if group_specs:
+        try:
+            gplan = Plan(groups={g: {**spec, "rank": 1.0} for g, spec in group_specs.items()})
+            resolved_groups = gplan.resolve_groups(model, {i.name: i.geometry for i in infos})
+        except (PlanError, RankError) as e:
+            raise BudgetError(f"groups=: {e}") from None
+        grouped = {n for g in resolved_groups for n in g.members}
+        infos = [i for i in infos if i.name not in grouped]
     if layers is not None:
         wanted = set(layers)
         infos = [i for i in infos if i.name in wanted]
@@ -266,6 +339,8 @@ def plan_for_budget(
     total = count_params(model) if by == "params" else count_flops(model, example_input)
     if keep >= 1.0:
         return Plan()
+    if source is not None and resolved_groups:
+        raise BudgetError("groups= need the model in memory (their kernels are stacked)")
     names_ = [i.name for i in infos]
     if data is not None and stats is None:
         stats = collect_stats(model, data, names_, halves=heldout is not False, gradients=allocation == "output",
@@ -295,11 +370,13 @@ def plan_for_budget(
             if halves and (k + 1 == len(infos) or stats.get(infos[k + 1].name) is not stats[n]):
                 stats.release(n)  # the halves' factors: not needed again, and as large as the layer
             bar.update(1)
-    names = list(menus)
     # not the menus' last options: on rank-deficient weights a low rank is as exact as dense
     # and dense drops out of the Pareto menu
-    by_name = {i.name: i.geometry for i in infos}
-    dense_total = sum(float(by_name[n].dense_params if by == "params" else by_name[n].dense_flops) for n in names)
+    dense_cost = {i.name: float(i.geometry.dense_params if by == "params" else i.geometry.dense_flops) for i in infos}
+    for g in resolved_groups:  # one unit each, keyed apart from layer names
+        menus[("group", g.name)], dense_cost[("group", g.name)] = _group_menu(g, by)
+    names = list(menus)
+    dense_total = sum(dense_cost[n] for n in names)
     fixed = total - dense_total
     target = keep * total
     smallest = fixed + sum(menus[n][0].cost for n in names)
@@ -334,6 +411,8 @@ def plan_for_budget(
                               "data= (at least two samples) with statistics that have halves")
         probes = {}
         for n in names:
+            if isinstance(n, tuple):  # a group: scored by its weights, not measured
+                continue
             menu, o = menus[n], menus[n][chosen[n]]
             if o.method is None:  # dense: check the option that halves the layer
                 cand = [x for x in menu if x.method is not None]
@@ -347,13 +426,18 @@ def plan_for_budget(
             for o in menus[n]:
                 o.loss *= k
         chosen = allocate()
-    plan_layers = {}
+    plan_layers, plan_groups = {}, {}
+    members = {("group", g.name): list(g.members) for g in resolved_groups}
     for n, i in chosen.items():
         o = menus[n][i]
-        if o.method is not None:
-            plan_layers[n] = {"method": o.method, "rank": list(o.rank) if isinstance(o.rank, tuple) else int(o.rank),
-                              **(o.options or {})}
-    return Plan(plan_layers)
+        if o.method is None:
+            continue
+        rank = list(o.rank) if isinstance(o.rank, tuple) else int(o.rank)
+        if o.group:
+            plan_groups[n[1]] = {"method": o.method, "layers": members[n], "rank": rank}
+        else:
+            plan_layers[n] = {"method": o.method, "rank": rank, **(o.options or {})}
+    return Plan(plan_layers, plan_groups)
 
 
 _MAX_BINS = 20000
@@ -410,7 +494,10 @@ def _fill(menus: dict[str, list[_Option]], chosen: dict[str, int], spent: float,
 
 
 def plan_cost(model: nn.Module, plan: Any, example_input: Any = None) -> dict[str, Any]:
-    """Parameters (and FLOPs per sample with an example input) before and after ``plan``, without building."""
+    """Parameters (and FLOPs per sample with an example input) before and after ``plan``, without building.
+
+    ``"layers"`` prices each per-layer entry, ``"groups"`` each group as one unit (what its
+    members share counted once)."""
     plan = as_plan(plan)
     infos = inspect(model, example_input).by_name()
     resolved = plan.validate(model, {n: i.geometry for n, i in infos.items()})
@@ -427,8 +514,19 @@ def plan_cost(model: nn.Module, plan: Any, example_input: Any = None) -> dict[st
             flops_after += f - r.geometry.dense_flops
         per_layer[r.name] = {"params": p, "dense_params": r.geometry.dense_params, "flops": f,
                              "dense_flops": r.geometry.dense_flops, "rank": r.rank, "method": r.method.name}
+    per_group = {}
+    for g in plan.resolve_groups(model, {n: i.geometry for n, i in infos.items()}):  # one unit, counted once
+        p = g.method.count_params_group(g.geometries, g.rank, g.options)
+        f = g.method.count_flops_group(g.geometries, g.rank, g.options)
+        dense_p = sum(x.dense_params for x in g.geometries)
+        dense_f = None if any(x.dense_flops is None for x in g.geometries) else sum(x.dense_flops for x in g.geometries)
+        after += p - dense_p
+        if flops_after is not None and f is not None and dense_f is not None:
+            flops_after += f - dense_f
+        per_group[g.name] = {"params": p, "dense_params": dense_p, "flops": f, "dense_flops": dense_f,
+                             "rank": g.rank, "method": g.method.name, "layers": list(g.members)}
     return {"params": params, "params_after": after, "flops": flops, "flops_after": flops_after,
-            "ratio": params / after if after else float("inf"), "layers": per_layer}
+            "ratio": params / after if after else float("inf"), "layers": per_layer, "groups": per_group}
 
 
 def sensitivity(

@@ -133,7 +133,7 @@ def _compress_on_disk(args: argparse.Namespace, source: Any) -> int:
         before, after = params["before"], params["after"]
         procs = f" with {ctx.world} processes" if ctx.distributed else ""
         print(f"{os.path.basename(os.path.normpath(args.model))}: {_fmt(before)} -> {_fmt(after)} params "
-              f"({before / after:.2f}x smaller), {len(plan.layers)} layers decomposed{procs}; wrote {out}")
+              f"({before / after:.2f}x smaller), {len(plan)} layers decomposed{procs}; wrote {out}")
         if args.plan_out:
             plan.save(args.plan_out)
             print(f"wrote {args.plan_out}")
@@ -169,13 +169,17 @@ def _rank_text(rank: Any) -> str:
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
-    from .methods import available_methods, get_method
+    from .methods import available_group_methods, available_methods, get_group_method, get_method
 
     rows = []
     for n in available_methods():
         d = get_method(n).describe()
         flags = [f for f, on in (("budget", d["error_curve"]), ("data-aware", d["uses_data"]), ("slow", d["slow"])) if on]
         rows.append([n, ", ".join(d["kinds"]), ", ".join(d["options"]) or "-", ", ".join(flags) or "-", d["description"]])
+    for n in available_group_methods():  # under a plan's "groups": several layers together
+        d = get_group_method(n).describe()
+        flags = ["group"] + (["budget"] if d["error_curve"] else [])
+        rows.append([n, ", ".join(d["kinds"]), ", ".join(d["options"]) or "-", ", ".join(flags), d["description"]])
     print(text_table(rows, ["method", "layers", "options", "traits", "what it builds"], "lllll"))
     return 0
 
@@ -323,7 +327,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     save(small, args.output, plan=plan)
     before, after = count_params(model), count_params(small)
     print(f"{loaded.name}: {_fmt(before)} -> {_fmt(after)} params ({before / after:.2f}x smaller), "
-          f"{len(plan.layers)} layers decomposed; wrote {args.output}")
+          f"{len(plan)} layers decomposed; wrote {args.output}")
     if args.plan_out:
         plan.save(args.plan_out)
         print(f"wrote {args.plan_out}")
@@ -435,7 +439,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(text_table(rows, ["epoch", "loss", "val accuracy", *[f"{n} rank@{args.energy:g}" for n in names]]))
     before, after = count_params(trained), count_params(small)
     print(f"{loaded.name}: trained with tau={args.tau:g}; {args.energy:.0%}-energy ranks: {_fmt(before)} -> "
-          f"{_fmt(after)} params ({before / after:.2f}x smaller), {len(plan.layers)} layers decomposed")
+          f"{_fmt(after)} params ({before / after:.2f}x smaller), {len(plan)} layers decomposed")
     if evaluation is not None:
         q0, q1 = evaluate(trained, evaluation), evaluate(small, evaluation, reference=trained)
         if "accuracy" in q1:

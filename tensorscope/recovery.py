@@ -218,9 +218,18 @@ def refine_layerwise(
     max_batches: int | None = 8,
     max_rows: int = 4096,
     sequential: bool = True,
+    blocks: Sequence[str] | None = None,
     progress: Any = False,
 ) -> nn.Module:
     """Fit each factorized layer of a copy of ``model`` to the teacher's layer, in network order.
+
+    With ``blocks`` (names of modules, e.g. residual blocks or stages): block by block in
+    network order, all factorized layers inside one block train together so that the block's
+    output (after its own nonlinearity, whatever its forward returns) matches the teacher's
+    block; everything else in the block stays fixed (Su et al.'s sequential data
+    reconstruction). A block's forward must take the previous module's output as its one
+    positional input. A group's shared core (``joint_tucker``) trains with the block of any
+    of its members, which moves the members in other blocks too.
 
     For every :class:`FactorizedLayer`, the chain is trained with Adam (relative MSE) to
     produce what the original layer (same name in ``teacher``) produces in the teacher.
@@ -236,19 +245,23 @@ def refine_layerwise(
         raise DataError("refine_layerwise needs at least one batch of data")
     student = copy.deepcopy(model).eval()
     teacher = teacher.eval()
-    names = [n for n, m in student.named_modules() if isinstance(m, FactorizedLayer)]
+    if blocks is not None:
+        names = _check_blocks(student, teacher, blocks)
+    else:
+        names = [n for n, m in student.named_modules() if isinstance(m, FactorizedLayer)]
     with Progress(progress, total=len(names), desc="layer-wise refinement") as bar:
         for name in names:
             bar.set_message(name)
             x_t, y = _capture(teacher, name, batches, max_rows)
             x = _capture(student, name, batches, max_rows)[0] if sequential else x_t
-            chain = student.get_submodule(name)
-            chain.train()
-            opt = torch.optim.Adam(chain.parameters(), lr=lr)
+            unit = student.get_submodule(name)
+            params = list(unit.parameters()) if blocks is None else _factor_parameters(unit)
+            chain = unit.train() if blocks is None else unit.eval()  # a block keeps its normalisation fixed
+            opt = torch.optim.Adam(params, lr=lr)
             scale = y.pow(2).mean().clamp_min(1e-12)
             with torch.no_grad():
                 best = float((chain(x) - y).pow(2).mean() / scale)
-            best_state = copy.deepcopy(chain.state_dict())
+            best_state = [p.detach().clone() for p in params]
             for _ in range(steps):
                 loss = (chain(x) - y).pow(2).mean() / scale
                 opt.zero_grad(set_to_none=True)
@@ -257,11 +270,57 @@ def refine_layerwise(
                 with torch.no_grad():
                     now = float((chain(x) - y).pow(2).mean() / scale)
                 if now < best:
-                    best, best_state = now, copy.deepcopy(chain.state_dict())
-            chain.load_state_dict(best_state)  # never worse than the starting factors
-            chain.eval()
+                    best, best_state = now, [p.detach().clone() for p in params]
+            with torch.no_grad():  # never worse than the starting factors
+                for p, b in zip(params, best_state):
+                    p.copy_(b)
+            for p in unit.parameters():
+                p.grad = None
+            unit.eval()
             bar.update(1)
     return student
+
+
+def _is_factorized(m: nn.Module) -> bool:
+    """A module a method built: a chain, or a member of a joint group."""
+    from .methods.joint_tucker import JointTuckerConv
+
+    return isinstance(m, (FactorizedLayer, JointTuckerConv))
+
+
+def _factor_parameters(block: nn.Module) -> list[nn.Parameter]:
+    """The distinct parameters of the factorized layers inside ``block`` (a shared core once)."""
+    seen: dict[int, nn.Parameter] = {}
+    for m in block.modules():
+        if _is_factorized(m):
+            for p in m.parameters():
+                seen.setdefault(id(p), p)
+    return list(seen.values())
+
+
+def _check_blocks(student: nn.Module, teacher: nn.Module, blocks: Sequence[str]) -> list[str]:
+    """``blocks`` in network order; DataError naming a block that is missing, nested in
+    another, or holds no factorized layer."""
+    if isinstance(blocks, str) or not all(isinstance(b, str) for b in blocks):
+        raise DataError(f"blocks= is a list of module names (e.g. ['layer1', 'layer2']); got {blocks!r}")
+    order = {n: k for k, (n, _) in enumerate(student.named_modules())}
+    t_names = dict(teacher.named_modules())
+    for b in blocks:
+        if b not in order or b not in t_names:
+            import difflib
+
+            close = difflib.get_close_matches(b, [n for n in order if n], n=3)
+            hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+            raise DataError(f"block {b!r} is not a module of both the model and the teacher{hint}")
+        if not any(_is_factorized(m) for m in student.get_submodule(b).modules()):
+            raise DataError(f"block {b!r} holds no factorized layer: nothing in it would train; compress "
+                            "layers inside it first, or leave it out of blocks=")
+    for a in blocks:
+        for b in blocks:
+            if a != b and b.startswith(a + "."):
+                raise DataError(f"block {b!r} is inside block {a!r}; name blocks that do not nest")
+    return sorted(dict.fromkeys(blocks), key=order.__getitem__)
+
 
 
 # ---- iterative compression ----------------------------------------------------------------

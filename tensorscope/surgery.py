@@ -1,8 +1,9 @@
 """Model surgery: apply a plan to a copy of a model.
 
 ``compress(model, plan)`` deep-copies the model, replaces each planned layer by the chain
-its method builds, and returns the copy; the original is never modified. Everything is
-validated before any factorization starts, so a bad plan fails fast and leaves nothing
+its method builds (each plan group: one factorization, whose members share one core), and
+returns the copy; the original is never modified. Everything is validated before any
+factorization starts, so a bad plan fails fast and leaves nothing
 half-done. ``tensorize(model, plan)`` builds the same structure without factorizing, with
 fresh random weights, for training a factorized network from scratch.
 """
@@ -22,8 +23,8 @@ from .errors import DecompositionError, PlanError, TensorscopeError
 from .forward_check import behaviour
 from .layers import FactorizedLayer
 from .methods.base import BreakEvenWarning, check_finite, warn_if_past_break_even
-from .plan import Plan, ResolvedLayer, as_plan
-from .preview import cached_factors
+from .plan import Plan, ResolvedGroup, ResolvedLayer, as_plan
+from .preview import cached_factors, cached_group_factors
 from .progress import Progress
 from .sources import ON_DISK
 from .streaming import compress_source
@@ -141,6 +142,9 @@ def compress(
         compressed network gives it (:func:`tensorscope.correct`, closed form, one pass).
     """
     if isinstance(model, ON_DISK):
+        if as_plan(plan).groups:
+            raise PlanError("plan groups (joint decompositions) stack their members' kernels, which weights on disk "
+                            "do not allow yet: load the model in memory to compress a plan with groups")
         if out is None:
             raise TypeError("compressing weights on disk writes a folder of shards: pass out='folder'")
         if data is not None or fold_bn or max_batches is not None:
@@ -158,9 +162,13 @@ def compress(
     if fold_bn:
         fold_batchnorm(new)
     resolved = plan.validate(new)
+    groups = plan.resolve_groups(new)
     _refuse_unfactorizable(resolved)
     for r in resolved:  # refuse NaN/Inf before spending time on anything
         check_finite(r.module, r.name)
+    for g in groups:
+        for n, m in zip(g.members, g.modules):
+            check_finite(m, n)
     if data is not None and stats is not None and not correct:
         raise TypeError("compress takes data= or stats=, not both")
     if correct and data is None:
@@ -176,11 +184,15 @@ def compress(
                             "output-gradient moments; collect them with ts.collect_stats(..., gradients=True)")
     if stats is not None:
         _warn_few_rows(resolved, stats)
-    bar = Progress(progress, total=len(resolved), desc="decomposing")
+    bar = Progress(progress, total=len(resolved) + len(groups), desc="decomposing")
     try:
         for r in resolved:
             bar.set_message(f"{r.name}: {r.method.name} rank {r.rank}")
             set_submodule(new, r.name, _decompose_one(r, stats, refine))
+            bar.update(1)
+        for g in groups:  # one unit each: one factorization, one shared core (data does not change it)
+            bar.set_message(f"group {g.name}: {g.method.name} rank {g.rank}")
+            _place_group(new, g, _decompose_group(g, refine))
             bar.update(1)
     finally:
         bar.close()
@@ -250,6 +262,26 @@ def _decompose_one(r: ResolvedLayer, stats: Any, refine: bool) -> nn.Module:
     return built
 
 
+def _decompose_group(g: ResolvedGroup, refine: bool) -> list[nn.Module]:
+    try:
+        return g.method.build_group(g.modules, cached_group_factors(g, refine), g.name)
+    except TensorscopeError as e:
+        raise type(e)(f"group {g.name!r}: {e}") from e
+    except (RuntimeError, ValueError, torch.linalg.LinAlgError) as e:
+        raise DecompositionError(f"group {g.name!r}: {g.method.name} at rank {g.rank} failed: "
+                                 f"{type(e).__name__}: {e}") from e
+
+
+def _place_group(model: nn.Module, g: ResolvedGroup, built: list[nn.Module]) -> None:
+    """Put each member's module where the member was (with the padding its forward applied)."""
+    for name, layer, b in zip(g.members, g.modules, built):
+        pad = behaviour(layer).padding_module(layer) if isinstance(layer, nn.Conv2d) else None
+        if pad is not None:
+            b = FactorizedLayer(pad, b, method=g.method.name, rank=g.rank, source=type(layer).__name__)
+        b.train(layer.training)
+        set_submodule(model, name, b)
+
+
 # ---- tensorize ----------------------------------------------------------------------------
 
 TENSORIZE_INITS = ("random", "factorize")
@@ -307,9 +339,11 @@ def tensorize(model: nn.Module, plan: Any, *, init: str = "random", seed: int = 
     plan = as_plan(plan)
     new = copy.deepcopy(model)
     resolved = plan.validate(new)
+    groups = plan.resolve_groups(new)
     for r in resolved:
         warn_if_past_break_even(r.method, r.geometry, r.rank, r.options, name=r.name)
-    devices = sorted({p.device.index or 0 for r in resolved for p in r.module.parameters() if p.device.type == "cuda"})
+    mods = [r.module for r in resolved] + [m for g in groups for m in g.modules]
+    devices = sorted({p.device.index or 0 for m in mods for p in m.parameters() if p.device.type == "cuda"})
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         for r in resolved:
@@ -323,6 +357,12 @@ def tensorize(model: nn.Module, plan: Any, *, init: str = "random", seed: int = 
                 reset()
             built.train(r.module.training)
             set_submodule(new, r.name, built)
+        for g in groups:
+            members = g.method.skeleton_group(g.modules, g.rank, g.options, g.name)
+            unique = {id(m): m for b in members for m in b.modules() if callable(getattr(m, "reset_parameters", None))}
+            for m in unique.values():  # what the members share is drawn once
+                m.reset_parameters()
+            _place_group(new, g, members)
     object.__setattr__(new, PLAN_ATTR, plan)
     object.__setattr__(new, FOLD_ATTR, False)
     return new
@@ -343,6 +383,8 @@ def apply_skeleton(model: nn.Module, plan: Any, *, fold_bn: bool = False) -> nn.
             built = with_input_padding(r.module, r.method.skeleton(r.module, r.rank, r.options))
             built.train(r.module.training)
             set_submodule(model, r.name, built)
+        for g in plan.resolve_groups(model):  # one shared core per group, as compress builds it
+            _place_group(model, g, g.method.skeleton_group(g.modules, g.rank, g.options, g.name))
     object.__setattr__(model, PLAN_ATTR, plan)
     object.__setattr__(model, FOLD_ATTR, bool(fold_bn))
     return model

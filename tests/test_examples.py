@@ -20,7 +20,7 @@ import tensorscope.examples as E
 from tensorscope._arch import build_arch, get_arch
 from tensorscope.evaluate import evaluate
 
-TARGETS = {"lenet5": 0.97, "mlp": 0.95, "resnet8": 0.97}
+TARGETS = {"lenet5": 0.97, "mlp": 0.95, "resnet8": 0.97, "tower": 0.97}
 
 
 @pytest.fixture(scope="session")
@@ -128,7 +128,7 @@ def test_mnist_splits_are_seeded_disjoint_and_balanced():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["lenet5", "mlp", "resnet8"])
+@pytest.mark.parametrize("name", ["lenet5", "mlp", "resnet8", "tower"])
 def test_trained_examples_reach_their_accuracy(trained, name):
     cache, results = trained
     ex, calls = results[name]

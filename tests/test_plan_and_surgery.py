@@ -93,7 +93,7 @@ def test_plan_json_round_trip_matches_design_document():
     ("not json", "not valid JSON"),
     ("[]", "JSON object"),
     ('{"layers": {}}', "tensorscope_plan"),
-    ('{"tensorscope_plan": 2, "layers": {}}', "version 2"),
+    ('{"tensorscope_plan": 3, "layers": {}}', "version 3"),  # format 2 (groups) is read since issue 17
     ('{"tensorscope_plan": 1, "layers": []}', "layers"),
     ('{"tensorscope_plan": 1, "layers": {"a": {"method": "svd"}}}', "rank"),
     ('{"tensorscope_plan": 1, "layers": {"a": {"method": "magic", "rank": 2}}}', "unknown method"),

@@ -15,6 +15,7 @@ from typing import Any
 from ..methods import get_method
 from ..plan import Plan, ResolvedLayer
 from ..preview import reconstructed_weight
+from . import groups as _groups
 from . import limits
 from .common import _rank_key, _rank_text
 from .evaluator import TRACE_GUARD, _Superseded
@@ -72,6 +73,7 @@ class _Quality(_Session):
             with self._lock:
                 version = self.plan_version
                 plan, resolved, evaluator = self.plan, dict(self._resolved), self._evaluator
+                groups = list(getattr(self, "_groups", []))
                 focus, refine = self._focus, self.refine
                 model, cost = self._model, dict(self.cost)
                 stats = self._stats if self.calibrate else None
@@ -104,6 +106,7 @@ class _Quality(_Session):
                         ref = layer.module.weight.detach().double()
                         denom = math.sqrt(layer.norm2) if layer.norm2 > 0 else float(ref.norm())
                         errors[name] = (key, float((w.double() - ref).norm()) / denom if denom > 0 else 0.0)
+            weights.update(_groups.preview_weights(groups, refine))  # each member's slice of its group
             if stop():
                 raise _Superseded()
             if not incremental:

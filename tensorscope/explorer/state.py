@@ -24,6 +24,7 @@ from ..inventory import LayerInfo
 from ..methods import RankAxis, get_method, planner_methods
 from ..plan import Plan, as_plan
 from ..ranks import energy_rank, vbmf_rank
+from . import groups as _groups
 from . import limits
 from .common import DENSE, _batches, _Layer, _rank_key, _rank_text, shared_result
 from .compare import _Compare
@@ -458,6 +459,7 @@ class ExplorerState(_Loading, _DataAware, _Quality, _Exports, _Compare, _Latency
             resolved[r.name] = (r.method.name, r.rank)
             options[r.name] = dict(r.options)
         self._resolved, self._options = resolved, options
+        self._groups = _groups.resolve(plan, self._model, geoms)  # joint groups: one unit each
         self._focus = focus
         self._export_memo = None
         cost = self._cost()
@@ -484,13 +486,16 @@ class ExplorerState(_Loading, _DataAware, _Quality, _Exports, _Compare, _Latency
             bytes_after += (p - geom.dense_params) * self._layers[name].module.weight.element_size()
             if flops_after is not None:
                 flops_after = None if (f is None or geom.dense_flops is None) else flops_after + f - geom.dense_flops
+        dp, df, db = _groups.cost_delta(getattr(self, "_groups", []))
+        params_after, bytes_after = params_after + dp, bytes_after + db
+        flops_after = None if (flops_after is None or df is None) else flops_after + df
         return {
             "params": self._base_params, "params_after": params_after,
             "flops": self._base_flops, "flops_after": flops_after,
             "bytes": self._base_bytes, "bytes_after": bytes_after,
             "ratio": self._base_params / params_after if params_after else float("inf"),
             "flops_ratio": (self._base_flops / flops_after) if (self._base_flops and flops_after) else None,
-            "layers_planned": len(self._resolved),
+            "layers_planned": len(self._resolved) + sum(len(g.members) for g in getattr(self, "_groups", [])),
         }
 
     def layer_error(self, name: str) -> float | None:
@@ -513,11 +518,14 @@ class ExplorerState(_Loading, _DataAware, _Quality, _Exports, _Compare, _Latency
         import pandas as pd  # optional: comes with the app's extras, not a core dependency
 
         rows = []
+        group_rows, in_group = _groups.table_rows(getattr(self, "_groups", []))
         for name, layer in self._layers.items():
             info = layer.info
             method, rank = self._resolved.get(name, (DENSE, None))
             p, f = self._layer_after(name)
             err = self.layer_error(name)
+            if name in in_group:  # its share is in its group's row
+                method, p, err = in_group[name], 0, None
             rows.append({
                 "layer": name,
                 "type": info.kind,
@@ -527,10 +535,11 @@ class ExplorerState(_Loading, _DataAware, _Quality, _Exports, _Compare, _Latency
                 "method": method,
                 "rank": _rank_text(method, rank),
                 "params after": int(p),
-                "ratio": info.geometry.dense_params / p if p else float("inf"),
+                "ratio": info.geometry.dense_params / p if p else float("inf" if name not in in_group else "nan"),
                 "rel. error": float("nan") if err is None else float(err),
                 "energy %": float("nan") if err is None else round(100.0 * (1.0 - float(err) ** 2), 1),
             })
+        rows += group_rows
         return pd.DataFrame(rows, columns=["layer", "type", "shape", "params", "MFLOPs", "method", "rank",
                                            "params after", "ratio", "rel. error", "energy %"])
 
