@@ -340,6 +340,8 @@ def from_folder(path: str | os.PathLike, *, n_calibration: int | None = None, n_
     if tok is None or tok.pad_token_id is None:
         return model.eval(), None
     head = any(not n.endswith("Model") for n in (getattr(cfg, "architectures", None) or []))
+    if not head and isinstance(getattr(model, "pooler", None), nn.Module):
+        model.pooler = None  # not part of the sentence embedding (BERT-like models skip a None pooler)
     net = TextModel(model, pad_id=tok.pad_token_id, pooled=not head).eval()
     cal, ev, dc, de = _text_data(tok, n_calibration, n_evaluation)
     metric = "cosine" if net.pooled else "agreement"

@@ -50,12 +50,13 @@ class _Stages(_Session):
     """Iterative compression (mixin of :class:`~tensorscope.explorer.ExplorerState`)."""
 
     def run_iterative(self, stages: int | None = None, rule: str | None = None,
-                      finetune_steps: int | None = None) -> bool:
+                      finetune_steps: int | None = None, keep: float | None = None) -> bool:
         """Compress the session's network in ``stages`` stages (default ``iterative_stages``) with
-        ``rule`` (``iterative_rule``: ``"budget"`` reaches ``budget_keep`` on a geometric schedule,
-        ``"weakened_vbmf"`` is MUSCO's rule), fine-tuning ``finetune_steps`` steps (default
-        ``finetune_steps``) after each; blocking (the view submits it). The rows land in
-        ``stages``; the session's plan is left as it is."""
+        ``rule`` (``iterative_rule``: ``"budget"`` reaches ``keep`` of the parameters, default
+        ``budget_keep``, on a geometric schedule; ``"weakened_vbmf"`` is MUSCO's rule),
+        fine-tuning ``finetune_steps`` steps (default ``finetune_steps``) after each; factors
+        from the calibration data in the data-aware mode. Blocking (the view submits it). The
+        rows land in ``stages``; the session's plan is left as it is."""
 
         def work():
             if self._model is None:
@@ -75,13 +76,15 @@ class _Stages(_Session):
             if not 0 <= steps <= 5000:
                 raise DataError(f"fine-tuning steps must be between 0 and 5000; got {finetune_steps!r}")
             with self._lock:
-                model, keep, version = self._model, float(self.budget_keep), self.version
+                model, version, aware = self._model, self.version, bool(self.calibrate)
+                k = float(self.budget_keep if keep is None else keep)
                 x, y, desc = self._calib
                 evaluation = _batches(self._data.inputs, self._data.targets, limits.CHUNK)
             with self._busy(f"iterative compression: {n} stage(s)"):
                 _, history = iterative(
-                    model, _batches(x, y, 64), keep=keep if how == "budget" else None, steps=n,
+                    model, _batches(x, y, 64), keep=k if how == "budget" else None, steps=n,
                     finetune_steps=steps, rank_rule=how, layers=list(self._layers), val_data=evaluation,
+                    data_aware=aware,
                     progress=lambda f, m: self._report(f, f"iterative: {m}"))
                 rows = stage_rows(history, model)
             if self.version != version:
