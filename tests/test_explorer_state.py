@@ -929,6 +929,20 @@ def test_iterative_from_the_page_records_every_stage(fresh):
     assert s.use_stage(2), s.error
     assert s.cost["params_after"] == rows[2]["params"]  # the stage's ranks, counted from geometry
     assert not s.use_stage(7) and "no stage 7" in s.error
+    # the page plots the stages: quality before/after each fine-tune, and parameters
+    pytest.importorskip("panel")
+    import sys
+    from pathlib import Path
+
+    apps = str(Path(__file__).resolve().parent.parent / "apps")
+    if apps not in sys.path:
+        sys.path.insert(0, apps)
+    from explorer import ExplorerView
+
+    layout = ExplorerView._stages_element(rows)
+    quality, params = layout
+    assert len(quality.Curve.I.data) == 2 * len(rows)
+    assert list(params.data["params"]) == [r["params"] for r in rows]
     s.error = ""
     assert not s.run_iterative(stages=0) and "between 1 and" in s.error
     s.error = ""
