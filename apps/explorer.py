@@ -700,11 +700,12 @@ class ExplorerView(pn.viewable.Viewer):
         for r in stages:
             steps += [(r["stage"] - 0.15, r["before"], "before fine-tuning"), (r["stage"] + 0.15, r["after"], "after")]
         df = pd.DataFrame(steps, columns=["stage", metric, "when"]).astype({metric: float})
-        rows = pd.DataFrame([{"stage": r["stage"], "params": r["params"], "ratio": r["ratio"],
+        rows = pd.DataFrame([{"stage": str(r["stage"]), "params": r["params"], "ratio": r["ratio"],
                               "changed": len(r["changed"])} for r in stages])
         quality = (hv.Curve(df, "stage", metric).opts(color=ACCENT)
                    * hv.Scatter(df, "stage", [metric, "when"]).opts(color=MARK, size=7, tools=["hover"])).opts(
-            title=f"{metric} before and after each stage's fine-tuning", ylim=(0, 1.02), responsive=True,
+            title=f"{metric} before and after each stage's fine-tuning", responsive=True,
+            ylim=(max(0.0, float(df[metric].min()) - 0.05), 1.005), xticks=[r["stage"] for r in stages],
             height=PLOT_H - 40, toolbar="above", show_legend=False)
         params = hv.Bars(rows, "stage", ["params", "ratio", "changed"]).opts(
             color=ACCENT, tools=["hover"], yformatter=COUNT_FMT, responsive=True, height=PLOT_H - 40,

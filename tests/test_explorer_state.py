@@ -943,6 +943,7 @@ def test_iterative_from_the_page_records_every_stage(fresh):
     quality, params = layout
     assert len(quality.Curve.I.data) == 2 * len(rows)
     assert list(params.data["params"]) == [r["params"] for r in rows]
+    assert list(params.data["stage"]) == [str(r["stage"]) for r in rows]
     s.error = ""
     assert not s.run_iterative(stages=0) and "between 1 and" in s.error
     s.error = ""
