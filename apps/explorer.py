@@ -265,7 +265,7 @@ def _compare_html(cmp: dict, images: Callable[[int], str] | None) -> str:
     for quantity, va, vb in cmp["summary"]:
         cls = ""
         if isinstance(va, (int, float)) and isinstance(vb, (int, float)) and not isinstance(va, bool) and va != vb:
-            better_b = (vb > va) if quantity in ("compression", "accuracy", "agreement") else (vb < va)
+            better_b = (vb > va) if quantity in ("compression", "accuracy", "agreement", "cosine") else (vb < va)
             cls = " class='ts-up'" if better_b else " class='ts-down'"
         rows.append(f"<tr><td>{quantity}</td><td>{_fmt(quantity, va)}</td><td{cls}>{_fmt(quantity, vb)}</td></tr>")
     summary = f"<table class='ts-cmp-summary'>{head}{''.join(rows)}</table>"
