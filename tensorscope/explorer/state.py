@@ -17,7 +17,6 @@ import numpy as np
 import param
 from torch import Tensor, nn
 
-from .. import examples as _examples
 from ..budget import plan_for_budget
 from ..errors import DataError
 from ..inventory import LayerInfo
