@@ -49,7 +49,7 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
 
-from tensorscope.examples import list_examples
+from tensorscope.explorer.real import example_names, folder_root
 from tensorscope.explorer import (
     DENSE,
     EXECUTOR,
@@ -265,7 +265,7 @@ def _compare_html(cmp: dict, images: Callable[[int], str] | None) -> str:
     for quantity, va, vb in cmp["summary"]:
         cls = ""
         if isinstance(va, (int, float)) and isinstance(vb, (int, float)) and not isinstance(va, bool) and va != vb:
-            better_b = (vb > va) if quantity in ("compression", "accuracy", "agreement") else (vb < va)
+            better_b = (vb > va) if quantity in ("compression", "accuracy", "agreement", "cosine") else (vb < va)
             cls = " class='ts-up'" if better_b else " class='ts-down'"
         rows.append(f"<tr><td>{quantity}</td><td>{_fmt(quantity, va)}</td><td{cls}>{_fmt(quantity, vb)}</td></tr>")
     summary = f"<table class='ts-cmp-summary'>{head}{''.join(rows)}</table>"
@@ -346,12 +346,23 @@ class ExplorerView(pn.viewable.Viewer):
         busy = s.param.busy
         # network
         self.example_select = pn.widgets.Select(
-            label="Built-in example", options=list_examples(),
-            value=self._load_on_start if self._load_on_start in list_examples() else DEFAULT_EXAMPLE,
-            css_classes=["ts-example"], description="A built-in network, trained on first use and then cached.")
+            label="Example network", options=example_names(),
+            value=self._load_on_start if self._load_on_start in example_names() else DEFAULT_EXAMPLE,
+            css_classes=["ts-example"],
+            description="A built-in MNIST network (trained on first use, then cached), or a real pretrained one "
+                        "(listed when its packages are installed) with the data that ships with it.")
         self.load_button = pn.widgets.Button(
             label="Load example", color="primary", css_classes=["ts-load"],
             description="Replace this session's network and plan by the example chosen above.")
+        root = folder_root()
+        self.folder_input = pn.widgets.TextInput(
+            label="Hugging Face folder on the server", css_classes=["ts-folder"],
+            placeholder=f"a folder under {root}" if root else "not allowed on this server",
+            description="A model folder (config.json, weights, tokenizer) on the server's disk, under the folder "
+                        "the server allows (TENSORSCOPE_EXPLORER_HF_ROOT); text models get shipped sentences.")
+        self.folder_button = pn.widgets.Button(
+            label="Load folder", css_classes=["ts-load-folder"],
+            description="Replace this session's network by the model folder above (the current one stays on error).")
         self.model_file = pn.widgets.FileInput(
             accept=".pt,.pth,.safetensors,.bin,.ckpt", css_classes=["ts-model-file"], label="Network file",
             description="A state dict, a checkpoint written here, or (if trusted) a pickled module.")
@@ -416,6 +427,17 @@ class ExplorerView(pn.viewable.Viewer):
         self.vbmf_button = pn.widgets.Button(
             label="VBMF preset", css_classes=["ts-vbmf"],
             description="Each layer's ranks from variational Bayesian matrix factorization (noise-level estimate).")
+        # iterative compression (ts.iterative): stages, rule, run; its stages are plotted
+        self.stages_input = pn.widgets.IntInput.from_param(
+            s.param.iterative_stages, label="Stages", width=80, css_classes=["ts-stages"],
+            description=s.param.iterative_stages.doc)
+        self.rule_select = pn.widgets.Select.from_param(
+            s.param.iterative_rule, label="Ranks per stage", width=140, css_classes=["ts-stage-rule"],
+            description=s.param.iterative_rule.doc)
+        self.iterative_button = pn.widgets.Button(
+            label="Compress in stages", css_classes=["ts-iterative"],
+            description="ts.iterative (MUSCO): compress, fine-tune on the calibration data, compress further; "
+                        "each stage is plotted (parameters, quality before and after its fine-tuning).")
         self.reset_button = pn.widgets.Button(
             label="All dense", css_classes=["ts-reset"],
             description="Undo every decomposition: the original network.")
@@ -546,6 +568,9 @@ class ExplorerView(pn.viewable.Viewer):
         # rebuilt (not updated) on each load: its categorical axis changes with the network
         self.overview_plot = pn.pane.HoloViews(pn.bind(self._overview_element, s.param.overview),
                                                sizing_mode="stretch_width", linked_axes=False)
+        self.stages_plot = pn.pane.HoloViews(pn.bind(self._stages_element, s.param.stages),
+                                             sizing_mode="stretch_width", linked_axes=False,
+                                             css_classes=["ts-stages-plot"])
         self.history_plot = pn.pane.HoloViews(
             hv.DynamicMap(self._history_element, streams=[self.param.history_tick]).opts(**opts),
             sizing_mode="stretch_width", linked_axes=False, css_classes=["ts-history-plot"])
@@ -664,10 +689,35 @@ class ExplorerView(pn.viewable.Viewer):
                                           ylabel=metric, responsive=True, height=PLOT_H + 20, toolbar="above",
                                           show_legend=False)
 
+    @staticmethod
+    def _stages_element(stages: list):
+        """Each stage of the last iterative run: quality before and after its fine-tuning, and parameters."""
+        if not stages:
+            return hv.Text(0.5, 0.5, "Press “Compress in stages” (sidebar) to compress in stages here.").opts(
+                xaxis=None, yaxis=None, height=120, responsive=True, toolbar=None)
+        metric = stages[0]["metric"]
+        steps = []  # before -> after within a stage, then on to the next stage's before
+        for r in stages:
+            steps += [(r["stage"] - 0.15, r["before"], "before fine-tuning"), (r["stage"] + 0.15, r["after"], "after")]
+        df = pd.DataFrame(steps, columns=["stage", metric, "when"]).astype({metric: float})
+        rows = pd.DataFrame([{"stage": str(r["stage"]), "params": r["params"], "ratio": r["ratio"],
+                              "changed": len(r["changed"])} for r in stages])
+        quality = (hv.Curve(df, "stage", metric).opts(color=ACCENT)
+                   * hv.Scatter(df, "stage", [metric, "when"]).opts(color=MARK, size=7, tools=["hover"])).opts(
+            title=f"{metric} before and after each stage's fine-tuning", responsive=True,
+            ylim=(max(0.0, float(df[metric].min()) - 0.05), 1.005), xticks=[r["stage"] for r in stages],
+            height=PLOT_H - 40, toolbar="above", show_legend=False)
+        params = hv.Bars(rows, "stage", ["params", "ratio", "changed"]).opts(
+            color=ACCENT, tools=["hover"], yformatter=COUNT_FMT, responsive=True, height=PLOT_H - 40,
+            toolbar="above", title="parameters after each stage (hover: ratio, layers changed)")
+        return (quality + params).opts(shared_axes=False)
+
     # ------------------------------------------------------------------ wiring
     def _wire(self) -> None:
         s = self.state
         self.load_button.on_click(lambda e: self._submit(s.load_example, self.example_select.value))
+        self.folder_button.on_click(lambda e: self._submit(s.load_folder, self.folder_input.value))
+        self.iterative_button.on_click(lambda e: self._submit(s.run_iterative))
         self.upload_button.on_click(self._on_upload)
         self.finetune_button.on_click(lambda e: self._submit(s.finetune))
         self.auto_button.on_click(lambda e: self._submit(s.apply_budget))
@@ -737,7 +787,8 @@ class ExplorerView(pn.viewable.Viewer):
         last value must win (a grey overlay left behind blocks the table's clicks).
         """
         s = self.state
-        for w in (self.load_button, self.upload_button, self.calibrate_switch, self.finetune_button,
+        for w in (self.load_button, self.folder_button, self.iterative_button, self.upload_button,
+                  self.calibrate_switch, self.finetune_button,
                   self.auto_button, self.energy_button, self.vbmf_button, self.reset_button, self.latency_button,
                   self.restore_a, self.restore_b):
             if w.disabled != s.busy:
@@ -1068,6 +1119,7 @@ class ExplorerView(pn.viewable.Viewer):
         return [
             pn.pane.Markdown("### Network", margin=(0, 10)),
             self.example_select, self.load_button,
+            pn.Row(self.folder_input, self.folder_button),
             pn.layout.Divider(),
             self.model_file, self.arch_input, self.trust_box, self.upload_button, self.upload_hint,
             pn.pane.Markdown("### Evaluation data", margin=(10, 10, 0, 10)),
@@ -1084,6 +1136,8 @@ class ExplorerView(pn.viewable.Viewer):
             _with_tip(self.keep_slider, s.param.budget_keep.doc), self.by_select, self.auto_button,
             _with_tip(self.energy_slider, s.param.preset_energy.doc),
             pn.Row(self.energy_button, self.vbmf_button), self.reset_button,
+            pn.pane.Markdown("### Compress in stages", margin=(10, 10, 0, 10)),
+            pn.Row(self.stages_input, self.rule_select), self.iterative_button,
             pn.pane.Markdown("### Speed on this server", margin=(10, 10, 0, 10)),
             pn.Row(self.latency_batch, self.latency_button),
             pn.pane.Markdown("Times both networks here, one thread, medians; other sessions share the machine, so "
@@ -1122,6 +1176,8 @@ class ExplorerView(pn.viewable.Viewer):
                            css_classes=["ts-history-card"]),
                    sizing_mode="stretch_width"),
             compare,
+            pn.Card(self.stages_plot, title="Compression in stages (the last run of “Compress in stages”)",
+                    collapsible=False, sizing_mode="stretch_width", css_classes=["ts-stages-card"]),
         ]
 
     def __panel__(self):

@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -140,6 +142,21 @@ assert ranks["τ=0.1"].iloc[-1] < ranks["τ=0.1"].iloc[0] / 4  # the penalty col
 assert ranks["τ=0"].iloc[-1] == ranks["τ=0"].iloc[0]  # plain SGD keeps the full rank
 hv.Overlay([hv.Curve((ranks.index, ranks[c]), "epoch", "exact rank of layer 2", label=c) for c in ranks]).opts(
     width=500, height=280, legend_position="right", title="The rank, epoch by epoch")
+
+# %% [markdown]
+# The history also keeps each layer's *energy rank* after every epoch: the smallest rank that
+# holds 99% of its energy, which is the rank `ts.plan_by_rule(model, "energy", keep=0.99)`
+# will give it below. With the penalty it falls in every regularised layer, well below where
+# plain SGD leaves it (dashed).
+
+# %%
+frames = {tau: runs[tau][1].to_frame() for tau in runs}
+for n in hidden:  # the penalty leaves every regularised layer a shorter spectrum than plain SGD
+    assert frames[0.1][f"energy_rank.{n}"].iloc[-1] < frames[0.0][f"energy_rank.{n}"].iloc[-1]
+hv.Overlay([hv.Curve((frames[tau]["epoch"], frames[tau][f"energy_rank.{n}"]), "epoch", "rank at 99% energy",
+                     label=f"layer {n}, τ={tau:g}").opts(line_dash="solid" if tau else "dashed")
+            for tau in runs for n in hidden]).opts(
+    width=600, height=300, legend_position="right", title="The spectrum collapsing: rank at 99% energy, epoch by epoch")
 
 # %% [markdown]
 # Now truncate each trained network: `ts.plan_by_rule(model, "energy", keep=0.99)` gives

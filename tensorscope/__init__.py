@@ -60,6 +60,7 @@ _LAZY = {
     "collect_stats": "calibration",
     "correct": "correction",
     "examples": None,
+    "pretrained": None,
     "bayes": None,
 }
 
@@ -73,7 +74,7 @@ __all__ = [
     "vbmf_rank", "weakened_rank", "available_methods", "get_method", "LayerGeometry", "plan_by_rule",
     # compress, recover, persist
     "compress", "tensorize", "preview", "fold_batchnorm", "plan_of", "FactorizedLayer", "save", "load", "export",
-    "load_model", "describe", "finetune", "refine_layerwise", "iterative", "collect_stats", "correct", "examples", "bayes",
+    "load_model", "describe", "finetune", "refine_layerwise", "iterative", "collect_stats", "correct", "examples", "pretrained", "bayes",
     # train
     "train", "lowrank_train", "History",
     # errors and warnings

@@ -18,9 +18,16 @@ from .data import iter_batches, output_tensor, split_batch
 from .errors import DataError
 from .progress import Progress, ProgressArg
 
-__all__ = ["evaluate", "predict", "metrics", "RunningMetrics", "IGNORE_INDEX"]
+__all__ = ["evaluate", "predict", "metrics", "headline_metric", "RunningMetrics", "IGNORE_INDEX", "METRIC_ATTR"]
 
 IGNORE_INDEX = -100  # targets equal to this are skipped, as in Hugging Face and F.cross_entropy
+
+#: the attribute a network sets to name the key of :func:`evaluate`'s result that measures it
+#: (e.g. ``"cosine"`` for a sentence encoder, whose outputs are embeddings, not class scores)
+METRIC_ATTR = "tensorscope_metric"
+
+#: the default order: labels first, then agreement with the reference, then cosine
+_DEFAULT_ORDER = ("accuracy", "agreement", "cosine", "mse")
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -192,6 +199,21 @@ def metrics(outputs: Tensor, targets: Tensor | None = None, reference: Tensor | 
     sums = RunningMetrics()
     sums.update(outputs, targets, reference)
     return sums.result()
+
+
+def headline_metric(result: dict[str, Any], model: nn.Module | None = None) -> str | None:
+    """The key of an :func:`evaluate` / :func:`metrics` result that says how good ``model`` is.
+
+    The hook: a network may name its own metric in a ``tensorscope_metric`` attribute
+    (:data:`METRIC_ATTR`; a class attribute, a property or an instance attribute), e.g.
+    ``"cosine"`` for a sentence encoder, whose top-1 "agreement" over embedding dimensions
+    means nothing. That key is used when the result has it; otherwise ``accuracy`` (labels),
+    then ``agreement``, ``cosine``, ``mse``. None when the result has none of them.
+    """
+    own = getattr(model, METRIC_ATTR, None) if model is not None else None
+    if isinstance(own, str) and own in result:
+        return own
+    return next((k for k in _DEFAULT_ORDER if k in result), None)
 
 
 def evaluate(

@@ -135,8 +135,11 @@ def _core_vbmf(spec: Spectrum, rank: int, other_rank: int, khw: int) -> int:
 
 
 def rule_pick(layer: nn.Module, rule: str, *, keep: float = 0.99, weakening: float = 0.8, min_rank: int = 8,
-              name: str = "") -> Callable[[str], int]:
+              name: str = "", spectrum_of: Callable[[str], Spectrum] | None = None) -> Callable[[str], int]:
     """``pick(unfolding) -> rank`` for one layer under one rule (spectra computed on demand, cached).
+
+    ``spectrum_of(unfolding)``: the spectra to read instead of the weights' own (e.g. whitened
+    by calibration data, as the explorer's data-aware mode shows them).
 
     - ``"energy"``: the smallest rank keeping ``keep`` of the unfolding's energy.
     - ``"vbmf"``: the EVBMF rank (Nakajima et al. 2013), at least ``min_rank``.
@@ -150,7 +153,7 @@ def rule_pick(layer: nn.Module, rule: str, *, keep: float = 0.99, weakening: flo
 
     def spectrum(unfolding: str) -> Spectrum:
         if unfolding not in specs:
-            specs[unfolding] = layer_spectrum(layer, name, unfolding)
+            specs[unfolding] = spectrum_of(unfolding) if spectrum_of is not None else layer_spectrum(layer, name, unfolding)
         return specs[unfolding]
 
     def pick(unfolding: str) -> int:
@@ -194,6 +197,7 @@ def plan_by_rule(
     min_rank: int = 8,
     methods: Sequence[str] | str = "auto",
     layers: Iterable[str] | None = None,
+    spectra: Callable[[str, str], Spectrum] | None = None,
 ) -> Plan:
     """A plan whose ranks come from a rule applied to each layer's own spectra.
 
@@ -220,6 +224,10 @@ def plan_by_rule(
         from the method's rank axes (:meth:`~tensorscope.methods.Method.suggest_rank`).
     layers : names, optional
         Only these layers (default: every decomposable layer).
+    spectra : callable, optional
+        ``spectra(layer_name, unfolding) -> Spectrum``: the spectra the rule reads instead of
+        the weights' own (the explorer passes the ones it shows: whitened by calibration data
+        in its data-aware mode). Default: the weights' spectra.
 
     Returns
     -------
@@ -252,7 +260,8 @@ def plan_by_rule(
         method = first_method(menu, geom)
         if method is None:
             continue
-        pick = rule_pick(layer, rule, keep=keep, weakening=weakening, min_rank=min_rank, name=name)
+        given = (lambda unfolding, name=name: spectra(name, unfolding)) if spectra is not None else None
+        pick = rule_pick(layer, rule, keep=keep, weakening=weakening, min_rank=min_rank, name=name, spectrum_of=given)
         rank = method.suggest_rank(geom, pick)
         if method.count_params(geom, rank) >= geom.dense_params:
             continue  # not smaller at the rule's rank: stays dense

@@ -277,3 +277,23 @@ def test_data_aware_switch_and_fine_tune(page):
     page.get_by_text("exports are the fine-tuned model", exact=False).first.wait_for()
     assert not page.locator(".ts-error").is_visible()
     assert re.fullmatch(r"\d+\.\d%", acc_aware)
+
+
+def test_compress_in_stages_plots_each_stage_and_a_refused_folder_is_a_message(page):
+    # a model folder typed in the page: refused on a server that did not opt in, the session kept
+    shown = text(page, ".ts-params-exact")
+    page.locator(".ts-folder input").fill("/etc")
+    page.locator(".ts-load-folder button").click()
+    page.locator(".ts-error").get_by_text("TENSORSCOPE_EXPLORER_HF_ROOT").wait_for()
+    assert shown == text(page, ".ts-params-exact")
+    # compress in stages: two stages, a short fine-tune each, then their plot
+    for css, value in ((".ts-stages input", "2"), (".ts-finetune-steps input", "10")):
+        box = page.locator(css).first
+        box.fill(value)
+        box.press("Enter")
+    page.locator(".ts-iterative button").click()
+    page.locator(".ts-message").get_by_text("Iterative (budget, 2 stage(s)").wait_for(timeout=240_000)
+    plot = page.locator(".ts-stages-card")
+    plot.locator("canvas").first.wait_for()  # Bokeh draws the plots (titles included) on canvases
+    assert shown == text(page, ".ts-params-exact")  # the session's plan is left as it was
+    shot(plot, "explorer-stages.png")

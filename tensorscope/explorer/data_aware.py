@@ -15,7 +15,7 @@ import torch
 from ..calibration import collect_stats
 from ..data import output_tensor
 from ..errors import DataError
-from ..evaluate import evaluate
+from ..evaluate import evaluate, headline_metric
 from ..methods import planner_methods
 from ..recovery import finetune as _finetune
 from ..spectra import layer_spectrum, tradeoff
@@ -168,7 +168,7 @@ class _DataAware(_Session):
                                       progress=lambda f, m: self._report(0.05 + 0.9 * f, f"fine-tuning: {m}"))
                 after = evaluate(tuned, evaluation, reference=self._model)
                 preds = _predictions_of(tuned, self._data.inputs)
-            metric = "accuracy" if "accuracy" in after else "agreement"
+            metric = headline_metric(after, self._model) or "agreement"
             with self._lock:
                 if self.plan_version != version:
                     raise DataError("the plan changed while fine-tuning; fine-tune again")

@@ -52,6 +52,18 @@ LATENCY_REPEATS = 15
 LATENCY_BATCH = 32
 MAX_LATENCY_GFLOP = float(os.environ.get("TENSORSCOPE_EXPLORER_MAX_LATENCY_GFLOP", "200") or 200)
 
+#: the pretrained networks' evaluation and calibration samples (the preview runs a real network
+#: on every change; on a 2-core machine shared with other jobs, 34 EfficientNet-Lite0 crops took up to
+#: 20 s and 34 MiniLM sentences 2.2 s; env
+#: ``TENSORSCOPE_EXPLORER_REAL_EVAL``)
+REAL_EVAL_SAMPLES = int(os.environ.get("TENSORSCOPE_EXPLORER_REAL_EVAL", "24") or 24)
+REAL_CALIBRATION_SAMPLES = 32
+#: a model folder read from the server's disk may hold at most this many MB
+#: (env ``TENSORSCOPE_EXPLORER_MAX_FOLDER_MB``)
+MAX_FOLDER_MB = float(os.environ.get("TENSORSCOPE_EXPLORER_MAX_FOLDER_MB", "2048") or 2048)
+#: stages an iterative compression from the page may run
+MAX_STAGES = 6
+
 #: worker threads shared by every session (the state of each session is its own)
 EXECUTOR = ThreadPoolExecutor(
     max_workers=int(os.environ.get("TENSORSCOPE_EXPLORER_WORKERS", "4")),

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from .. import checkpoint
 from ..arch_trust import check_file_factory
 from .. import examples as _examples
+from ..pretrained import available_pretrained
 from .._arch import build_arch, get_arch
 from ..densify import probe_dense
 from ..errors import ArchitectureError, DataError, UntrustedFileError
@@ -34,6 +35,7 @@ from .common import _Layer, _overview
 from .eval_data import EVAL_ORDER, _check_data, _EvalSources
 from .evaluator import _EvalData, _Evaluator
 from .limits import _check_size
+from .real import _RealNetworks, example_names
 
 
 @dataclass
@@ -129,7 +131,7 @@ def _load_example_shared(name: str, progress: Callable[[float, str], None] | Non
     return ex
 
 
-class _Loading(_EvalSources):
+class _Loading(_EvalSources, _RealNetworks):
     """Loading networks (mixin of :class:`~tensorscope.explorer.ExplorerState`; it picks their
     evaluation data with :class:`_EvalSources`)."""
 
@@ -143,11 +145,15 @@ class _Loading(_EvalSources):
         return self._layers
 
     def load_example(self, name: str) -> bool:
-        """Load a built-in example (trained on first use) with its held-out split; True on success."""
+        """Load a built-in example (trained on first use) with its held-out split, or an installed
+        pretrained network with its own data (:mod:`tensorscope.pretrained`); True on success."""
+
+        if name in available_pretrained():  # a real network offered next to the examples
+            return self.load_pretrained(name)
 
         def work():
             if name not in _examples.list_examples():
-                raise DataError(f"no example named {name!r}; choose one of {_examples.list_examples()}")
+                raise DataError(f"no example named {name!r}; choose one of {example_names()}")
             with self._busy(f"loading {name}", loading=True):
                 ex = _load_example_shared(name, lambda f, m: self._report(0.6 * f, m))
                 model = copy.deepcopy(ex.model).eval()
@@ -320,6 +326,7 @@ class _Loading(_EvalSources):
             self._budget_applied = None
             self._latency_memo = {}
             self._outcomes = {}
+            self._stage_plans = []
             self._data_version += 1
             names = list(loaded.layers)
             sel = self.selected if self.selected in loaded.layers else (names[0] if names else None)
@@ -340,6 +347,7 @@ class _Loading(_EvalSources):
                 calibration_description=loaded.calibration[2] if loaded.calibration else "no calibration data",
                 recovery={},
                 latency={},
+                stages=[],
                 version=self.version + 1,
             )
             self._set_plan(loaded.plan, focus=None)

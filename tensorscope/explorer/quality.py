@@ -12,6 +12,7 @@ import math
 from concurrent.futures import Future
 from typing import Any
 
+from ..evaluate import headline_metric
 from ..methods import get_method
 from ..plan import Plan, ResolvedLayer
 from ..preview import reconstructed_weight
@@ -119,7 +120,8 @@ class _Quality(_Session):
                 if stop():
                     raise _Superseded()
                 self._measured_error.update(errors)
-                metric = "accuracy" if "accuracy" in metrics else "agreement"
+                # the network may name its own metric (a sentence encoder: cosine); else accuracy, agreement
+                metric = headline_metric(metrics, model) or "agreement"
                 quality = {
                     "metric": metric,
                     "original": base.get(metric),

@@ -17,13 +17,14 @@ import numpy as np
 import param
 from torch import Tensor, nn
 
-from .. import examples as _examples
 from ..budget import plan_for_budget
 from ..errors import DataError
 from ..inventory import LayerInfo
 from ..methods import RankAxis, get_method, planner_methods
 from ..plan import Plan, as_plan
-from ..ranks import energy_rank, vbmf_rank
+from ..ranks import energy_rank
+from ..recovery import RANK_RULES
+from ..rules import plan_by_rule
 from . import groups as _groups
 from . import limits
 from .common import DENSE, _batches, _Layer, _rank_key, _rank_text, shared_result
@@ -33,20 +34,23 @@ from .evaluator import _EvalData, _Evaluator
 from .exports import _Exports
 from .latency import _Latency
 from .loading import _Loading
+from .real import example_names
 from .quality import _Quality
 from .session import _release_memory
+from .stages import _Stages
 
 
-class ExplorerState(_Loading, _DataAware, _Quality, _Exports, _Compare, _Latency, param.Parameterized):
+class ExplorerState(_Loading, _DataAware, _Quality, _Exports, _Compare, _Latency, _Stages, param.Parameterized):
     """One network, one plan, and what the explorer shows about them (one per session).
 
     Inputs a person changes: :meth:`load_example` (and :meth:`open_ready`, what a page opens
     on), :meth:`load_upload`, :meth:`load_eval_upload`, :meth:`use_eval`, :meth:`select`,
     :meth:`set_layer`, :meth:`set_rank_values`, :meth:`apply_budget`, :meth:`apply_preset`,
-    :meth:`pin`, :meth:`restore`, :meth:`measure_latency`; and the settings ``budget_keep``,
+    :meth:`pin`, :meth:`restore`, :meth:`measure_latency`, :meth:`run_iterative`, :meth:`use_stage`,
+    :meth:`load_pretrained`, :meth:`load_folder`; and the settings ``budget_keep``,
     ``budget_by`` and ``preset_energy``, which re-plan as they change (debounced). Results the
     view shows are parameters: ``table``, ``cost``, ``quality``, ``history``, ``pins``,
-    ``latency``, ``message``, ``error``, ``busy``, ``progress``; and :meth:`rank_rows`,
+    ``latency``, ``stages``, ``message``, ``error``, ``busy``, ``progress``; and :meth:`rank_rows`,
     :meth:`spectrum_data`, :meth:`comparison`.
 
     The jobs are mixins, one module each (see :mod:`tensorscope.explorer.session`): loading
@@ -57,8 +61,8 @@ class ExplorerState(_Loading, _DataAware, _Quality, _Exports, _Compare, _Latency
     """
 
     # -- what is loaded ---------------------------------------------------------------------
-    example = param.Selector(default=None, objects=[None, *_examples.list_examples()], allow_None=True,
-                             doc="The built-in example loaded (None for an upload).")
+    example = param.Selector(default=None, objects=[None, *example_names()], allow_None=True,
+                             doc="The built-in example or pretrained network loaded (None for an upload).")
     source = param.String(default="", doc="What the network is, in words.")
     eval_source = param.Selector(default="none", objects=["held-out", "uploaded", "none"],
                                  doc="Which data the quality preview uses.")
@@ -104,6 +108,11 @@ class ExplorerState(_Loading, _DataAware, _Quality, _Exports, _Compare, _Latency
     compare_a = param.Integer(default=None, allow_None=True, doc="The pin shown on the left of the comparison.")
     compare_b = param.Integer(default=None, allow_None=True, doc="The pin shown on the right of the comparison.")
     latency = param.Dict(default={}, doc="The last latency measurement (see measure_latency).")
+    stages = param.List(default=[], doc="The last iterative compression, one row per stage (see run_iterative).")
+    iterative_stages = param.Integer(default=3, bounds=(1, limits.MAX_STAGES), doc=(
+        "Stages of an iterative compression: compress, fine-tune, compress further, ..."))
+    iterative_rule = param.Selector(default="budget", objects=list(RANK_RULES), doc=(
+        "How each stage picks ranks: the budget planner on a schedule reaching Keep, or MUSCO's weakened VBMF rule."))
     latency_batch = param.Integer(default=limits.LATENCY_BATCH, bounds=(2, 1024), doc=(
         "The batch size latency is measured at, besides batch 1."))
 
@@ -140,6 +149,7 @@ class ExplorerState(_Loading, _DataAware, _Quality, _Exports, _Compare, _Latency
         self._pin_preds: dict[int, Any] = {}  # pin id -> its predictions
         self._next_pin = 1
         self._latency_memo: dict[str, dict] = {}  # plan JSON -> latency measured (this network)
+        self._stage_plans: list[str] = []  # the plan of each stage of the last iterative run (JSON)
 
     # -- what is loaded, read-only (the view, tests and notebooks ask these) --------------------
     @property
@@ -412,11 +422,12 @@ class ExplorerState(_Loading, _DataAware, _Quality, _Exports, _Compare, _Latency
         return rows
 
     def apply_preset(self, kind: str, value: float | None = None, *, refresh: bool = True) -> bool:
-        """Ranks from a rule, per layer: ``("energy", 0.9)`` keeps 90% of each unfolding's energy
-        (``preset_energy`` when no value is given);
-        ``("vbmf",)`` uses the VBMF rank. A layer on a method with a cheap error curve keeps it,
-        others get the first such method (svd); a layer whose rank would not make it smaller
-        stays dense."""
+        """Ranks from a rule, per layer, by :func:`tensorscope.plan_by_rule` (the one
+        implementation of the rules): ``("energy", 0.9)`` keeps 90% of each unfolding's energy
+        (``preset_energy`` when no value is given); ``("vbmf",)`` uses the VBMF rank. The
+        rule reads the spectra the page shows (whitened in the data-aware mode). A layer on a
+        method with a cheap error curve keeps it, others get the planner's first method; a
+        layer whose rank would not make it smaller stays dense."""
 
         def work():
             if kind not in ("energy", "vbmf"):
@@ -424,26 +435,26 @@ class ExplorerState(_Loading, _DataAware, _Quality, _Exports, _Compare, _Latency
             keep = float(self.preset_energy if value is None else value)
             if kind == "energy" and not 0.0 < keep <= 1.0:
                 raise DataError(f"energy to keep must be in (0, 1]; got {value!r}")
-            rule = (lambda s: energy_rank(s, keep)) if kind == "energy" else vbmf_rank
-            layers = {}
-            dense = []
+            # layers grouped by the method they prefer: their own when it has a cheap error curve
+            groups: dict[str, list[str]] = {}
             for name, layer in self._layers.items():
                 choices = planner_methods(layer.geometry)
-                if not choices:
-                    dense.append(name)
-                    continue
-                method = self._resolved.get(name, (None,))[0]
-                method = method if method in choices else choices[0]
-                m = get_method(method)
-                r = m.suggest_rank(layer.geometry, lambda unfolding, layer=layer: rule(layer.spectrum_of(unfolding)))
-                if m.count_params(layer.geometry, r) >= layer.geometry.dense_params:
-                    dense.append(name)
-                    continue
-                layers[name] = {"method": method, "rank": m.rank_to_json(r)}
+                if choices:
+                    own = self._resolved.get(name, (None,))[0]
+                    groups.setdefault(own if own in choices else choices[0], []).append(name)
+            shown = lambda name, unfolding: self._layers[name].spectrum_of(unfolding)  # noqa: E731
+            entries: dict[str, Any] = {}
+            for method, names in groups.items():
+                menu = [method, *[m for m in planner_methods() if m != method]]
+                plan = plan_by_rule(self._model, kind, keep=keep, methods=menu, layers=names, spectra=shown)
+                entries.update({n: lp.to_dict() for n, lp in plan.items()})
+            order = {n: i for i, n in enumerate(self._layers)}
+            layers = {n: entries[n] for n in sorted(entries, key=order.__getitem__)}
+            dense = len(self._layers) - len(layers)
             with self._lock:
                 self._set_plan(Plan(layers), focus=None)
             what = f"{keep:.0%} energy" if kind == "energy" else "VBMF"
-            note = f"; {len(dense)} layer(s) stay dense (no smaller at that rank)" if dense else ""
+            note = f"; {dense} layer(s) stay dense (no smaller at that rank)" if dense else ""
             self.message = f"Preset {what}: {len(layers)} layer(s) decomposed{note}."
             if refresh:
                 self.request_quality()
