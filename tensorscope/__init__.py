@@ -37,6 +37,7 @@ from .preview import preview
 from .ranks import energy_rank, evbmf, vbmf_rank, weakened_rank
 from .spectra import Spectrum, operator_spectrum, spectra, spectrum, tradeoff
 from .surgery import compress, fold_batchnorm, plan_of, tensorize
+from .execution import tune_execution
 from .rules import plan_by_rule
 # train is imported here, not lazily, for the same reason as export below: the function
 # shares its name with its module
@@ -73,8 +74,9 @@ __all__ = [
     "Plan", "LayerPlan", "plan_for_budget", "plan_cost", "sensitivity", "energy_rank", "evbmf",
     "vbmf_rank", "weakened_rank", "available_methods", "get_method", "LayerGeometry", "plan_by_rule",
     # compress, recover, persist
-    "compress", "tensorize", "preview", "fold_batchnorm", "plan_of", "FactorizedLayer", "save", "load", "export",
-    "load_model", "describe", "finetune", "refine_layerwise", "iterative", "collect_stats", "correct", "examples", "pretrained", "bayes",
+    "compress", "tensorize", "tune_execution", "preview", "fold_batchnorm", "plan_of", "FactorizedLayer", "save",
+    "load", "export", "load_model", "describe", "finetune", "refine_layerwise", "iterative", "collect_stats",
+    "correct", "examples", "pretrained", "bayes",
     # train
     "train", "lowrank_train", "History",
     # errors and warnings

@@ -4,17 +4,35 @@ A decomposed layer becomes a :class:`FactorizedLayer`: an ``nn.Sequential`` of o
 torch layers (or one small TT module) that also remembers which method and rank made it.
 Being a plain ``Sequential`` keeps exports free of tensorscope: TorchScript and
 ``torch.export`` see only standard layers.
+
+How a chain runs is its ``execution``: ``"chain"`` (every module in turn, the default) or
+another form a method's subclass offers (e.g. Tucker-2 folding a 1x1 step into its core
+conv, or the dense kernel rebuilt from the factors on each call). Every form computes the
+same function from the same parameters; only the order of the arithmetic differs. The plan
+entry's ``execute`` option records the choice, so ``compress``, ``save``/``load`` and
+exports agree (:func:`tensorscope.tune_execution` measures and sets it).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
+
+from .errors import PlanError
+
+#: how every chain can run: its modules one after the other
+CHAIN = "chain"
+#: the plan-entry option that records a chain's execution form
+EXECUTE = "execute"
 
 
 class FactorizedLayer(nn.Sequential):
     """The chain that replaces one decomposed layer; ``method`` and ``rank`` say how it was made."""
+
+    #: the execution forms this class implements (subclasses add their own, see ``run``)
+    executions: tuple[str, ...] = (CHAIN,)
 
     def __init__(self, *modules: nn.Module, method: str, rank: Any, source: str, options: dict | None = None):
         super().__init__(*modules)
@@ -22,6 +40,36 @@ class FactorizedLayer(nn.Sequential):
         self.rank = rank
         self.source = source  # the replaced layer's type name, e.g. "Conv2d"
         self.options = dict(options or {})
+        self.execution = CHAIN
+
+    def available_executions(self) -> tuple[str, ...]:
+        """The forms this chain can run in (a subclass may offer fewer for some geometries)."""
+        return (CHAIN,)
+
+    def set_execution(self, mode: str | None) -> "FactorizedLayer":
+        """Run as ``mode`` from now on (None: ``"chain"``); PlanError for a form this chain lacks."""
+        mode = CHAIN if mode is None else mode
+        if mode not in self.available_executions():
+            raise PlanError(f"a {self.method} chain of this layer runs as {', '.join(map(repr, self.available_executions()))}; "
+                            f"got execute={mode!r}")
+        self.execution = mode
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.execution == CHAIN:
+            return super().forward(x)
+        return self.run(x, self.execution)
+
+    def run(self, x: torch.Tensor, mode: str) -> torch.Tensor:
+        """Compute the chain's output in form ``mode`` (subclasses implement their forms)."""
+        if mode == CHAIN:
+            return super().forward(x)
+        raise PlanError(f"{type(self).__name__} has no execution form {mode!r}")
+
+    def leading(self, n: int) -> tuple[list[nn.Module], list[nn.Module]]:
+        """The modules in front of the last ``n`` (e.g. the padding of a TensorFlow-style port) and those ``n``."""
+        mods = list(self)
+        return mods[:-n], mods[-n:]
 
     def reset_parameters(self) -> None:
         """A fresh random initialisation: each module of the chain draws its own
@@ -32,4 +80,5 @@ class FactorizedLayer(nn.Sequential):
                 reset()
 
     def extra_repr(self) -> str:
-        return f"method={self.method!r}, rank={self.rank!r}, source={self.source!r}"
+        text = f"method={self.method!r}, rank={self.rank!r}, source={self.source!r}"
+        return text if self.execution == CHAIN else f"{text}, execution={self.execution!r}"

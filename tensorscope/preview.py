@@ -17,13 +17,14 @@ import torch
 from torch import nn
 
 from ._cache import factor_cache, fingerprint
+from .layers import EXECUTE
 from .methods import Factors
 from .plan import ResolvedGroup, ResolvedLayer, as_plan
 
 
 def _key(r: ResolvedLayer, what: str, refine: bool, stats: Any) -> tuple:
     return (fingerprint(r.module.weight), getattr(r.module, "groups", 1), what, r.method.name,
-            json.dumps(r.rank, default=list), json.dumps(dict(r.options), sort_keys=True, default=list), refine,
+            json.dumps(r.rank, default=list), json.dumps({k: v for k, v in r.options.items() if k != EXECUTE}, sort_keys=True, default=list), refine,
             None if stats is None else stats.token)
 
 

@@ -21,7 +21,7 @@ from torch import nn
 from .calibration import collect_stats
 from .errors import DecompositionError, PlanError, TensorscopeError
 from .forward_check import behaviour
-from .layers import FactorizedLayer
+from .layers import EXECUTE, FactorizedLayer
 from .methods.base import BreakEvenWarning, check_finite, warn_if_past_break_even
 from .plan import Plan, ResolvedGroup, ResolvedLayer, as_plan
 from .preview import cached_factors, cached_group_factors
@@ -242,8 +242,24 @@ def with_input_padding(layer: nn.Module, built: nn.Module) -> nn.Module:
     pad = behaviour(layer).padding_module(layer) if isinstance(layer, nn.Conv2d) else None
     if pad is None:
         return built
-    return FactorizedLayer(pad, *built, method=built.method, rank=built.rank, source=built.source,
-                           options=built.options)
+    return type(built)(pad, *built, method=built.method, rank=built.rank, source=built.source,
+                       options=built.options)
+
+
+def finish_chain(r: ResolvedLayer, built: nn.Module) -> nn.Module:
+    """``built`` as it goes into the model: behind the layer's own padding
+    (:func:`with_input_padding`), running in the form the plan entry's ``execute`` option
+    names (:mod:`tensorscope.layers`)."""
+    built = with_input_padding(r.module, built)
+    mode = r.options.get(EXECUTE)
+    if mode is not None:
+        if not isinstance(built, FactorizedLayer):
+            raise PlanError(f"layer {r.name!r}: method {r.method.name!r} builds no chain that takes execute={mode!r}")
+        try:
+            built.set_execution(mode)
+        except PlanError as e:
+            raise PlanError(f"layer {r.name!r}: {e}") from None
+    return built
 
 
 def _decompose_one(r: ResolvedLayer, stats: Any, refine: bool) -> nn.Module:
@@ -251,7 +267,7 @@ def _decompose_one(r: ResolvedLayer, stats: Any, refine: bool) -> nn.Module:
     try:
         layer_stats = stats.get(r.name) if stats is not None else None
         factors = cached_factors(r, refine, layer_stats)
-        built = with_input_padding(r.module, r.method.build(r.module, factors))
+        built = finish_chain(r, r.method.build(r.module, factors))
     except TensorscopeError as e:
         raise type(e)(f"layer {r.name!r}: {e}") from e
     except (RuntimeError, ValueError, torch.linalg.LinAlgError) as e:
@@ -348,7 +364,7 @@ def tensorize(model: nn.Module, plan: Any, *, init: str = "random", seed: int = 
         torch.manual_seed(seed)
         for r in resolved:
             try:
-                built = with_input_padding(r.module, r.method.skeleton(r.module, r.rank, r.options))
+                built = finish_chain(r, r.method.skeleton(r.module, r.rank, r.options))
             except TensorscopeError as e:
                 raise type(e)(f"layer {r.name!r}: {e}") from e
             _check_resettable(r.name, r.method.name, built)
@@ -380,7 +396,7 @@ def apply_skeleton(model: nn.Module, plan: Any, *, fold_bn: bool = False) -> nn.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", BreakEvenWarning)
         for r in plan.validate(model):
-            built = with_input_padding(r.module, r.method.skeleton(r.module, r.rank, r.options))
+            built = finish_chain(r, r.method.skeleton(r.module, r.rank, r.options))
             built.train(r.module.training)
             set_submodule(model, r.name, built)
         for g in plan.resolve_groups(model):  # one shared core per group, as compress builds it

