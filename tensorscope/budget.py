@@ -39,6 +39,7 @@ from .preview import preview_weights, swapped_weights
 from .progress import Progress
 from .sources import ON_DISK, open_source
 from .spectra import Tradeoff, tradeoff
+from .views import layer_modules
 
 
 @dataclass
@@ -359,7 +360,7 @@ def plan_for_budget(
         if heldout is True and halves is None:
             warnings.warn("heldout=True but the statistics have no halves (one sample, or collected with "
                           "halves=False): ranks are scored on the data the factors fit", stacklevel=2)
-    modules = source.loader() if source is not None else dict(model.named_modules())  # on disk: read when asked
+    modules = source.loader() if source is not None else layer_modules(model)  # on disk: read when asked
     menus: dict[str, list[_Option]] = {}
     with Progress(progress, total=len(infos), desc="planning") as bar:
         for k, info in enumerate(infos):

@@ -53,6 +53,7 @@ from .data import iter_batches, output_tensor, split_batch
 from .errors import DataError
 from .forward_check import behaviour
 from .progress import Progress
+from .views import hooked, layer_modules
 
 __all__ = ["DEFAULT_RIDGE", "DEFAULT_PROBES", "Calibration", "LayerStats", "collect_stats", "ledoit_wolf"]
 
@@ -578,7 +579,7 @@ def collect_stats(
     """
     if isinstance(probes, bool) or not isinstance(probes, int) or probes < 1:
         raise DataError(f"probes must be a positive integer; got {probes!r}")
-    modules = dict(model.named_modules())
+    modules = layer_modules(model)  # a Conv1D as its Linear view; hooks go on the layer itself (hooked)
     if layers is None:
         from .inventory import inspect
 
@@ -610,7 +611,7 @@ def _collect(model, modules, names, batches, ridge, halves, gradients, probes, g
         if not args or not isinstance(args[0], torch.Tensor):
             return
         x = args[0]
-        sig = _signature(mod)
+        sig = _signature(modules[n])  # a Conv1D's view, not the layer
         seen = state["seen"]
         key = (id(x), sig)
         if share and key in seen and seen[key][0] is x:
@@ -637,11 +638,13 @@ def _collect(model, modules, names, batches, ridge, halves, gradients, probes, g
 
     hooks = []
     for n in names:
-        hooks.append(modules[n].register_forward_pre_hook(lambda mod, args, n=n: pre_hook(mod, args, n)))
+        hooks.append(hooked(modules[n]).register_forward_pre_hook(lambda mod, args, n=n: pre_hook(mod, args, n)))
         if gradients:
-            hooks.append(modules[n].register_forward_hook(lambda mod, args, out, n=n: fwd_hook(mod, args, out, n)))
+            hooks.append(hooked(modules[n]).register_forward_hook(
+                lambda mod, args, out, n=n: fwd_hook(mod, args, out, n)))
     was_training = model.training
-    flags = {n: [(p, p.requires_grad) for p in modules[n].parameters(recurse=False)] for n in names} if gradients else {}
+    flags = ({n: [(p, p.requires_grad) for p in hooked(modules[n]).parameters(recurse=False)] for n in names}
+             if gradients else {})
     gen = torch.Generator().manual_seed(seed)
     loss_kind = ""
     total_samples = 0

@@ -23,6 +23,7 @@ from .layers import FactorizedLayer
 from .methods import LayerGeometry, get_method, methods_for
 from .sources import ON_DISK, open_source
 from .units import format_count, text_table
+from .views import hooked, linear_view
 
 # Parents whose forward reads a child's ``.weight`` directly: replacing that child by a chain
 # would break them (nn.MultiheadAttention calls F.multi_head_attention_forward with
@@ -81,9 +82,10 @@ class ModelIndex:
 
     def __init__(self, model: nn.Module):
         self.model = model
-        self.modules = dict(model.named_modules(remove_duplicate=False))
+        real = dict(model.named_modules(remove_duplicate=False))
+        self.modules = {n: linear_view(m) for n, m in real.items()}  # Conv1D: its Linear view
         self.owners: dict[int, list[str]] = {}
-        for name, mod in self.modules.items():
+        for name, mod in real.items():
             for p in mod.parameters(recurse=False):
                 self.owners.setdefault(id(p), []).append(name)
 
@@ -110,12 +112,17 @@ class ModelIndex:
                     "by a chain of layers")
         if parent is not None and hasattr(parent, "parametrizations"):
             return "it is parametrized (torch.nn.utils.parametrize); remove the parametrization first"
-        if hasattr(module, "parametrizations"):
+        real = hooked(module)  # a Conv1D's view: the layer itself
+        if hasattr(real, "parametrizations"):
             return "its weight is parametrized (weight/spectral norm); remove the parametrization first"
-        shared = [n for n in self.owners.get(id(w), []) if n != name]
+        shared = [n for n in self.owners.get(id(hooked(module).weight), []) if n != name]
         if shared:
             return (f"its weight is tied to {', '.join(map(repr, shared))}; decomposing it would untie the "
                     "weights and add parameters")
+        if real is not module:  # transformers' Conv1D computes x @ W + b: only hooks change that
+            hooks = len(real._forward_hooks) + len(real._forward_pre_hooks)
+            return (f"it has {hooks} forward hook(s) registered, which change what it computes and which a "
+                    "factorized chain would not run; remove them (handle.remove()) before compressing") if hooks else None
         return behaviour(module).reason  # a forward that does more than its class says
 
 
@@ -141,9 +148,8 @@ def _no_smaller_reason(geom: LayerGeometry, ranks: dict) -> str | None:
 
 def _type_reason(module: nn.Module) -> str:
     cls = type(module).__name__
-    if cls == "Conv1D":  # transformers' GPT-2 style layer: weight is (in, out)
-        return ("transformers' Conv1D (GPT-2 style) stores its weight as in x out; it is not decomposed yet "
-                "(convert it to nn.Linear with the weight transposed to compress it)")
+    if cls == "Conv1D":  # transformers' GPT-2 style layer with a weight that is not a matrix
+        return "a Conv1D whose weight is not an in x out matrix; it is left as is"
     if isinstance(module, (nn.Conv1d, nn.Conv3d)):
         return f"{cls} is not supported yet: tensorscope decomposes nn.Linear and nn.Conv2d"
     if isinstance(module, nn.modules.conv._ConvTransposeNd):
@@ -153,6 +159,11 @@ def _type_reason(module: nn.Module) -> str:
     return f"{cls} is not a layer tensorscope decomposes (nn.Linear, nn.Conv2d)"
 
 
+def _kind(module: nn.Module) -> str:
+    """The layer's class name as users know it (``Conv1D`` for a Conv1D's Linear view)."""
+    return getattr(module, "kind_name", type(module).__name__)
+
+
 def _has_matrix_weight(module: nn.Module) -> bool:
     w = getattr(module, "weight", None)
     return isinstance(w, torch.Tensor) and w.dim() >= 2
@@ -160,7 +171,7 @@ def _has_matrix_weight(module: nn.Module) -> bool:
 
 def record_input_sizes(model: nn.Module, example_input: Any, names: list[str]) -> tuple[dict[str, tuple], int]:
     """Run one forward pass and record each named layer's input shape; returns (shapes, batch)."""
-    modules = dict(model.named_modules())
+    modules = {n: hooked(m) for n, m in model.named_modules()}
     shapes: dict[str, tuple] = {}
     hooks = []
     for n in names:
@@ -236,16 +247,16 @@ def inspect(model: nn.Module, example_input: Any = None, *, include_skipped: boo
         mod = index.modules[n]
         params = sum(p.numel() for p in mod.parameters(recurse=False))
         if reasons[n] is not None:
-            skipped.append(LayerInfo(n, type(mod).__name__, tuple(mod.weight.shape), params, None, {}, reasons[n]))
+            skipped.append(LayerInfo(n, _kind(mod), tuple(mod.weight.shape), params, None, {}, reasons[n]))
             continue
         geom = geometry_from_shape(mod, shapes.get(n), batch)
         ranks = {m: get_method(m).max_rank(geom) for m in methods_for(geom)}
         why = _no_smaller_reason(geom, ranks)
         if why is not None:
-            skipped.append(LayerInfo(n, type(mod).__name__, tuple(mod.weight.shape), params, None, {}, why))
+            skipped.append(LayerInfo(n, _kind(mod), tuple(mod.weight.shape), params, None, {}, why))
             continue
         flops = geom.dense_flops if n in shapes else None
-        good.append(LayerInfo(n, type(mod).__name__, tuple(mod.weight.shape), params, flops, ranks, None, geom))
+        good.append(LayerInfo(n, _kind(mod), tuple(mod.weight.shape), params, flops, ranks, None, geom))
     if source is not None:
         skipped += [LayerInfo(n, kind, shape, params, None, {}, "a 1-D weight (a norm's scale): nothing to decompose")
                     for n, kind, shape, params in source.vectors()]

@@ -20,11 +20,13 @@ from ._cache import factor_cache, fingerprint
 from .layers import EXECUTE
 from .methods import Factors
 from .plan import ResolvedGroup, ResolvedLayer, as_plan
+from .views import set_dense_weight
 
 
 def _key(r: ResolvedLayer, what: str, refine: bool, stats: Any) -> tuple:
+    options = {k: v for k, v in r.options.items() if k != EXECUTE}  # how a chain runs: not its factors
     return (fingerprint(r.module.weight), getattr(r.module, "groups", 1), what, r.method.name,
-            json.dumps(r.rank, default=list), json.dumps({k: v for k, v in r.options.items() if k != EXECUTE}, sort_keys=True, default=list), refine,
+            json.dumps(r.rank, default=list), json.dumps(options, sort_keys=True, default=list), refine,
             None if stats is None else stats.token)
 
 
@@ -78,7 +80,7 @@ def swapped_weights(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> It
         for name, w in weights.items():
             layer = model.get_submodule(name)
             saved[name] = layer.weight.data
-            layer.weight.data = w.to(layer.weight.dtype)
+            set_dense_weight(layer, w)  # a Conv1D stores it transposed
         yield model
     finally:
         for name, w in saved.items():
@@ -99,5 +101,5 @@ def preview(model: nn.Module, plan: Any, refine: bool = False) -> nn.Module:
     weights = preview_weights(model, plan, refine)
     new = copy.deepcopy(model)
     for name, w in weights.items():
-        new.get_submodule(name).weight.data = w.to(new.get_submodule(name).weight.dtype).clone()
+        set_dense_weight(new.get_submodule(name), w.clone())
     return new

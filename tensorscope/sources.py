@@ -51,6 +51,7 @@ from . import file_limits
 from ._arch import build_arch
 from .errors import ArchitectureError, CheckpointError, FileTooLargeError, MissingExtraError
 from .safetensors_header import _ST_DTYPES, _read_header, torch_dtype
+from .views import as_linear, is_conv1d
 
 __all__ = ["INDEX_NAME", "ON_DISK", "StoredTensors", "TensorEntry", "WeightSource", "hf_auto_class", "is_compressed_folder", "is_weights_path",
            "open_source"]
@@ -501,11 +502,9 @@ def _linear_for_conv1d(net: nn.Module) -> set[str]:
     """Replace transformers' Conv1D (weight ``in x out``) by ``nn.Linear`` on meta; their names."""
     names = set()
     for name, mod in list(net.named_modules()):
-        if type(mod).__name__ == "Conv1D" and getattr(mod, "weight", None) is not None and mod.weight.dim() == 2:
-            nx, nf = mod.weight.shape
-            lin = nn.Linear(nx, nf, bias=getattr(mod, "bias", None) is not None, device="meta", dtype=mod.weight.dtype)
+        if is_conv1d(mod):
             parent, _, leaf = name.rpartition(".")
-            setattr(net.get_submodule(parent) if parent else net, leaf, lin)
+            setattr(net.get_submodule(parent) if parent else net, leaf, as_linear(mod, device="meta"))
             names.add(name)
     return names
 
@@ -515,16 +514,10 @@ def linear_for_conv1d(net: nn.Module, names: set[str] | list[str]) -> None:
     computing the same (weight transposed): what a folder written from a stream expects."""
     for name in names:
         mod = net.get_submodule(name)
-        if type(mod).__name__ != "Conv1D":
+        if not is_conv1d(mod):
             raise CheckpointError(f"module {name!r} is a {type(mod).__name__}, not the Conv1D the folder records")
-        nx, nf = mod.weight.shape
-        lin = nn.Linear(nx, nf, bias=mod.bias is not None, dtype=mod.weight.dtype)
-        with torch.no_grad():
-            lin.weight.copy_(mod.weight.t())
-            if mod.bias is not None:
-                lin.bias.copy_(mod.bias)
         parent, _, leaf = name.rpartition(".")
-        setattr(net.get_submodule(parent) if parent else net, leaf, lin)
+        setattr(net.get_submodule(parent) if parent else net, leaf, as_linear(mod))
 
 
 def _conv1d_by_name(source: WeightSource) -> set[str]:

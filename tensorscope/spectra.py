@@ -30,6 +30,7 @@ from ._cache import factor_cache, fingerprint
 from .calibration import collect_stats
 from .errors import PlanError
 from .inventory import ModelIndex, inspect
+from .views import layer_modules
 from .linalg import UNFOLDINGS, check_finite
 from .methods import LayerGeometry, Tradeoff, get_method
 from .progress import Progress
@@ -220,7 +221,7 @@ def spectra(
         source = open_source(model)
         model = source.skeleton()
     names = list(layers) if layers is not None else [l.name for l in inspect(model)]
-    modules = {n: _layer(model, n) for n in names} if layers is not None else dict(model.named_modules())
+    modules = {n: _layer(model, n) for n in names} if layers is not None else layer_modules(model)
     if source is not None:
         modules = source.loader()
     stats = None

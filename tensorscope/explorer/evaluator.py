@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from ..data import output_tensor
 from ..evaluate import metrics as output_metrics
+from ..views import dense_weight, is_conv1d, set_dense_weight
 from . import limits
 
 
@@ -127,8 +128,8 @@ class _Evaluator:
         self.data = data
         n = int(data.inputs.shape[0])
         self.chunks = [slice(i, min(i + chunk, n)) for i in range(0, n, chunk)]
-        self.original = {name: mod.weight.detach().clone() for name, mod in self.model.named_modules()
-                         if isinstance(mod, (nn.Linear, nn.Conv2d))}
+        self.original = {name: dense_weight(mod).detach().clone() for name, mod in self.model.named_modules()
+                         if isinstance(mod, (nn.Linear, nn.Conv2d)) or is_conv1d(mod)}
         self.installed: dict[str, Any] = {}  # layer -> key of the weight now in the copy (absent: original)
         self.frontier: dict[str, Any] | None = None  # {"layer", "sig", "values": [per chunk {node: tensor}]}
         self.gm = None
@@ -208,7 +209,7 @@ class _Evaluator:
                 continue
             mod = self.model.get_submodule(name)
             w = weights[name][1] if name in weights else self.original[name]
-            mod.weight.data = w.to(mod.weight.dtype)
+            set_dense_weight(mod, w)  # a Conv1D stores it transposed
             if new_key is None:
                 self.installed.pop(name, None)
             else:

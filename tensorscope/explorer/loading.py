@@ -30,6 +30,7 @@ from ..plan import Plan, as_plan
 from ..spectra import layer_spectrum, tradeoff
 from ..surgery import plan_of, set_submodule
 from ..units import format_count
+from ..views import layer_modules, linear_view, set_dense_weight
 from . import limits
 from .common import _Layer, _overview
 from .eval_data import EVAL_ORDER, _check_data, _EvalSources
@@ -89,8 +90,8 @@ def _densify(compressed: nn.Module) -> tuple[nn.Module, Plan]:
     template_model = build_arch(arch["ref"], arch.get("kwargs") or {})
     for name in plan:
         template = copy.deepcopy(template_model.get_submodule(name))
-        w, b = probe_dense(compressed.get_submodule(name), template)
-        template.weight.data = w.to(template.weight.dtype)
+        w, b = probe_dense(compressed.get_submodule(name), linear_view(template))
+        set_dense_weight(template, w)  # a Conv1D stores it transposed
         if b is not None:
             template.bias.data = b.to(template.bias.dtype)
         set_submodule(dense, name, template)
@@ -279,7 +280,7 @@ class _Loading(_EvalSources, _RealNetworks):
         example_input = data.inputs[:1] if data is not None else None
         self._report(start, "listing layers")
         infos = inspect(model, example_input)
-        modules = dict(model.named_modules())
+        modules = layer_modules(model)  # a Conv1D as its Linear view
         layers: dict[str, _Layer] = {}
         n = max(len(infos), 1)
         for i, info in enumerate(infos):
