@@ -43,6 +43,7 @@ class LayerInfo:
     max_rank: dict[str, Any] = field(default_factory=dict)  # method -> rank at which it is exact
     reason: str | None = None  # why it is left alone (None: decomposable)
     geometry: LayerGeometry | None = None
+    note: str | None = None  # e.g. which methods cannot make a depthwise conv smaller
 
     @property
     def methods(self) -> list[str]:
@@ -72,6 +73,9 @@ class LayerList(list):
                  ", ".join(f"{m} {get_method(m).rank_text(r)}" for m, r in i.max_rank.items())]
                 for i in self]
         text = text_table(rows, ["layer", "type", "weight", "params", "FLOPs", "max rank per method"], "llrrrl")
+        for i in self:
+            if i.note:
+                text += f"\nnote: {i.name} ({i.kind}): {i.note}"
         for i in self.skipped:
             text += f"\nleft alone: {i.name} ({i.kind}): {i.reason}"
         return text
@@ -144,6 +148,23 @@ def _no_smaller_reason(geom: LayerGeometry, ranks: dict) -> str | None:
     detail = ", ".join(f"{m} {p:,}" for m, p in lowest.items())
     return (f"no method makes it smaller{what}: at the lowest rank {detail} parameters, against "
             f"{geom.dense_params:,} dense; it is left as is")
+
+
+def _grouped_note(geom: LayerGeometry, ranks: dict) -> str | None:
+    """For a grouped conv some methods cannot shrink: which can, and by how much at their lowest rank."""
+    if geom.groups == 1 or not ranks:
+        return None
+    lowest = {}
+    for m in ranks:
+        method = get_method(m)
+        lowest[m] = method.count_params(geom, method.rank_from_axes(geom, [a.low for a in method.rank_axes(geom)]))
+    cannot = [m for m, p in lowest.items() if p >= geom.dense_params]
+    if not cannot:
+        return None
+    can = ", ".join(f"{m} ({lowest[m]:,} params at its lowest rank)" for m in lowest if m not in cannot)
+    what = "a depthwise conv" if geom.groups == geom.in_features else f"a conv in {geom.groups} groups"
+    return (f"{what} ({geom.dense_params:,} params): only {can} makes it smaller; {', '.join(cannot)} "
+            "cannot at any rank, so a planner limited to them leaves it dense")
 
 
 def _type_reason(module: nn.Module) -> str:
@@ -256,7 +277,8 @@ def inspect(model: nn.Module, example_input: Any = None, *, include_skipped: boo
             skipped.append(LayerInfo(n, _kind(mod), tuple(mod.weight.shape), params, None, {}, why))
             continue
         flops = geom.dense_flops if n in shapes else None
-        good.append(LayerInfo(n, _kind(mod), tuple(mod.weight.shape), params, flops, ranks, None, geom))
+        good.append(LayerInfo(n, _kind(mod), tuple(mod.weight.shape), params, flops, ranks, None, geom,
+                              _grouped_note(geom, ranks)))
     if source is not None:
         skipped += [LayerInfo(n, kind, shape, params, None, {}, "a 1-D weight (a norm's scale): nothing to decompose")
                     for n, kind, shape, params in source.vectors()]

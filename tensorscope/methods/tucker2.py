@@ -139,7 +139,7 @@ class Tucker2Layer(FactorizedLayer):
             return last(core._conv_forward(x, torch.einsum("abkl,bi->aikl", core.weight, u_in), None))
         if mode == "fold_out":
             return core._conv_forward(first(x), torch.einsum("oa,abkl->obkl", u_out, core.weight), last.bias)
-        w = torch.einsum("oa,abkl,bi->oikl", u_out, core.weight, u_in)
+        w = torch.einsum("obkl,bi->oikl", torch.einsum("oa,abkl->obkl", u_out, core.weight), u_in)
         return core._conv_forward(x, w, last.bias)
 
 
