@@ -48,8 +48,10 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 import report  # noqa: E402
 import tensorscope as ts  # noqa: E402
+from tensorscope.execution import clock_for  # noqa: E402
 
 SECTION = "Latency of compressed networks against their FLOPs"
+CLOCK = "cpu"  # set by --clock
 
 
 def vgg_style(seed: int = 0) -> nn.Module:
@@ -91,6 +93,7 @@ def flops(model: nn.Module, x: torch.Tensor) -> int:
 
 def ratios(models: dict[str, nn.Module], x: torch.Tensor, rounds: int, base: str = "dense") -> tuple[dict, float]:
     """Median over rounds of each model's time over ``base``'s in the same round; base's median seconds."""
+    clock = clock_for(CLOCK)
     per: dict[str, list[float]] = {k: [] for k in models}
     with torch.inference_mode():
         for m in models.values():
@@ -98,9 +101,9 @@ def ratios(models: dict[str, nn.Module], x: torch.Tensor, rounds: int, base: str
         for _ in range(rounds):
             times = {}
             for k, m in models.items():
-                t0 = time.perf_counter()
+                t0 = clock()
                 m(x)
-                times[k] = time.perf_counter() - t0
+                times[k] = clock() - t0
             for k in models:
                 per[k].append(times[k] / times[base])
             per.setdefault("_base", []).append(times[base])
@@ -133,7 +136,7 @@ def measure(name: str, model: nn.Module, sample: tuple, keeps, method_sets, batc
             for b, x in ((1, x1), (batch, xn)):
                 tuned = ts.compress(model, plan).eval()
                 t0 = time.perf_counter()
-                rep = ts.tune_execution(tuned, x, repeats=3)
+                rep = ts.tune_execution(tuned, x, repeats=5, clock=CLOCK)
                 row[f"tune_s_{b}"] = time.perf_counter() - t0
                 row[f"forms_{b}"] = _forms(rep)
                 r, dense_s = ratios({"dense": model, "chain": small, "tuned": tuned}, x, rounds)
@@ -143,7 +146,7 @@ def measure(name: str, model: nn.Module, sample: tuple, keeps, method_sets, batc
                     dcl = _cl(model)
                     tcl = _cl(ts.compress(model, plan).eval())
                     xcl = x.contiguous(memory_format=torch.channels_last)
-                    ts.tune_execution(tcl, xcl, repeats=3)
+                    ts.tune_execution(tcl, xcl, repeats=5, clock=CLOCK)
                     rc, _ = ratios({"dense": dcl, "tuned": tcl, "dense_nchw": model}, xcl, rounds)
                     row["cl_tuned_1"], row["cl_dense_1"] = rc["tuned"], rc["dense_nchw"]
             rows.append(row)
@@ -196,7 +199,11 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--channels-last", action="store_true", help="also time tuned and dense in channels_last (b1)")
     p.add_argument("--networks", default="vgg,efficientnet,examples")
+    p.add_argument("--clock", default="cpu", choices=("cpu", "wall"),
+                   help="cpu: the thread's CPU time (default; this machine is shared), wall: elapsed time")
     args = p.parse_args()
+    global CLOCK
+    CLOCK = args.clock
     torch.set_num_threads(1)
     size, batch, rounds, keeps = args.size, args.batch, args.rounds, (0.5, 0.25)
     if args.quick:
@@ -225,7 +232,8 @@ def main() -> None:
     total = time.perf_counter() - start
     text = (f"## {SECTION}\n\n`python bench/latency.py{' --quick' if args.quick else ''}"
             f"{' --channels-last' if args.channels_last else ''}` on {platform.machine()} {platform.system()}, "
-            f"torch {torch.__version__}, 1 intra-op thread; load average at start {load0}, at end "
+            f"torch {torch.__version__}, 1 intra-op thread, times are the thread's "
+            f"{'CPU time' if CLOCK == 'cpu' else 'wall time'}; load average at start {load0}, at end "
             f"{report.load_average()}; total {total:.0f} s. Ratios are to the dense model in the same round "
             f"(medians of {rounds} rounds, round-robin). *chain*: every factorized layer runs its modules in turn, "
             "as compress builds it; *tuned*: `ts.tune_execution(model, x)` at that batch chose each chain's form "

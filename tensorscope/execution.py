@@ -28,7 +28,7 @@ from .plan import Plan
 from .surgery import PLAN_ATTR, plan_of
 from .units import text_table
 
-__all__ = ["ExecutionChoice", "ExecutionReport", "tune_execution", "set_executions"]
+__all__ = ["ExecutionChoice", "ExecutionReport", "clock_for", "tune_execution", "set_executions"]
 
 
 @dataclass
@@ -77,7 +77,18 @@ def _inputs(model: nn.Module, example_input: Any, chains: dict[str, FactorizedLa
     return seen
 
 
-def _time_forms(layer: FactorizedLayer, x: torch.Tensor, repeats: int) -> dict[str, float]:
+def clock_for(clock: str = "auto"):
+    """The timer: ``"cpu"`` is this thread's CPU time (what a forward costs on one thread, unmoved
+    by other processes on a shared machine), ``"wall"`` the elapsed time; ``"auto"``: CPU time
+    when torch runs on one intra-op thread (all work is in this thread), else wall time."""
+    if clock not in ("auto", "cpu", "wall"):
+        raise ValueError(f"clock must be 'auto', 'cpu' or 'wall'; got {clock!r}")
+    if clock == "cpu" or (clock == "auto" and torch.get_num_threads() == 1):
+        return time.thread_time
+    return time.perf_counter
+
+
+def _time_forms(layer: FactorizedLayer, x: torch.Tensor, repeats: int, clock) -> dict[str, float]:
     """Median seconds per call of each form, timed round-robin (drift hits every form alike)."""
     forms = layer.available_executions()
     runs: dict[str, list[float]] = {m: [] for m in forms}
@@ -86,9 +97,9 @@ def _time_forms(layer: FactorizedLayer, x: torch.Tensor, repeats: int) -> dict[s
             layer.run(x, m)
         for _ in range(repeats):
             for m in forms:
-                t0 = time.perf_counter()
+                t0 = clock()
                 layer.run(x, m)
-                runs[m].append(time.perf_counter() - t0)
+                runs[m].append(clock() - t0)
     return {m: statistics.median(v) for m, v in runs.items()}
 
 
@@ -114,7 +125,7 @@ def set_executions(model: nn.Module, choices: dict[str, str]) -> nn.Module:
 
 
 def tune_execution(model: nn.Module, example_input: Any, *, repeats: int = 5, margin: float = 0.05,
-                   forms: str = "all") -> ExecutionReport:
+                   forms: str = "all", clock: str = "auto") -> ExecutionReport:
     """Time every execution form of every factorized chain of ``model`` and keep the fastest.
 
     Parameters
@@ -132,6 +143,9 @@ def tune_execution(model: nn.Module, example_input: Any, *, repeats: int = 5, ma
         noise never flips a layer).
     forms : ``"all"`` or ``"chain"``
         ``"chain"`` resets every chain to its plain form without timing anything.
+    clock : ``"auto"``, ``"cpu"`` or ``"wall"``
+        See :func:`clock_for`: with one torch thread the thread's CPU time, so a busy machine
+        does not decide for you.
 
     Returns
     -------
@@ -142,6 +156,7 @@ def tune_execution(model: nn.Module, example_input: Any, *, repeats: int = 5, ma
         raise ValueError(f"forms must be 'all' or 'chain'; got {forms!r}")
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats must be a positive integer; got {repeats!r}")
+    timer = clock_for(clock)
     chains = _chains(model)
     report = ExecutionReport()
     if forms == "chain":
@@ -156,7 +171,7 @@ def tune_execution(model: nn.Module, example_input: Any, *, repeats: int = 5, ma
         for name, layer in chains.items():
             if name not in xs:  # never reached by this input: left as it is
                 continue
-            secs = _time_forms(layer, xs[name], repeats)
+            secs = _time_forms(layer, xs[name], repeats, timer)
             best = min(secs, key=secs.get)
             if best != CHAIN and secs[best] > secs[CHAIN] * (1 - margin):
                 best = CHAIN
