@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-.venv/bin/python}"
-for script in versus_tltorch data_aware spectra_budget explorer_latency training_for_compression tensorized_layers data_in_parts; do
+for script in versus_tltorch data_aware spectra_budget explorer_latency training_for_compression tensorized_layers data_in_parts latency; do
   echo "== bench/$script.py"
   start=$(date +%s)
   "$PY" "bench/$script.py" "$@"

@@ -125,8 +125,10 @@ class ModelIndex:
                     "weights and add parameters")
         if real is not module:  # transformers' Conv1D computes x @ W + b: only hooks change that
             hooks = len(real._forward_hooks) + len(real._forward_pre_hooks)
+            if not hooks:
+                return None
             return (f"it has {hooks} forward hook(s) registered, which change what it computes and which a "
-                    "factorized chain would not run; remove them (handle.remove()) before compressing") if hooks else None
+                    "factorized chain would not run; remove them (handle.remove()) before compressing")
         return behaviour(module).reason  # a forward that does more than its class says
 
 

@@ -33,6 +33,8 @@ class FactorizedLayer(nn.Sequential):
 
     #: the execution forms this class implements (subclasses add their own, see ``run``)
     executions: tuple[str, ...] = (CHAIN,)
+    #: the form it runs in (a class default, so chains pickled before forms existed run as before)
+    execution: str = CHAIN
 
     def __init__(self, *modules: nn.Module, method: str, rank: Any, source: str, options: dict | None = None):
         super().__init__(*modules)
@@ -50,8 +52,8 @@ class FactorizedLayer(nn.Sequential):
         """Run as ``mode`` from now on (None: ``"chain"``); PlanError for a form this chain lacks."""
         mode = CHAIN if mode is None else mode
         if mode not in self.available_executions():
-            raise PlanError(f"a {self.method} chain of this layer runs as {', '.join(map(repr, self.available_executions()))}; "
-                            f"got execute={mode!r}")
+            forms = ", ".join(map(repr, self.available_executions()))
+            raise PlanError(f"a {self.method} chain of this layer runs as {forms}; got execute={mode!r}")
         self.execution = mode
         return self
 
