@@ -98,12 +98,16 @@ def ratios(models: dict[str, nn.Module], x: torch.Tensor, rounds: int, base: str
     with torch.inference_mode():
         for m in models.values():
             m(x)
+        t0 = clock()
+        models[base](x)
+        inner = max(1, min(1000, int(0.02 / max(clock() - t0, 1e-6))))  # small nets: >= ~20 ms per timing
         for _ in range(rounds):
             times = {}
             for k, m in models.items():
                 t0 = clock()
-                m(x)
-                times[k] = clock() - t0
+                for _ in range(inner):
+                    m(x)
+                times[k] = (clock() - t0) / inner
             for k in models:
                 per[k].append(times[k] / times[base])
             per.setdefault("_base", []).append(times[base])
@@ -154,6 +158,58 @@ def measure(name: str, model: nn.Module, sample: tuple, keeps, method_sets, batc
     return rows
 
 
+STEP_SHAPES = [(64, 320, (24, 24)), (64, 320, (40, 40)), (128, 160, (48, 48)), (256, 80, (96, 96)),
+               (512, 40, (160, 160))]
+
+
+def profile_steps(rounds: int) -> str:
+    """Where a Tucker-2 chain's time goes: each of its three convs (the thread's CPU time,
+    medians, round-robin) next to its share of the dense conv's FLOPs, at VGG shapes (C -> C
+    3x3, batch 1); and which aten kernels run them (``torch.profiler``)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    clock = clock_for("cpu")
+    rows, kernels = [], {}
+    for c, size, rank in STEP_SHAPES:
+        dense = nn.Sequential(nn.Conv2d(c, c, 3, padding=1)).eval()
+        chain = ts.compress(dense, ts.Plan({"0": {"method": "tucker2", "rank": list(rank)}}))[0].eval()
+        x = torch.randn(1, c, size, size)
+        first, core, last = chain
+        with torch.inference_mode():
+            h1 = first(x)
+            h2 = core(h1)
+        steps = {"dense": lambda: dense(x), "first 1x1": lambda: first(x), "core 3x3": lambda: core(h1),
+                 "last 1x1": lambda: last(h2)}
+        runs: dict[str, list[float]] = {k: [] for k in steps}
+        with torch.inference_mode():
+            for f in steps.values():
+                f()
+            for _ in range(rounds):
+                for k, f in steps.items():
+                    t0 = clock()
+                    f()
+                    runs[k].append(clock() - t0)
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                chain(x)
+        for e in prof.key_averages():
+            if e.key.startswith("aten::") and ("conv" in e.key or "mm" in e.key) and e.self_cpu_time_total > 0:
+                kernels[e.key] = kernels.get(e.key, 0) + e.count
+        t = {k: statistics.median(v) for k, v in runs.items()}
+        r_out, r_in = rank
+        fl = {"first 1x1": c * r_in, "core 3x3": r_in * r_out * 9, "last 1x1": r_out * c}
+        total = sum(t[k] for k in fl) / t["dense"]
+        rows.append([f"{c}->{c} 3x3 at {size}x{size}", f"[{r_out}, {r_in}]", f"{sum(fl.values()) / (c * c * 9):.3f}",
+                     f"{total:.3f}"] + [f"{fl[k] / (c * c * 9):.3f} / {t[k] / t['dense']:.3f}" for k in fl]
+                    + [f"{t['dense'] * 1e3:.1f} ms"])
+    head = ["layer", "rank", "FLOP ratio", "time ratio", "first 1x1: FLOPs / time", "core 3x3: FLOPs / time",
+            "last 1x1: FLOPs / time", "dense"]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    out.append("\naten kernels that ran the chains (torch.profiler, calls with self time): "
+               + ", ".join(f"`{k}` {n}" for k, n in sorted(kernels.items())))
+    return "\n".join(out)
+
+
 def _cl(model: nn.Module) -> nn.Module:
     return model.to(memory_format=torch.channels_last)
 
@@ -198,7 +254,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8, help="the larger batch (default 8)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--channels-last", action="store_true", help="also time tuned and dense in channels_last (b1)")
-    p.add_argument("--networks", default="vgg,efficientnet,examples")
+    p.add_argument("--networks", default="steps,vgg,efficientnet,examples",
+                   help="steps: where a Tucker-2 chain's time goes, per conv (torch.profiler)")
     p.add_argument("--clock", default="cpu", choices=("cpu", "wall"),
                    help="cpu: the thread's CPU time (default; this machine is shared), wall: elapsed time")
     args = p.parse_args()
@@ -212,6 +269,9 @@ def main() -> None:
     start, load0 = time.perf_counter(), report.load_average()
     rows: list[dict] = []
     wanted = args.networks.split(",")
+    steps = profile_steps(rounds) if "steps" in wanted else ""
+    if steps:
+        print(steps, flush=True)
     if "vgg" in wanted:
         rows += measure(f"VGG-style {size}x{size}", vgg_style(), (3, size, size), keeps, method_sets, batch, rounds,
                         args.channels_last)
@@ -241,6 +301,10 @@ def main() -> None:
             "call, `dense` = the kernel rebuilt from the factors on each call; same parameters). Target: the "
             "tuned latency ratio within 1.2x of the FLOP ratio (the *÷ FLOP ratio* columns at or below 1.2).\n\n"
             + table(rows, batch, args.channels_last) + "\n")
+    if steps:
+        text += ("\nWhere a Tucker-2 chain's time goes (batch 1, the thread's CPU time, medians of "
+                 f"{rounds} round-robin rounds; each conv's share of the dense conv's FLOPs next to its share of "
+                 "the dense conv's time):\n\n" + steps + "\n")
     print(text)
     if not args.no_write and not args.quick:
         report.write_section(SECTION, text)
