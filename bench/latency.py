@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import json
 import platform
 import statistics
 import sys
@@ -155,6 +156,7 @@ def measure(name: str, model: nn.Module, sample: tuple, keeps, method_sets, batc
                     row["cl_tuned_1"], row["cl_dense_1"] = rc["tuned"], rc["dense_nchw"]
             rows.append(row)
             print(_line(row, batch), flush=True)
+            print("row " + json.dumps(row), flush=True)  # for merging the tables of separate runs
     return rows
 
 
@@ -239,8 +241,8 @@ def table(rows: list[dict], batch: int, channels_last: bool) -> str:
                  f"{r['chain_1']:.3f}", f"**{r['tuned_1']:.3f}**", f"{r['tuned_1'] / r['flops']:.2f}",
                  f"{r[f'chain_{batch}']:.3f}", f"**{r[f'tuned_{batch}']:.3f}**",
                  f"{r[f'tuned_{batch}'] / r['flops']:.2f}"]
-        if channels_last:
-            cells += [f"{r['cl_tuned_1']:.3f}", f"{1 / r['cl_dense_1']:.3f}"]
+        if channels_last:  # not measured for the small examples
+            cells += ([f"{r['cl_tuned_1']:.3f}", f"{1 / r['cl_dense_1']:.3f}"] if "cl_tuned_1" in r else ["", ""])
         cells.append(f"{r['forms_1']} / {r[f'forms_{batch}']}")
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
