@@ -260,6 +260,15 @@ def test_transformers_conv1d_is_listed_as_a_linear():
     torch.testing.assert_close(small(x), m(x))
 
 
+def test_depthwise_conv_is_listed_with_the_methods_that_can_shrink_it():
+    m = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), nn.Conv2d(8, 16, 1))
+    infos = ts.inspect(m, torch.randn(1, 8, 6, 6)).by_name()
+    note = infos["0"].note
+    assert note and "depthwise" in note and "only cp" in note and "svd" in note and "tucker2" in note
+    assert infos["1"].note is None
+    assert "note: 0 (Conv2d)" in str(ts.inspect(m))
+
+
 def test_transformer_encoder_with_dict_batches_compresses():
     torch.manual_seed(0)
 
