@@ -150,3 +150,31 @@ def test_a_conv1d_with_a_hook_is_refused_with_the_reason():
             ts.compress(model, ts.Plan({CONV1D[0]: {"method": "svd", "rank": 4}}))
     finally:
         h.remove()
+
+
+def test_explorer_state_previews_a_conv1d_layer():
+    """The explorer's state lists a GPT-2's Conv1D layers and previews a rank on them (the
+    reconstructed weight is installed transposed into the Conv1D of its private copy)."""
+    import time
+
+    from tensorscope.explorer.evaluator import _EvalData
+    from tensorscope.explorer.state import ExplorerState
+
+    model = _gpt2()
+    ids = _batches(1)[0]["input_ids"]
+    state = ExplorerState()
+    try:
+        loaded = state._prepare(model, "gpt2", None, {"held-out": _EvalData(ids, None, "ids", "held-out")},
+                                "held-out", ts.Plan())
+        state._install(loaded)
+        assert set(CONV1D) <= set(loaded.layers)
+        assert state.set_layer(CONV1D[2], "svd", 4)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and (state.quality or {}).get("plan") is None:
+            time.sleep(0.2)
+        small = ts.compress(model, ts.Plan({CONV1D[2]: {"method": "svd", "rank": 4}}))
+        want = ts.evaluate(small, [ids], reference=model)["agreement"]
+        assert state.quality["agreement"] == pytest.approx(want)
+        assert all(is_conv1d(m) for n, m in model.named_modules() if n in CONV1D)  # the session's model untouched
+    finally:
+        state.close()
