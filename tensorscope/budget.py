@@ -256,6 +256,8 @@ def plan_for_budget(
     if by == "flops" and example_input is None:
         raise BudgetError('a FLOPs budget needs an example input: pass example_input= (or data=)')
     infos = inspect(model, example_input)
+    if source is None:
+        _warn_left_dense(model, infos.skipped, layers)
     if layers is not None:
         wanted = set(layers)
         infos = [i for i in infos if i.name in wanted]
@@ -281,9 +283,12 @@ def plan_for_budget(
                               "ts.collect_stats(model, data, gradients=True)")
         if heldout is not False and isinstance(stats, Calibration) and stats.has_halves:
             halves = True
-        if heldout is True and halves is None:
-            warnings.warn("heldout=True but the statistics have no halves (one sample, or collected with "
-                          "halves=False): ranks are scored on the data the factors fit", stacklevel=2)
+        few = [n for n in names_ if stats[n].count < HELDOUT_ROWS * stats[n].patch.shape[-1]]
+        wanted_held = heldout is True or (heldout == "auto" and (allocation == "output" or few))
+        if wanted_held and halves is None:
+            warnings.warn("the calibration statistics have no halves (one sample, or collected with halves=False): "
+                          "ranks and factor variants are scored in-sample, on the data the factors fit, which "
+                          "flatters whitened factors; pass at least two samples for held-out scores", stacklevel=2)
     modules = source.loader() if source is not None else dict(model.named_modules())  # on disk: read when asked
     menus: dict[str, list[_Option]] = {}
     with Progress(progress, total=len(infos), desc="planning") as bar:
@@ -371,6 +376,19 @@ def plannable_layers(model: nn.Module, methods: Sequence[str] | str = "auto", by
     if by == "flops":
         infos = [i for i in infos if i.geometry.dense_flops is not None]
     return [i.name for i in infos if _can_shrink(i, methods)]
+
+
+def _warn_left_dense(model: nn.Module, skipped: list[LayerInfo], layers: Iterable[str] | None) -> None:
+    """Say which Linear/Conv2d layers the plan leaves dense and why (tied or parametrized
+    weights, a forward that does more than its class, depthwise convs no method shrinks)."""
+    mods = dict(model.named_modules())
+    wanted = None if layers is None else set(layers)
+    left = [i for i in skipped if isinstance(mods.get(i.name), (nn.Linear, nn.Conv2d))
+            and (wanted is None or i.name in wanted)]
+    if left:
+        more = f" (and {len(left) - 3} more)" if len(left) > 3 else ""
+        warnings.warn(f"plan_for_budget leaves {len(left)} layer(s) dense: "
+                      + "; ".join(f"{i.name}: {i.reason}" for i in left[:3]) + more, stacklevel=3)
 
 
 def _can_shrink(info: LayerInfo, methods: Sequence[str]) -> bool:
