@@ -247,12 +247,13 @@ def measured_scales(model: nn.Module, modules: Mapping[str, nn.Module], stats: A
     """Per layer, measured / estimated output loss of one option: the check of the estimates.
 
     ``options`` maps layer names to planner options (method, rank, options). Each is fitted on
-    the first half's statistics, put in the original architecture (its reconstructed weight)
-    and the output loss measured end to end on the second half's batches, against the
-    estimate of the same factors from the second half's moments. Where interactions the
-    estimate leaves out (coherent errors over a sample's positions, nonlinearities, the
-    layers after it) make a layer matter more or less than estimated, its whole curve is
-    rescaled by this ratio (clipped to [1e-2, 1e3]).
+    the whole calibration statistics (the factors ``compress`` builds, so they are computed
+    once), put in the original architecture (its reconstructed weight) and the output loss
+    measured end to end on the second half's batches, against the estimate of the same
+    factors from the second half's moments. Where interactions the estimate leaves out
+    (coherent errors over a sample's positions, nonlinearities, the layers after it) make a
+    layer matter more or less than estimated, its whole curve is rescaled by this ratio
+    (clipped to [1e-2, 1e3]); how well the factors generalise is the held-out curve's part.
     """
     from .methods import get_method
     from .preview import swapped_weights
@@ -272,20 +273,21 @@ def measured_scales(model: nn.Module, modules: Mapping[str, nn.Module], stats: A
                 if pair is None:
                     bar.update(1)
                     continue
-                a, b = pair
+                full, b = stats[name], pair[1]
                 method, module = get_method(o.method), modules[name]
                 opts = dict(o.options or {})
-                est = method.heldout_losses(module, a, b, opts, output=True)
+                est = method.heldout_losses(module, full, b, opts, output=True)
                 if est is None:
                     bar.update(1)
                     continue
                 idx = [i for i, r in enumerate(_ranks_of(method, module)) if r == o.rank]
                 e = float(est[0][idx[0]]) if idx else None
-                w = method.reconstruct(module, method.factorize(module, o.rank, opts, stats=a))
+                w = method.reconstruct(module, method.factorize(module, o.rank, opts, stats=full))
                 with swapped_weights(model, {name: w}):
                     got = sum(float(output_loss(forward(model, bt), ref, bt)) for bt, ref in zip(check, refs)) / n
                 if e is not None and e > 0 and got > 0:
                     out[name] = float(np.clip(got / e, 1e-2, 1e3))
+                stats.release(name)
                 bar.update(1)
     finally:
         model.train(was)

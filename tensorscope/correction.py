@@ -35,7 +35,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from .calibration import DEFAULT_RIDGE as DEFAULT_STATS_RIDGE, LayerStats, _Accumulator, _describe_batch
+from .calibration import DEFAULT_RIDGE as DEFAULT_STATS_RIDGE, LayerStats, _Accumulator, _describe_batch, _token_mask
 from .data import iter_batches, split_batch
 from .errors import DataError
 from .layers import FactorizedLayer
@@ -126,7 +126,8 @@ def _moments(model: nn.Module, compressed: nn.Module, name: str, layer: nn.Modul
     rows = 0
     for i, batch in enumerate(batches):
         x, xh = _input_of(model, name, batch, i), _input_of(compressed, name, batch, i)
-        for r, rh in zip(acc.rows(x), acc.rows(xh)):
+        mask = _token_mask(split_batch(batch).kwargs)  # padding positions stay out, as in collect_stats
+        for r, rh in zip(acc.rows(x, mask), acc.rows(xh, mask)):
             r = r.to(torch.float64).reshape(-1, g, n).transpose(0, 1)
             rh = rh.to(torch.float64).reshape(-1, g, n).transpose(0, 1)
             hat += rh.transpose(1, 2) @ rh

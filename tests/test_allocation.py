@@ -239,7 +239,8 @@ def test_tied_weights_are_left_dense_or_refused():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.Linear(8, 8))
     net[3].weight = net[2].weight  # tied
-    plan = ts.plan_for_budget(net, 0.8, data=[torch.randn(16, 8)], allocation="output")
+    with pytest.warns(UserWarning, match="leaves 2 layer.* dense: 2: its weight is tied"):
+        plan = ts.plan_for_budget(net, 0.8, data=[torch.randn(16, 8)], allocation="output")
     assert "2" not in plan.layers and "3" not in plan.layers
     with pytest.raises(ts.PlanError, match="tied"):
         ts.compress(net, {"2": {"method": "svd", "rank": 2}})
@@ -500,3 +501,34 @@ def test_too_few_samples_for_held_out_scores_warn_what_was_done_instead():
     assert plan.layers
     with pytest.warns(UserWarning, match="in-sample"):
         ts.plan_for_budget(net, 0.6, data=one, heldout=True)
+
+
+def test_padding_tokens_stay_out_of_the_statistics():
+    """A tokenizer batch's ``attention_mask``: the padded positions' rows are no input the
+    network's output depends on, so the moments equal those of the unpadded sentences."""
+
+    class Enc(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(30, 6)
+            self.lin = nn.Linear(6, 5)
+            self.out = nn.Linear(5, 4)
+
+        def forward(self, input_ids, attention_mask):
+            h = self.out(torch.tanh(self.lin(self.emb(input_ids))))
+            return h * attention_mask[..., None]
+
+    torch.manual_seed(0)
+    net = Enc().double()
+    lengths = [5, 3, 2, 4]
+    ids = torch.randint(1, 30, (4, 5))
+    mask = (torch.arange(5)[None] < torch.tensor(lengths)[:, None]).long()
+    padded = collect_stats(net, [{"input_ids": ids, "attention_mask": mask}], ["lin", "out"], gradients=True,
+                           probes=20, halves=False)
+    alone = [collect_stats(net, [{"input_ids": ids[i:i + 1, :n], "attention_mask": mask[i:i + 1, :n]}],
+                           ["lin", "out"], gradients=True, probes=20, halves=False) for i, n in enumerate(lengths)]
+    for n in ("lin", "out"):
+        assert padded[n].count == sum(lengths)
+        assert_close(padded[n].patch, sum(a[n].patch for a in alone), rtol=1e-10, atol=1e-12)
+        assert padded[n].grad_count == sum(lengths)
+        assert_close(padded[n].grad, sum(a[n].grad for a in alone), rtol=1e-10, atol=1e-12)
