@@ -200,9 +200,9 @@ def plan_for_budget(
         With ``allocation="output"`` and ``data``: output-gradient probes per sample.
     measure : bool or "auto"
         Check the estimates end to end: each layer's option (the chosen one, or one that
-        halves it) is built (from all the statistics, as ``compress`` will) and the network's
-        output loss measured on the second half of ``data`` against the estimate from that
-        half's moments; each layer's curve is rescaled by measured / estimated and the
+        halves it) is built from the first half of the statistics and the network's output
+        loss measured on the second half of ``data`` against the estimate from that half's
+        moments; each layer's curve is rescaled by measured / estimated and the
         budget allocated again (:func:`tensorscope.allocation.measured_scales`). ``"auto"``
         (default): with ``allocation="output"`` and ``data``.
     heldout : bool or "auto"
