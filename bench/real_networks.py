@@ -14,7 +14,10 @@ is downloaded at run time):
   flip) of four photos bundled with scikit-image; quality: top-1 agreement with the original
   on 136 crops of 17 other bundled images (photos, micrographs, textures).
 
-Rows, each with its wall time (statistics, planning and compression together; ``1 thread``):
+Rows, each with its wall time (statistics, planning and compression together; ``1 thread``)
+and its ratio to the data-free row of the same budget. The statistics are gathered once per
+network and kind and reused by every row and budget (``stats=``), each row counting the time
+of that one pass:
 
 - data-free: ``plan_for_budget(model, keep)`` + ``compress``;
 - data-aware, landed rule: ``plan_for_budget(..., data=)`` with the layer allocation and
@@ -32,6 +35,7 @@ Rows, each with its wall time (statistics, planning and compression together; ``
 Run from the repository root::
 
     python bench/real_networks.py [--quick] [--no-write] [--networks minilm,efficientnet]
+        [--keeps "minilm=0.5,0.25;efficientnet=75% total,0.5"] [--augment] [--text-out FILE]
 
 The full run writes the section "Real pretrained networks" of ``docs/benchmarks.md``.
 """
