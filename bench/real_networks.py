@@ -424,7 +424,7 @@ def main() -> None:
         Path(args.text_out).write_text("\n".join(texts))
     meta["end"] = report.load_average()
     wall = time.perf_counter() - meta["t0"]
-    text = (f"`python bench/real_networks.py` on {platform.machine()} {platform.system()}, {os.cpu_count()} CPU(s); "
+    text = (f"## {SECTION}\n\n`python bench/real_networks.py` on {platform.machine()} {platform.system()}, {os.cpu_count()} CPU(s); "
             f"torch {torch.__version__}, {torch.get_num_threads()} intra-op thread(s), load average at start "
             f"{meta['start']}, at end {meta['end']}; total {wall:.0f} s. Times are wall clock for statistics, "
             "planning and compression together, with their ratio to the data-free row of the same budget and run "
