@@ -14,7 +14,10 @@ is downloaded at run time):
   flip) of four photos bundled with scikit-image; quality: top-1 agreement with the original
   on 136 crops of 17 other bundled images (photos, micrographs, textures).
 
-Rows, each with its wall time (statistics, planning and compression together; ``1 thread``):
+Rows, each with its wall time (statistics, planning and compression together; ``1 thread``)
+and its ratio to the data-free row of the same budget. The statistics are gathered once per
+network and kind and reused by every row and budget (``stats=``), each row counting the time
+of that one pass:
 
 - data-free: ``plan_for_budget(model, keep)`` + ``compress``;
 - data-aware, landed rule: ``plan_for_budget(..., data=)`` with the layer allocation and
@@ -32,6 +35,7 @@ Rows, each with its wall time (statistics, planning and compression together; ``
 Run from the repository root::
 
     python bench/real_networks.py [--quick] [--no-write] [--networks minilm,efficientnet]
+        [--keeps "minilm=0.5,0.25;efficientnet=75% total,0.5"] [--augment] [--text-out FILE]
 
 The full run writes the section "Real pretrained networks" of ``docs/benchmarks.md``.
 """
@@ -249,6 +253,23 @@ def svd_llm_baseline(net, keep: float):
     return small
 
 
+def stats_of(net, kind: str, cfg: dict, calib=None):
+    """The calibration statistics of one kind (``"plain"``, ``"gradients"``, ``"augmented"``),
+    gathered once per network and reused by every row and budget (``stats=``); returns them
+    and the seconds their one pass took, which each row using them adds to its own time."""
+    cache = net.__dict__.setdefault("stats_cache", {})
+    if kind not in cache:
+        factor_cache.clear()
+        gc.collect()
+        t0 = time.perf_counter()
+        grads = kind != "plain"
+        st = ts.collect_stats(net.model, calib or net.calib, net.layers, gradients=grads, probes=cfg["probes"],
+                              grad_batch=cfg["grad_batch"] if grads else None)
+        cache[kind] = (st, time.perf_counter() - t0)
+        print(f"  {net.name} statistics ({kind}): {fmt_s(cache[kind][1])}", flush=True)
+    return cache[kind]
+
+
 def run(net, keep_frac: float, cfg: dict) -> list[dict]:
     """``keep_frac``: of the decomposable parameters; a string ``"75% total"``: of all of them."""
     if isinstance(keep_frac, str):
@@ -259,14 +280,18 @@ def run(net, keep_frac: float, cfg: dict) -> list[dict]:
     model, layers, calib = net.model, net.layers, net.calib
     rows = []
 
-    def timed(label, fn, base=None):
+    def timed(label, fn, base=None, kind=None):
         factor_cache.clear()
+        for st, _ in net.__dict__.get("stats_cache", {}).values():  # no factors memoised from an earlier row
+            for layer_stats in st.values():
+                layer_stats._memo.clear()
         gc.collect()
+        pre = stats_of(net, kind, cfg)[1] if kind else 0.0  # gathered once; its time counts in every row
         t0 = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             small = fn()
-        wall = time.perf_counter() - t0 + (base["wall"] if base else 0.0)
+        wall = time.perf_counter() - t0 + pre + (base["wall"] if base else 0.0)
         row = {"label": label, "score": net.score(small), "wall": wall,
                "kept": (ts.count_params(small) - (net.total - net.decomposable)) / net.decomposable}
         rows.append(row)
@@ -279,22 +304,22 @@ def run(net, keep_frac: float, cfg: dict) -> list[dict]:
     landed = {}
 
     def landed_fn():
-        st = ts.collect_stats(model, calib, layers)
+        st = stats_of(net, "plain", cfg)[0]
         landed["stats"] = st
         return ts.compress(model, ts.plan_for_budget(model, keep, layers=layers, stats=st, variants=[{}]), stats=st)
 
-    small_landed, row_landed = timed("data-aware, landed rule (layer allocation, whitened)", landed_fn)
+    small_landed, row_landed = timed("data-aware, landed rule (layer allocation, whitened)", landed_fn, kind="plain")
 
     out = {}
 
     def output_fn(variants):
-        st = ts.collect_stats(model, calib, layers, gradients=True, probes=cfg["probes"], grad_batch=cfg["grad_batch"])
+        st = stats_of(net, "gradients", cfg)[0]
         plan = ts.plan_for_budget(model, keep, layers=layers, stats=st, data=calib, allocation="output",
                                   variants=variants)
         out.update(stats=st, plan=plan)
         return ts.compress(model, plan, stats=st)
 
-    timed("+ output allocation (Fisher, held out)", lambda: output_fn(WHITENED_OUTPUT))
+    timed("+ output allocation (Fisher, held out)", lambda: output_fn(WHITENED_OUTPUT), kind="gradients")
     if cfg.get("estimate") and "plan" in out:  # the estimate against what is measured
         a, b = out["stats"].halves
         est = sum(estimated_damage(model, out["plan"], a, b).values())
@@ -303,25 +328,28 @@ def run(net, keep_frac: float, cfg: dict) -> list[dict]:
     timed("+ held-out choice of whitened / shrunk / plain factors",
           lambda: ts.compress(model, ts.plan_for_budget(model, keep, layers=layers, stats=landed["stats"],
                                                         variants=SHRINK_VARIANTS, heldout=True),
-                              stats=landed["stats"]))
+                              stats=landed["stats"]), kind="plain")
     timed("+ sequential correction", lambda: ts.correct(small_landed, model, calib, stats=landed["stats"]),
           base=row_landed)
     if cfg["distill"]:
         timed("+ distillation (held-out early stop, factors only)",
               lambda: distill(net, small_landed, cfg["distill"]), base=row_landed)
     all_small, all_row = timed("all: output allocation + factor choice + correction",
-                               lambda: ts.correct(output_fn("auto"), model, calib, stats=out["stats"]))
+                               lambda: ts.correct(output_fn("auto"), model, calib, stats=out["stats"]),
+                               kind="gradients")
     if cfg["distill"]:
         timed("all + distillation", lambda: distill(net, all_small, cfg["distill"]), base=all_row)
     if isinstance(net, MiniLM) and cfg.get("augment"):
         aug = net.augmented()
+        stats_of(net, "augmented", cfg, aug)
 
         def aug_fn():
-            st = ts.collect_stats(model, aug, layers, gradients=True, probes=cfg["probes"])
+            st = stats_of(net, "augmented", cfg, aug)[0]
             plan = ts.plan_for_budget(model, keep, layers=layers, stats=st, data=aug, allocation="output")
             return ts.correct(ts.compress(model, plan, stats=st), model, aug, stats=st)
 
-        aug_small, aug_row = timed("all, calibration augmented (8 token-replaced copies)", aug_fn)
+        aug_small, aug_row = timed("all, calibration augmented (8 token-replaced copies)", aug_fn,
+                                   kind="augmented")
         if cfg["distill"]:
             timed("all, augmented, + distillation", lambda: distill(net, aug_small, cfg["distill"], aug),
                   base=aug_row)
@@ -335,7 +363,7 @@ def settings(quick: bool) -> dict:
         return {"keeps": {"minilm": (0.5,), "efficientnet": ("75% total",)}, "probes": 4, "grad_batch": 16, "distill": 0,
                 "augment": False, "estimate": True}
     return {"keeps": {"minilm": (0.5, 0.25), "efficientnet": ("75% total", 0.5, 0.25)}, "probes": 8, "grad_batch": 16,
-            "distill": 40, "augment": True, "estimate": True}
+            "distill": 40, "augment": False, "estimate": True}
 
 
 def _k(k) -> str:
@@ -344,7 +372,7 @@ def _k(k) -> str:
 
 def table(net, results: dict) -> str:
     keeps = list(results)
-    head = "| pipeline | " + " | ".join(f"{_k(k)}: {net.metric} | time" for k in keeps) + " |"
+    head = "| pipeline | " + " | ".join(f"{_k(k)}: {net.metric} | time (x data-free)" for k in keeps) + " |"
     sep = "|---|" + "---:|---:|" * len(keeps)
     labels = [r["label"] for r in results[keeps[0]]]
     lines = [head, sep]
@@ -352,7 +380,8 @@ def table(net, results: dict) -> str:
         cells = []
         for k in keeps:
             r = results[k][i]
-            cells += [f"{r['score']:.3f}", fmt_s(r["wall"])]
+            base = results[k][0]["wall"]
+            cells += [f"{r['score']:.3f}", f"{fmt_s(r['wall'])} ({r['wall'] / base:.1f}x)"]
         lines.append(f"| {lab} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -363,9 +392,18 @@ def main() -> None:
     p.add_argument("--no-write", action="store_true")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--networks", default="minilm,efficientnet")
+    p.add_argument("--keeps", help='budgets per network, e.g. "minilm=0.5,0.25;efficientnet=75%% total,0.5" '
+                                    "(fractions of the decomposable parameters; '75%% total': of all of them)")
+    p.add_argument("--augment", action="store_true", help="MiniLM: also calibration augmented by token replacement")
+    p.add_argument("--text-out", help="also write each network's text to this file (to combine parallel runs)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     cfg = settings(args.quick)
+    cfg["augment"] = cfg["augment"] or args.augment
+    if args.keeps:
+        for part in args.keeps.split(";"):
+            name, ks = part.split("=")
+            cfg["keeps"][name.strip()] = tuple(k.strip() if "total" in k else float(k) for k in ks.split(","))
     meta = {"start": report.load_average(), "t0": time.perf_counter()}
     texts = []
     for which in args.networks.split(","):
@@ -382,12 +420,18 @@ def main() -> None:
         texts.append(f"### {net.label}\n\n{net.describe()}. Columns: {keep_note}.\n\n{table(net, results)}\n\n"
                      f"Output allocation, estimate against measurement (output loss per sample, factors fitted on "
                      f"one half of the calibration data, measured end to end on the other): {note}.\n")
+    if args.text_out:
+        Path(args.text_out).write_text("\n".join(texts))
     meta["end"] = report.load_average()
     wall = time.perf_counter() - meta["t0"]
-    text = (f"`python bench/real_networks.py` on {platform.machine()} {platform.system()}, {os.cpu_count()} CPU(s); "
+    text = (f"## {SECTION}\n\n`python bench/real_networks.py` on {platform.machine()} {platform.system()}, {os.cpu_count()} CPU(s); "
             f"torch {torch.__version__}, {torch.get_num_threads()} intra-op thread(s), load average at start "
             f"{meta['start']}, at end {meta['end']}; total {wall:.0f} s. Times are wall clock for statistics, "
-            "planning and compression together (rows marked + on top of the landed rule include its time).\n\n"
+            "planning and compression together, with their ratio to the data-free row of the same budget and run "
+            "(the machine is shared: ratios, not seconds, compare). The statistics are gathered once per network "
+            "and kind (input moments; with output gradients) and reused by every row and budget through "
+            "`stats=`; every row using them counts the time of that one pass. Rows marked + on top of the landed "
+            "rule include its time.\n\n"
             + "\n".join(texts))
     print(text)
     if not args.quick and not args.no_write:

@@ -253,8 +253,9 @@ def plan_for_budget(
         With ``allocation="output"`` and ``data``: output-gradient probes per sample.
     measure : bool or "auto"
         Check the estimates end to end: each layer's option (the chosen one, or one that
-        halves it) is built from one half of the data and the network's output loss measured
-        on the other half; each layer's curve is rescaled by measured / estimated and the
+        halves it) is built from the first half of the statistics and the network's output
+        loss measured on the second half of ``data`` against the estimate from that half's
+        moments; each layer's curve is rescaled by measured / estimated and the
         budget allocated again (:func:`tensorscope.allocation.measured_scales`). ``"auto"``
         (default): with ``allocation="output"`` and ``data``.
     heldout : bool or "auto"
@@ -321,6 +322,8 @@ def plan_for_budget(
         raise BudgetError('groups= are scored by their weights; allocation="output" scores the network\'s output '
                           'loss, which they cannot be compared with: use allocation="layer"')
     infos = inspect(model, example_input)
+    if source is None:
+        _warn_left_dense(model, infos.skipped, layers)
     resolved_groups = []
     if group_specs:
         try:
@@ -357,9 +360,12 @@ def plan_for_budget(
                               "ts.collect_stats(model, data, gradients=True)")
         if heldout is not False and isinstance(stats, Calibration) and stats.has_halves:
             halves = True
-        if heldout is True and halves is None:
-            warnings.warn("heldout=True but the statistics have no halves (one sample, or collected with "
-                          "halves=False): ranks are scored on the data the factors fit", stacklevel=2)
+        few = [n for n in names_ if stats[n].count < HELDOUT_ROWS * stats[n].patch.shape[-1]]
+        wanted_held = heldout is True or (heldout == "auto" and (allocation == "output" or few))
+        if wanted_held and halves is None:
+            warnings.warn("the calibration statistics have no halves (one sample, or collected with halves=False): "
+                          "ranks and factor variants are scored in-sample, on the data the factors fit, which "
+                          "flatters whitened factors; pass at least two samples for held-out scores", stacklevel=2)
     modules = source.loader() if source is not None else layer_modules(model)  # on disk: read when asked
     menus: dict[str, list[_Option]] = {}
     with Progress(progress, total=len(infos), desc="planning") as bar:
@@ -456,6 +462,19 @@ def plannable_layers(model: nn.Module, methods: Sequence[str] | str = "auto", by
     if by == "flops":
         infos = [i for i in infos if i.geometry.dense_flops is not None]
     return [i.name for i in infos if _can_shrink(i, methods)]
+
+
+def _warn_left_dense(model: nn.Module, skipped: list[LayerInfo], layers: Iterable[str] | None) -> None:
+    """Say which Linear/Conv2d layers the plan leaves dense and why (tied or parametrized
+    weights, a forward that does more than its class, depthwise convs no method shrinks)."""
+    mods = dict(model.named_modules())
+    wanted = None if layers is None else set(layers)
+    left = [i for i in skipped if isinstance(mods.get(i.name), (nn.Linear, nn.Conv2d))
+            and (wanted is None or i.name in wanted)]
+    if left:
+        more = f" (and {len(left) - 3} more)" if len(left) > 3 else ""
+        warnings.warn(f"plan_for_budget leaves {len(left)} layer(s) dense: "
+                      + "; ".join(f"{i.name}: {i.reason}" for i in left[:3]) + more, stacklevel=3)
 
 
 def _can_shrink(info: LayerInfo, methods: Sequence[str]) -> bool:

@@ -122,7 +122,11 @@ class LayerStats:
         """The mean output-gradient moment ``G / grad_count``, shrunk toward ``tr/n I``."""
         if self.grad is None:
             return None
-        return _shrink(self.grad / max(self.grad_count, 1), shrinkage)
+        key = ("G", float(shrinkage))
+        memo = (self._base or self)._memo  # shrinking the input side leaves it as it is
+        if key not in memo:
+            memo[key] = _shrink(self.grad / max(self.grad_count, 1), shrinkage)
+        return memo[key]
 
     def shrunk(self, shrinkage: float) -> "LayerStats":
         """These statistics with the input moment shrunk by ``shrinkage`` in [0, 1] (memoised).
@@ -339,16 +343,17 @@ def _patches(layer: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
 
-def _gram(rows: torch.Tensor, g: int, n: int) -> torch.Tensor:
+def _gram(rows: torch.Tensor, g: int, n: int, exact: bool | None = None) -> torch.Tensor:
     """``sum_t x_t x_t^T`` per group, summed in float64.
 
     Up to ``_EXACT_ROWS`` rows the products are float64 (batching never shows); beyond (a
-    conv's many output positions) float32 products of ``_ROWS`` rows at a time are added up
-    in float64, 3-4x faster, within about 1e-6 of the float64 sum.
+    conv's many output positions), or with ``exact=False``, float32 products of ``_ROWS``
+    rows at a time are added up in float64, 3-4x faster, within about 1e-6 of the float64 sum.
     """
     r = rows.reshape(rows.shape[0], g, n).transpose(0, 1)  # (g, N, n)
     out = torch.zeros(g, n, n, dtype=torch.float64)
-    exact = rows.shape[0] <= _EXACT_ROWS or rows.dtype == torch.float64
+    if exact is None:
+        exact = rows.shape[0] <= _EXACT_ROWS or rows.dtype == torch.float64
     for i in range(0, r.shape[1], _ROWS):
         blk = r[:, i:i + _ROWS]
         if exact:
@@ -407,7 +412,9 @@ class _Accumulator:
         # a conv port that pads inside its forward: the statistics are of the padded input
         self.pad = behaviour(layer).padding_module(layer) if isinstance(layer, nn.Conv2d) else None
 
-    def rows(self, x: torch.Tensor) -> Iterable[torch.Tensor]:
+    def rows(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> Iterable[torch.Tensor]:
+        """The layer's input rows (a conv's patches); ``mask`` ``(N, T)`` drops the positions a
+        tokenizer's ``attention_mask`` hides (padding) from a Linear's ``(N, T, d)`` input."""
         x = x.detach()
         if isinstance(self.layer, nn.Conv2d):
             if x.dim() == 3:
@@ -418,16 +425,16 @@ class _Accumulator:
             for chunk in x.split(per):
                 yield _patches(self.layer, chunk)
         else:
-            yield x.reshape(-1, x.shape[-1])
+            yield _token_rows(x, mask)
 
-    def add(self, x: torch.Tensor, part: int, samples: int, fourth: bool) -> None:
-        for rows in self.rows(x):
+    def add(self, x: torch.Tensor, part: int, samples: int, fourth: bool, mask: torch.Tensor | None = None) -> None:
+        for rows in self.rows(x, mask):
             self.inputs.add(rows, part, 0, fourth)
         self.inputs.samples += samples
         if part == 0:
             self.inputs.samples0 += samples
 
-    def add_grad(self, g: torch.Tensor, part: int, count: bool) -> None:
+    def add_grad(self, g: torch.Tensor, part: int, count: bool, mask: torch.Tensor | None = None) -> None:
         """``g``: the gradient with respect to the layer's output for one probe, ``(B, ..., O)`` or
         ``(B, O, H, W)``; ``count``: the first probe of a round counts the rows."""
         if self.grads is None:
@@ -437,14 +444,17 @@ class _Accumulator:
             g = g.unsqueeze(0) if g.dim() == 3 else g
             rows = g.permute(0, 2, 3, 1).reshape(-1, g.shape[1])
         else:
-            rows = g.reshape(-1, g.shape[-1])
+            rows = _token_rows(g, mask)
         s = self.grads
         n_rows = rows.shape[0]
+        # random probes make the moment an estimate: float32 products (float64 sums) lose nothing
+        # that matters, except for float64 models (exact probes in the tests stay exact)
+        exact = rows.dtype == torch.float64
         if n_rows > _GRAD_ROWS:  # many output positions: an evenly spread subset, scaled to the sum
             idx = torch.linspace(0, n_rows - 1, _GRAD_ROWS).round().long()
-            gram = _gram(rows[idx], self.groups, self.o) * (n_rows / _GRAD_ROWS)
+            gram = _gram(rows[idx], self.groups, self.o, exact=exact) * (n_rows / _GRAD_ROWS)
         else:
-            gram = _gram(rows, self.groups, self.o)
+            gram = _gram(rows, self.groups, self.o, exact=exact)
         s.sum += gram
         if count:
             s.count += rows.shape[0]
@@ -492,6 +502,23 @@ def _rows_of(batch, lo: int, hi: int):
     args = tuple(cut(a) for a in b.args)
     kwargs = {k: cut(v) for k, v in b.kwargs.items()}
     return args, kwargs
+
+
+def _token_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``x`` ``(..., d)`` as rows ``(R, d)``, without the positions ``mask`` ``(N, T)`` hides
+    when ``x`` is ``(N, T, d)``: padding tokens are no input the layer will ever matter for
+    (attention and pooling ignore them), so they stay out of its statistics."""
+    if mask is not None and x.dim() == 3 and tuple(mask.shape) == tuple(x.shape[:2]):
+        return x[mask]
+    return x.reshape(-1, x.shape[-1])
+
+
+def _token_mask(kwargs: dict) -> torch.Tensor | None:
+    """A tokenizer batch's ``attention_mask`` as booleans ``(N, T)``, or None."""
+    m = kwargs.get("attention_mask") if isinstance(kwargs, dict) else None
+    if isinstance(m, torch.Tensor) and m.dim() == 2 and not m.is_floating_point():
+        return m != 0
+    return None
 
 
 def _mask(kwargs: dict, out: torch.Tensor) -> torch.Tensor | None:
@@ -625,12 +652,13 @@ def _collect(model, modules, names, batches, ridge, halves, gradients, probes, g
             raise _Unshare
         seen[key] = (x, n)
         acc = accs[n]
+        mask = state.get("mask")
         if state["split"] and x.dim() >= 1 and x.shape[0] == state["samples"] and state["samples"] >= 2:
             h = state["samples"] // 2
-            acc.add(x[:h], 0, h, fourth)
-            acc.add(x[h:], 1, state["samples"] - h, fourth)
+            acc.add(x[:h], 0, h, fourth, None if mask is None else mask[:h])
+            acc.add(x[h:], 1, state["samples"] - h, fourth, None if mask is None else mask[h:])
         else:
-            acc.add(x, state["part"], state["samples"], fourth)
+            acc.add(x, state["part"], state["samples"], fourth, mask)
 
     def fwd_hook(mod, args, out, n):
         if state.get("record_outputs") and isinstance(out, torch.Tensor) and out.requires_grad:
@@ -663,6 +691,7 @@ def _collect(model, modules, names, batches, ridge, halves, gradients, probes, g
                 state["part"] = i % 2 if halves else 0
                 state["seen"] = {}
                 state["split"] = split_rows and not gradients
+                state["mask"] = _token_mask(b.kwargs)
                 try:
                     if not gradients:
                         with torch.no_grad():
@@ -745,6 +774,7 @@ def _gradient_pass(model, batch, b, size, accs, state, grad_batch, probes, gen, 
         state["samples"] = hi - lo
         state["seen"] = {}
         state["outs"] = {}
+        state["mask"] = _token_mask(kwargs)
         state["record_outputs"] = True
         try:
             with torch.enable_grad():
@@ -762,7 +792,7 @@ def _gradient_pass(model, batch, b, size, accs, state, grad_batch, probes, gen, 
                     counted = set()
                     for n, g in zip(names, gs):
                         if g is not None:
-                            accs[n].add_grad(g, state["part"], count=j == 0)
+                            accs[n].add_grad(g, state["part"], count=j == 0, mask=state["mask"])
                             counted.add(n)
         finally:
             state["record_outputs"] = False

@@ -306,7 +306,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
                 stats = collect_stats(model, data, plannable_layers(model, methods, args.by, example),
                                       gradients=args.allocation == "output", progress=not args.quiet)
-            plan = plan_for_budget(model, args.keep, by=args.by, methods=methods, data=None if stats else data,
+            plan = plan_for_budget(model, args.keep, by=args.by, methods=methods, data=data,
                                    stats=stats, example_input=example, allocation=args.allocation,
                                    progress=not args.quiet)
         if stats is not None:

@@ -35,12 +35,13 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from .calibration import DEFAULT_RIDGE as DEFAULT_STATS_RIDGE, LayerStats, _Accumulator
+from .calibration import DEFAULT_RIDGE as DEFAULT_STATS_RIDGE, LayerStats, _Accumulator, _describe_batch, _token_mask
 from .data import iter_batches, split_batch
 from .errors import DataError
 from .layers import FactorizedLayer
 from .methods import get_method
 from .progress import Progress
+from .views import layer_modules
 from .forward_check import behaviour
 
 __all__ = ["DEFAULT_RIDGE", "correct"]
@@ -70,6 +71,19 @@ def _padded(layer: nn.Module, built: nn.Module) -> nn.Module:
                            options=built.options)
 
 
+def _run(model: nn.Module, batch: Any, index: int) -> None:
+    """The model's forward on one batch; its own error becomes a :class:`DataError` naming the batch."""
+    b = split_batch(batch)
+    try:
+        with torch.no_grad():
+            model(*b.args, **b.kwargs)
+    except _Stop:
+        raise
+    except Exception as e:  # noqa: BLE001 - the model's own error, named with the batch
+        raise DataError(f"calibration batch {index} ({_describe_batch(b)}) failed in the model's forward: "
+                        f"{type(e).__name__}: {str(e)[:300]}") from e
+
+
 def _order(model: nn.Module, names: list[str], batch: Any) -> list[str]:
     """``names`` in the order the network first calls them on ``batch``."""
     seen: list[str] = []
@@ -77,17 +91,15 @@ def _order(model: nn.Module, names: list[str], batch: Any) -> list[str]:
     hooks = [mods[n].register_forward_pre_hook(lambda m, a, n=n: seen.append(n) if n not in seen else None)
              for n in names]
     try:
-        with torch.no_grad():
-            b = split_batch(batch)
-            model(*b.args, **b.kwargs)
+        _run(model, batch, 0)
     finally:
         for h in hooks:
             h.remove()
     return seen + [n for n in names if n not in seen]
 
 
-def _input_of(model: nn.Module, name: str, batch: Any) -> torch.Tensor:
-    """The input of module ``name`` on ``batch`` (the forward stops there)."""
+def _input_of(model: nn.Module, name: str, batch: Any, index: int = 0) -> torch.Tensor:
+    """The input of module ``name`` on ``batch`` number ``index`` (the forward stops there)."""
     got: list[torch.Tensor] = []
 
     def hook(mod, args):
@@ -96,9 +108,7 @@ def _input_of(model: nn.Module, name: str, batch: Any) -> torch.Tensor:
 
     h = model.get_submodule(name).register_forward_pre_hook(hook)
     try:
-        with torch.no_grad():
-            b = split_batch(batch)
-            model(*b.args, **b.kwargs)
+        _run(model, batch, index)
     except _Stop:
         pass
     finally:
@@ -115,9 +125,10 @@ def _moments(model: nn.Module, compressed: nn.Module, name: str, layer: nn.Modul
     hat = torch.zeros(g, n, n, dtype=torch.float64)
     cross = torch.zeros(g, n, n, dtype=torch.float64)
     rows = 0
-    for batch in batches:
-        x, xh = _input_of(model, name, batch), _input_of(compressed, name, batch)
-        for r, rh in zip(acc.rows(x), acc.rows(xh)):
+    for i, batch in enumerate(batches):
+        x, xh = _input_of(model, name, batch, i), _input_of(compressed, name, batch, i)
+        mask = _token_mask(split_batch(batch).kwargs)  # padding positions stay out, as in collect_stats
+        for r, rh in zip(acc.rows(x, mask), acc.rows(xh, mask)):
             r = r.to(torch.float64).reshape(-1, g, n).transpose(0, 1)
             rh = rh.to(torch.float64).reshape(-1, g, n).transpose(0, 1)
             hat += rh.transpose(1, 2) @ rh
@@ -151,7 +162,7 @@ def correct(
     new = copy.deepcopy(compressed).eval()
     was = model.training
     model.eval()
-    originals = dict(model.named_modules())
+    originals = layer_modules(model)  # a GPT-2 Conv1D as its Linear view
     names = [n for n, m in new.named_modules() if isinstance(m, FactorizedLayer) and n in originals]
     plan = getattr(compressed, _PLAN_ATTR, None)
     try:

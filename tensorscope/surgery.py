@@ -222,7 +222,9 @@ def _warn_few_rows(resolved: list[ResolvedLayer], stats: Mapping[str, Any]) -> N
             few.append(f"{r.name} ({st.count} rows, {st.patch.shape[-1]} inputs)")
     if few:
         warnings.warn(f"data-aware factors of {', '.join(few[:3])}{' ...' if len(few) > 3 else ''} are fitted on "
-                      "fewer input rows than inputs: on other data they can be worse than plain factors. Plan with "
+                      "fewer input rows than inputs: their input moment is singular, so it was whitened with a "
+                      "ridge of its mean diagonal added (ridge= of collect_stats), and on other data these factors "
+                      "can be worse than plain ones. Plan with "
                       "data (plan_for_budget chooses whitened, shrunk or plain factors per layer on held-out data) "
                       "or give these entries a shrinkage option (1.0: plain)", stacklevel=3)
 

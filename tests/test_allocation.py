@@ -239,7 +239,8 @@ def test_tied_weights_are_left_dense_or_refused():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.Linear(8, 8))
     net[3].weight = net[2].weight  # tied
-    plan = ts.plan_for_budget(net, 0.8, data=[torch.randn(16, 8)], allocation="output")
+    with pytest.warns(UserWarning, match="leaves 2 layer.* dense: 2: its weight is tied"):
+        plan = ts.plan_for_budget(net, 0.8, data=[torch.randn(16, 8)], allocation="output")
     assert "2" not in plan.layers and "3" not in plan.layers
     with pytest.raises(ts.PlanError, match="tied"):
         ts.compress(net, {"2": {"method": "svd", "rank": 2}})
@@ -302,3 +303,232 @@ def test_cli_compress_with_output_allocation_and_correction(capsys, tmp_path):
     assert ts.count_params(ts.load(tmp_path / "s.pt")) < 0.21 * ts.count_params(ex.model)
     rc = main(["compress", "lenet5", "--keep", "0.2", "--allocation", "output", "-o", str(tmp_path / "t.pt"), "-q"])
     assert rc != 0 and not (tmp_path / "t.pt").exists()
+
+
+def test_kfac_trace_formula_equals_an_explicit_computation():
+    """``truncation_losses`` prices every rank from one k x k matrix; against forming each
+    ``W_r`` and computing ``tr(G (W - W_r) C (W - W_r)^T)`` directly, per group summed."""
+    from tensorscope.linalg import truncation_losses
+
+    g = torch.Generator().manual_seed(0)
+    groups, o, n = 2, 7, 5
+    k = min(o, n)
+    front = torch.randn(groups, o, k, generator=g, dtype=torch.float64)
+    s = torch.rand(groups, k, generator=g, dtype=torch.float64).sort(-1, descending=True).values + 0.1
+    back = torch.randn(groups, k, n, generator=g, dtype=torch.float64)
+    a = torch.randn(groups, n, n, generator=g, dtype=torch.float64)
+    c = a @ a.transpose(-1, -2) / n
+    b = torch.randn(groups, o, o, generator=g, dtype=torch.float64)
+    gm = b @ b.transpose(-1, -2) / o
+    w = front @ (s[..., None] * back)
+    for grad in (gm, None):
+        err, total = truncation_losses(front, s, back, c, grad)
+        gg = torch.eye(o, dtype=torch.float64).expand(groups, o, o) if grad is None else grad
+        explicit = lambda d: float(torch.einsum("gab,gbn,gnm,gam->", gg, d, c, d))  # noqa: E731
+        assert total == pytest.approx(explicit(w), rel=1e-10)
+        for r in range(1, k + 1):
+            w_r = front[..., :r] @ (s[..., :r, None] * back[:, :r])
+            assert err[r - 1] == pytest.approx(explicit(w - w_r), rel=1e-8, abs=1e-10 * total), (r, grad is None)
+    # the layer-level score is the same formula with the moments of the data it is checked on
+    from tensorscope.methods.svd import heldout_svd_losses
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 9), nn.Tanh(), nn.Linear(9, 4)).double()
+    x = _tokens(30, 2, 6)
+    st = collect_stats(net, [x[:15], x[15:]], ["0"], gradients=True, probes=8)
+    fit, check = st.halves
+    losses, zero = heldout_svd_losses(net[0], fit["0"], check["0"], {"fisher": 0.1}, output=True)
+    from tensorscope.methods.svd import _factors_for
+
+    fr, sv, bk = _factors_for(net[0], fit["0"], {"fisher": 0.1})
+    w = net[0].weight.detach().double()
+    cm, gmom = check["0"].ridged_moment("patch")[0], check["0"].grad_moment()[0]
+    scale = 0.5 * check["0"].count / check["0"].samples
+    for r in (1, 3, 6):
+        d = w - (fr[0, :, :r] * sv[0, :r]) @ bk[0, :r]
+        assert losses[r - 1] == pytest.approx(scale * float(torch.trace(gmom @ d @ cm @ d.T)), rel=1e-8)
+    assert zero == pytest.approx(scale * float(torch.trace(gmom @ w @ cm @ w.T)), rel=1e-10)
+
+
+def test_second_order_estimate_matches_measured_loss_for_small_perturbations():
+    """One sample, one row, every class probed: the estimate is the exact second-order
+    (Fisher) term of the KL divergence, so measured / estimated -> 1 as the perturbation
+    (the truncated singular value) shrinks, and the gap grows with it (third-order terms)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 10), nn.Tanh(), nn.Linear(10, 6)).double()
+    u, _, vh = torch.linalg.svd(net[0].weight.detach(), full_matrices=False)
+    x = torch.randn(3, 8, dtype=torch.float64)
+    gaps = {}
+    for eps in (1e-1, 1e-3):
+        sv = torch.linspace(3.0, 1.0, 8, dtype=torch.float64)
+        sv[-1] = eps  # the one singular value a rank-7 truncation drops: ||dW|| = eps
+        with torch.no_grad():
+            net[0].weight.copy_((u * sv) @ vh)
+        plan = ts.Plan({"0": {"method": "svd", "rank": 7, "shrinkage": 1.0}})  # plain factors: dW fixed
+        ratios = []
+        for i in range(3):
+            one = [x[i:i + 1]]
+            st = collect_stats(net, one, ["0"], gradients=True, probes=6, halves=False)
+            est = estimated_damage(net, plan, st)["0"]
+            got = measured_damage(net, ts.compress(net, plan, stats=st), one)
+            ratios.append(got / est)
+        gaps[eps] = max(abs(r - 1) for r in ratios)
+    assert gaps[1e-3] < 1e-2
+    assert gaps[1e-3] < gaps[1e-1]
+
+
+def _isotropic_layer_stats(rows_per_half: int, width: int = 48, seed: int = 0, aniso: bool = False):
+    g = torch.Generator().manual_seed(seed)
+    net = nn.Sequential(nn.Linear(width, width)).double()
+    with torch.no_grad():  # a weight with a slowly decaying spectrum: every direction matters
+        q1, _ = torch.linalg.qr(torch.randn(width, width, generator=g, dtype=torch.float64))
+        q2, _ = torch.linalg.qr(torch.randn(width, width, generator=g, dtype=torch.float64))
+        net[0].weight.copy_((q1 * torch.linspace(2.0, 0.5, width, dtype=torch.float64)) @ q2.T)
+    scale = torch.logspace(0, -2, width, dtype=torch.float64) if aniso else torch.ones(width, dtype=torch.float64)
+    mix, _ = torch.linalg.qr(torch.randn(width, width, generator=g, dtype=torch.float64))
+
+    def draw(n):
+        return (torch.randn(n, width, generator=g, dtype=torch.float64) * scale) @ mix.T
+
+    return net, [draw(rows_per_half), draw(rows_per_half)], draw(2000)
+
+
+def test_heldout_choice_picks_plain_factors_when_whitened_ones_overfit():
+    """Few rows of isotropic inputs (24 rows, 48 inputs): whitening by their moment fits
+    noise. Scored on the other half, plain factors win and the plan asks for them
+    (``shrinkage`` 1), and on fresh data they are indeed better. With many rows of strongly
+    anisotropic inputs the same rule keeps the whitened factors."""
+    net, calib, fresh = _isotropic_layer_stats(12)
+    stats = collect_stats(net, calib, ["0"])
+    plan = ts.plan_for_budget(net, 0.5, stats=stats, variants=[{"shrinkage": 0.0}, {"shrinkage": 1.0}],
+                              heldout=True)
+    lp = plan.layers["0"]
+    assert lp.options.get("shrinkage") == 1.0
+    m = get_method("svd")
+    w = net[0].weight.detach()
+    out_err = lambda opts: float(((w - m.reconstruct(net[0], m.factorize(net[0], lp.rank, opts, stats=stats["0"])))  # noqa: E731
+                                  @ fresh.T).norm())
+    assert out_err({"shrinkage": 1.0}) < out_err({"shrinkage": 0.0})
+    net2, calib2, _ = _isotropic_layer_stats(1000, aniso=True)
+    stats2 = collect_stats(net2, calib2, ["0"])
+    plan2 = ts.plan_for_budget(net2, 0.5, stats=stats2, variants=[{"shrinkage": 0.0}, {"shrinkage": 1.0}],
+                               heldout=True)
+    assert plan2.layers["0"].options.get("shrinkage") == 0.0
+
+
+def test_correction_reduces_the_measured_damage_of_a_planned_network():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(12, 24), nn.Tanh(), nn.Linear(24, 24), nn.Tanh(), nn.Linear(24, 6)).double()
+    x = _tokens(300, 1, 12)[:, 0]
+    calib, held = [x[:100], x[100:200]], [x[200:]]
+    stats = collect_stats(net, calib, ["0", "2", "4"], gradients=True)
+    plan = ts.plan_for_budget(net, 0.4, stats=stats, allocation="output")
+    small = ts.compress(net, plan, stats=stats)
+    fixed = ts.correct(small, net, calib, stats=stats)
+    before, after = measured_damage(net, small, held), measured_damage(net, fixed, held)
+    assert after < 0.9 * before, (before, after)
+    assert ts.count_params(fixed) == ts.count_params(small)
+
+
+def test_distillation_stops_early_on_held_out_data():
+    """Training on 4 samples of one distribution, checked on another: the training loss
+    falls while the held-out one does not, so training stops after ``patience`` checks (far
+    before ``steps``) and returns the best held-out state, never a worse one."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Dropout(0.5), nn.Linear(32, 8)).eval()
+    small = ts.compress(net, {"0": {"method": "svd", "rank": 2}, "3": {"method": "svd", "rank": 2}})
+    train = [torch.randn(4, 8)]
+    val = [3.0 * torch.randn(64, 8) + 2.0]
+    calls = []
+    h = net.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[0]))
+    with pytest.warns(UserWarning, match="did not improve"):
+        tuned = ts.finetune(small, train, teacher=net, val_data=val, steps=5000, lr=1e-2, eval_every=5, patience=3)
+    h.remove()
+    steps = sum(1 for c in calls if c == 4)
+    assert steps <= 5 * 4 + 5, steps  # patience 3: the fourth check without improvement stops
+    with torch.no_grad():
+        loss = lambda m: float(((m(val[0]) - net(val[0])) ** 2).mean())  # noqa: E731
+        assert loss(tuned) <= loss(small) + 1e-7
+    assert not net.training  # the teacher left as it was
+
+
+def test_tied_embedding_and_output_layer_are_refused_and_the_model_untouched():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(20, 8)
+            self.mid = nn.Linear(8, 8)
+            self.head = nn.Linear(8, 20, bias=False)
+            self.head.weight = self.emb.weight  # as language models tie them
+
+        def forward(self, ids):
+            return self.head(torch.tanh(self.mid(self.emb(ids))))
+
+    torch.manual_seed(0)
+    net = Tied()
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    ids = torch.randint(0, 20, (6, 5))
+    with pytest.warns(UserWarning, match="tied"):
+        plan = ts.plan_for_budget(net, 0.9, data=[ids[:3], ids[3:]], allocation="output")
+    assert "head" not in plan.layers
+    with pytest.raises(ts.PlanError, match="tied"):
+        ts.compress(net, {"head": {"method": "svd", "rank": 2}}, data=[ids])
+    assert net.head.weight is net.emb.weight
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, state[k])
+
+
+def test_wrong_calibration_batches_name_the_layer_or_batch_and_leave_the_model_alone():
+    net = nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 3))
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(ts.DataError, match=r"batch 1 \(\(3, 5\) torch.float32\)"):
+        ts.plan_for_budget(net, 0.5, data=[torch.randn(3, 6), torch.randn(3, 5)], allocation="output")
+    with pytest.raises(ts.DataError, match=r"batch 0 .*torch.float64"):
+        ts.compress(net, {"0": {"method": "svd", "rank": 2}}, data=[torch.randn(3, 6, dtype=torch.float64)])
+    with pytest.raises(ts.DataError, match="batch 0"):
+        ts.correct(ts.compress(net, {"0": {"method": "svd", "rank": 2}}), net, [torch.randn(3, 7)])
+    assert net.training and all(p.requires_grad for p in net.parameters())
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, state[k])
+
+
+def test_too_few_samples_for_held_out_scores_warn_what_was_done_instead():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    one = [torch.randn(1, 6)]
+    with pytest.warns(UserWarning, match="in-sample"):
+        plan = ts.plan_for_budget(net, 0.6, data=one, allocation="output")
+    assert plan.layers
+    with pytest.warns(UserWarning, match="in-sample"):
+        ts.plan_for_budget(net, 0.6, data=one, heldout=True)
+
+
+def test_padding_tokens_stay_out_of_the_statistics():
+    """A tokenizer batch's ``attention_mask``: the padded positions' rows are no input the
+    network's output depends on, so the moments equal those of the unpadded sentences."""
+
+    class Enc(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(30, 6)
+            self.lin = nn.Linear(6, 5)
+            self.out = nn.Linear(5, 4)
+
+        def forward(self, input_ids, attention_mask):
+            h = self.out(torch.tanh(self.lin(self.emb(input_ids))))
+            return h * attention_mask[..., None]
+
+    torch.manual_seed(0)
+    net = Enc().double()
+    lengths = [5, 3, 2, 4]
+    ids = torch.randint(1, 30, (4, 5))
+    mask = (torch.arange(5)[None] < torch.tensor(lengths)[:, None]).long()
+    padded = collect_stats(net, [{"input_ids": ids, "attention_mask": mask}], ["lin", "out"], gradients=True,
+                           probes=20, halves=False)
+    alone = [collect_stats(net, [{"input_ids": ids[i:i + 1, :n], "attention_mask": mask[i:i + 1, :n]}],
+                           ["lin", "out"], gradients=True, probes=20, halves=False) for i, n in enumerate(lengths)]
+    for n in ("lin", "out"):
+        assert padded[n].count == sum(lengths)
+        assert_close(padded[n].patch, sum(a[n].patch for a in alone), rtol=1e-10, atol=1e-12)
+        assert padded[n].grad_count == sum(lengths)
+        assert_close(padded[n].grad, sum(a[n].grad for a in alone), rtol=1e-10, atol=1e-12)

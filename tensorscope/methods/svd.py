@@ -185,7 +185,8 @@ class SVD(Method):
         """Reduced-rank ridge regression onto the compressed network's inputs (see
         :mod:`tensorscope.correction`): ``A = W (X + l I)(C^ + l I)^{-1}``, then this method's
         factors of ``A`` in the metric of ``C^ + l I`` (``fit`` shrunk by ``l / (1 + l)``, the
-        same up to scale) and the layer's output weighting, at the chain's rank."""
+        same up to scale, on top of the plan entry's own shrinkage) and the layer's output
+        weighting, at the chain's rank."""
         import copy
 
         rows = fit.count
@@ -202,7 +203,10 @@ class SVD(Method):
         fake = copy.deepcopy(layer)
         fake.weight.data = a.reshape(layer.weight.shape).to(layer.weight.dtype)
         opts = dict(options or {})
-        opts["shrinkage"] = ridge / (1.0 + ridge)  # the ridge above is this fit's shrinkage
+        # the ridge above is a shrinkage of l / (1 + l), on top of the one the plan chose
+        # (plain factors chosen on held-out data stay plain): 1 - (1 - a_plan)(1 - a_ridge)
+        planned = float(opts.get("shrinkage", 0.0))
+        opts["shrinkage"] = 1.0 - (1.0 - planned) / (1.0 + ridge)
         factors = self.factorize(fake, int(chain.rank), opts, stats=fit)
         return self.build(layer, factors)
 
