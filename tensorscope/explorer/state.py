@@ -20,7 +20,8 @@ from torch import Tensor, nn
 from ..budget import plan_for_budget
 from ..errors import DataError
 from ..inventory import LayerInfo
-from ..methods import RankAxis, get_method, planner_methods
+from ..methods import LayerGeometry, RankAxis, get_method, planner_methods
+from ..methods.group import DEFAULT_GROUP_METHOD, get_group_method
 from ..plan import Plan, as_plan
 from ..ranks import energy_rank
 from ..recovery import RANK_RULES
@@ -132,6 +133,7 @@ class ExplorerState(_Loading, _DataAware, _Quality, _Exports, _Compare, _Latency
         self._base_bytes = 0
         self._resolved: dict[str, tuple[str, Any]] = {}  # layer -> (method, canonical rank)
         self._options: dict[str, dict] = {}  # layer -> its plan entry's method options
+        self._groups: list = []  # the plan's joint groups, resolved (ResolvedGroup), one unit each
         self._measured_error: dict[str, tuple[Any, float]] = {}  # layer -> (key, relative weight error)
         self._focus: str | None = None
         self._quality_wanted = 0
@@ -264,6 +266,107 @@ class ExplorerState(_Loading, _DataAware, _Quality, _Exports, _Compare, _Latency
 
         rank = self._guard(f"Layer {name}", work)
         return rank is not None and self.set_layer(name, self.layer_choice(name)[0], rank, refresh=refresh)
+
+    # -- joint groups (one row of the ranks view each) ------------------------------------------
+    def group_names(self) -> list[str]:
+        """The plan's groups, in the plan's order."""
+        return [g.name for g in self._groups]
+
+    def group_of(self, layer: str) -> str | None:
+        """The group layer ``layer`` belongs to (None when it is in none)."""
+        return self.plan.group_of(layer)
+
+    def _group(self, name: str):
+        g = next((g for g in self._groups if g.name == name), None)
+        if g is None:
+            known = ", ".join(map(repr, self.group_names())) or "none"
+            raise DataError(f"no group {name!r} in the plan (groups: {known}); form one with set_group")
+        return g
+
+    def group_rank_axes(self, name: str) -> tuple[RankAxis, ...]:
+        """The sliders of group ``name``: its group method's rank axes over its members."""
+        g = self._group(name)
+        return g.method.rank_axes(g.geometries, g.options)
+
+    def group_axis_values(self, name: str) -> tuple[int, ...]:
+        """The current rank of group ``name``, one integer per rank axis."""
+        g = self._group(name)
+        return g.method.axis_values(g.rank)
+
+    def group_cost(self, name: str) -> tuple[int, int | None]:
+        """(parameters, FLOPs per sample) of all of group ``name``'s members, what they share counted once."""
+        g = self._group(name)
+        return (g.method.count_params_group(g.geometries, g.rank, g.options),
+                g.method.count_flops_group(g.geometries, g.rank, g.options))
+
+    def set_group(self, name: str, layers, method: str = DEFAULT_GROUP_METHOD, rank: Any = None, *,
+                  refresh: bool = True, **options) -> bool:
+        """Decompose ``layers`` together as group ``name`` with a group method (joint_tucker: one
+        shared core), replacing a group of that name; True on success. ``rank`` None starts
+        every rank axis at its default. The members' own plan entries give way to the group;
+        what the plan refuses (a one-layer group, kernels of different shapes, a layer in two
+        groups, a rank out of range) is a message in ``error``, the plan unchanged."""
+
+        def work():
+            if self._model is None:
+                raise DataError("load a network first")
+            if not isinstance(name, str) or not name.strip():
+                raise DataError(f"a group needs a name (non-empty text); got {name!r}")
+            members = [layers] if isinstance(layers, str) else list(layers)
+            taken = [n for n in members if n in self.plan.layers]
+            base = Plan({n: lp for n, lp in self.plan.layers.items() if n not in members}, self.plan.groups)
+            r = rank
+            if r is None:  # the members checked first: the plan's messages name what is wrong
+                Plan({}, {name: {"method": method, "layers": members, "rank": 1.0, **options}}).resolve_groups(
+                    self._model, {n: l.info.geometry for n, l in self._layers.items()})
+                g = get_group_method(method)
+                geoms = [self._layers[n].geometry if n in self._layers else LayerGeometry.of(self._model.get_submodule(n))
+                         for n in members]
+                r = g.rank_to_json(_groups.default_rank(g, geoms, g.check_options(options)))
+            plan = base.with_group(name, method, members, r, **options)
+            with self._lock:
+                self._set_plan(plan, focus=None)
+            self.error = ""
+            g = self._group(name)
+            note = f"; their own entries ({', '.join(taken)}) give way to it" if taken else ""
+            self.message = (f"Group {name}: {g.method.name} at rank {g.method.rank_text(g.rank)} over "
+                            f"{len(g.members)} layers{note}.")
+            if refresh:
+                self.request_quality()
+            return True
+
+        return bool(self._guard(f"Group {name}", work))
+
+    def remove_group(self, name: str, *, refresh: bool = True) -> bool:
+        """Take group ``name`` out of the plan: its members become dense."""
+
+        def work():
+            self._group(name)
+            with self._lock:
+                self._set_plan(self.plan.with_group(name, None), focus=None)
+            self.error = ""
+            self.message = f"Group {name} removed: its layers are dense."
+            if refresh:
+                self.request_quality()
+            return True
+
+        return bool(self._guard(f"Group {name}", work))
+
+    def set_group_rank_values(self, name: str, values, *, refresh: bool = True) -> bool:
+        """Set group ``name``'s rank from one value per rank axis (what moving its sliders does)."""
+
+        def work():
+            g = self._group(name)
+            rank = _groups.rank_from_values(g.method, g.geometries, values, g.options)
+            plan = self.plan.with_group(name, g.method.name, list(g.members), g.method.rank_to_json(rank), **g.options)
+            with self._lock:
+                self._set_plan(plan, focus=None)
+            self.error = ""
+            if refresh:
+                self.request_quality()
+            return True
+
+        return bool(self._guard(f"Group {name}", work))
 
     def default_rank(self, name: str, method: str, options: dict | None = None) -> Any:
         """A sensible starting rank when a layer's method is switched: each rank axis keeps 90% of
@@ -407,15 +510,25 @@ class ExplorerState(_Loading, _DataAware, _Quality, _Exports, _Compare, _Latency
     def rank_rows(self, text: str = "") -> list[dict[str, Any]]:
         """The ranks view: one row per layer (network order) whose name or method contains
         ``text``: its method and the methods it may take, its rank axes and their values,
-        the rank as text, and its parameters before and after."""
+        the rank as text, and its parameters before and after. A joint group is one row, in
+        its first member's place (``"group"``: its name, ``"members"``: its layers; found by
+        its name, method or a member's name), its parameters counted once."""
         t = (text or "").strip().lower()
         rows = []
+        first = {g.members[0]: g for g in self._groups}
+        in_group = {n for g in self._groups for n in g.members}
         for name in self.layer_names:
+            if name in first:
+                row = _groups.rank_row(first[name])
+                if not t or any(t in x.lower() for x in (row["group"], row["method"], *row["members"])):
+                    rows.append(row)
+            if name in in_group:
+                continue
             method, _ = self.layer_choice(name)
             if t and t not in name.lower() and t not in method.lower():
                 continue
             p, _ = self._layer_after(name)
-            rows.append({"layer": name, "kind": self._layers[name].info.kind, "method": method,
+            rows.append({"layer": name, "group": None, "kind": self._layers[name].info.kind, "method": method,
                          "methods": [DENSE, *self.methods_for(name)], "axes": self.rank_axes(name),
                          "values": self.axis_values(name), "rank": self.rank_text(name),
                          "params": int(self._layers[name].info.params), "params_after": int(p)})
@@ -497,7 +610,7 @@ class ExplorerState(_Loading, _DataAware, _Quality, _Exports, _Compare, _Latency
             bytes_after += (p - geom.dense_params) * self._layers[name].module.weight.element_size()
             if flops_after is not None:
                 flops_after = None if (f is None or geom.dense_flops is None) else flops_after + f - geom.dense_flops
-        dp, df, db = _groups.cost_delta(getattr(self, "_groups", []))
+        dp, df, db = _groups.cost_delta(self._groups)
         params_after, bytes_after = params_after + dp, bytes_after + db
         flops_after = None if (flops_after is None or df is None) else flops_after + df
         return {
@@ -506,7 +619,7 @@ class ExplorerState(_Loading, _DataAware, _Quality, _Exports, _Compare, _Latency
             "bytes": self._base_bytes, "bytes_after": bytes_after,
             "ratio": self._base_params / params_after if params_after else float("inf"),
             "flops_ratio": (self._base_flops / flops_after) if (self._base_flops and flops_after) else None,
-            "layers_planned": len(self._resolved) + sum(len(g.members) for g in getattr(self, "_groups", [])),
+            "layers_planned": len(self._resolved) + sum(len(g.members) for g in self._groups),
         }
 
     def layer_error(self, name: str) -> float | None:
@@ -529,7 +642,7 @@ class ExplorerState(_Loading, _DataAware, _Quality, _Exports, _Compare, _Latency
         import pandas as pd  # optional: comes with the app's extras, not a core dependency
 
         rows = []
-        group_rows, in_group = _groups.table_rows(getattr(self, "_groups", []))
+        group_rows, in_group = _groups.table_rows(self._groups)
         for name, layer in self._layers.items():
             info = layer.info
             method, rank = self._resolved.get(name, (DENSE, None))
