@@ -8,6 +8,7 @@ their own state.
 from __future__ import annotations
 
 import io
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -1047,3 +1048,89 @@ def test_pretrained_text_encoder_in_the_list_with_its_cosine(monkeypatch):
     # the number shown is ts.evaluate's cosine of the compressed model's embeddings with the original's
     ref = ts.evaluate(s.compressed_model(), [s.eval_inputs], reference=s.model)
     assert cos == pytest.approx(ref["cosine"], abs=1e-5)
+
+
+# ---- joint groups in the ranks view ------------------------------------------------------------
+
+TOWER_MEMBERS = [f"blocks.{k}.conv" for k in range(6)]
+
+
+@pytest.fixture(scope="module")
+def tower_state():
+    pytest.importorskip("pandas")
+    s = ExplorerState()
+    assert s.load_example("tower"), s.error
+    return s
+
+
+def test_a_group_is_one_row_whose_sliders_move_its_rank_params_and_preview(tower_state):
+    from tensorscope.methods.group import get_group_method
+
+    s = tower_state
+    s.set_plan({})
+    assert s.set_group("stage", TOWER_MEMBERS, "joint_tucker"), s.error
+    g = get_group_method("joint_tucker")
+    geoms = [s.layer_info(n).geometry for n in TOWER_MEMBERS]
+    axes = g.rank_axes(geoms)
+    assert s.group_axis_values("stage") == tuple(a.default for a in axes)  # a new group starts at the defaults
+    rows = s.rank_rows()
+    assert [r["layer"] for r in rows] == ["stem.0", "stage", "fc"]  # one row, in its first member's place
+    row = rows[1]
+    assert row["group"] == "stage" and row["members"] == TOWER_MEMBERS and row["method"] == "joint_tucker"
+    assert row["axes"] == axes == s.group_rank_axes("stage") and "joint_tucker" in row["methods"]
+    assert row["params"] == sum(x.dense_params for x in geoms)
+    assert [r["layer"] for r in s.rank_rows("blocks.3")] == ["stage"]  # found by a member's name
+    assert [r["layer"] for r in s.rank_rows("joint")] == ["stage"]
+    # moving one slider: the plan's rank, the parameters (as plan_cost predicts) and the table follow
+    before = ts.plan_cost(s.model, s.plan)
+    assert s.cost["params_after"] == before["params_after"]
+    assert s.set_group_rank_values("stage", [2, 4, 6]), s.error
+    after = ts.plan_cost(s.model, s.plan)
+    assert list(s.plan.groups["stage"].rank) == [2, 4, 6] and s.group_axis_values("stage") == (2, 4, 6)
+    assert s.cost["params_after"] - before["params_after"] == after["params_after"] - before["params_after"] != 0
+    assert s.rank_rows("stage")[0]["params_after"] == after["groups"]["stage"]["params"] == s.group_cost("stage")[0]
+    table = s.table
+    assert table[table["type"] == "group"]["params after"].iloc[0] == after["groups"]["stage"]["params"]
+    assert ts.count_params(ts.compress(s.model, s.plan)) == s.cost["params_after"]
+    # the preview runs the group at its new rank: what the compressed network scores
+    q = s.refresh_quality(incremental=False)
+    got = ts.evaluate(ts.compress(s.model, s.plan, refine=s.refine), [(s.eval_inputs, s.eval_targets)])
+    assert q["plan"] == pytest.approx(got["accuracy"], abs=1.5 / got["samples"])
+    full = [a.high for a in axes]
+    assert s.set_group_rank_values("stage", full), s.error
+    q = s.refresh_quality(incremental=False)
+    assert q["plan"] == pytest.approx(q["original"])  # exact at full rank
+    assert s.cost["params_after"] == ts.plan_cost(s.model, s.plan)["params_after"]
+    # removing it: the members are dense rows again
+    assert s.remove_group("stage"), s.error
+    assert not s.plan.groups and s.cost["params_after"] == s.cost["params"]
+    assert [r["layer"] for r in s.rank_rows()] == ["stem.0", *TOWER_MEMBERS, "fc"]
+
+
+def test_what_the_plan_refuses_about_a_group_is_a_message(tower_state):
+    s = tower_state
+    s.set_plan({"blocks.0.conv": {"method": "tucker2", "rank": [4, 4]}})
+    # a member's own entry gives way to the group (said in the message)
+    assert s.set_group("a", TOWER_MEMBERS[:3], rank=[2, 4, 4]), s.error
+    assert "blocks.0.conv" not in s.plan.layers and "give way" in s.message
+    plan, cost = s.plan, dict(s.cost)
+    cases = [
+        (lambda: s.set_group("b", TOWER_MEMBERS[3:4]), "has 1 layer"),
+        (lambda: s.set_group("b", ["stem.0", *TOWER_MEMBERS[3:]]), "differs"),
+        (lambda: s.set_group("b", TOWER_MEMBERS[2:5]), "in two groups"),
+        (lambda: s.set_group("b", ["blocks.3.conv", "nope"]), "not in the model"),
+        (lambda: s.set_group("b", TOWER_MEMBERS[3:], "tucker2"), "per-layer method|unknown group method"),
+        (lambda: s.set_group("", TOWER_MEMBERS[3:]), "needs a name"),
+        (lambda: s.set_layer("blocks.1.conv", "svd", 4), "both in group 'a'"),
+        (lambda: s.set_group_rank_values("a", [2, 4, 99]), "r_in 99 is out of range"),
+        (lambda: s.set_group_rank_values("a", [2, 4]), "3 rank value"),
+        (lambda: s.set_group_rank_values("zz", [1, 1, 1]), "no group 'zz'"),
+        (lambda: s.remove_group("zz"), "no group 'zz'"),
+    ]
+    for call, match in cases:
+        s.error = ""
+        assert call() is False
+        assert re.search(match, s.error), (match, s.error)
+        assert s.plan is plan and s.cost == cost  # nothing changed
+    s.set_plan({})
+    s.error = ""
