@@ -198,26 +198,39 @@ class _SessionLoop:
 
 class RankRow:
     """One row of the ranks view: a layer's name (click: show it above), its method, one slider
-    per rank axis of that method, and its parameters after. Rebuilt when the layer's method or
-    rank axes change; otherwise its values follow the state in place."""
+    per rank axis of that method, and its parameters after. A joint group's row is the same,
+    for the group: its group method (dense: ungroup) and its rank axes, the members' parameters
+    counted once. Rebuilt when the method or rank axes change; otherwise its values follow the
+    state in place."""
 
     def __init__(self, view: "ExplorerView", row: dict, key: Any):
         s = view.state
-        name, method = row["layer"], row["method"]
+        name, method, group = row["layer"], row["method"], row.get("group")
         self.key = key
-        self.button = pn.widgets.Button(
-            label=name, width=150, margin=(8, 4), css_classes=["ts-row-select"],
-            description=f"Show {name} in the layer controls and the spectrum plots.")
-        self.button.on_click(lambda _e: s.select(name))
+        if group is None:
+            self.button = pn.widgets.Button(
+                label=name, width=150, margin=(8, 4), css_classes=["ts-row-select"],
+                description=f"Show {name} in the layer controls and the spectrum plots.")
+            self.button.on_click(lambda _e: s.select(name))
+            on_method, on_axis, what = view._on_row_method, view._on_axis, "dense: kept as it is"
+        else:
+            members = row["members"]
+            self.button = pn.widgets.Button(
+                label=f"{group} ({len(members)} layers)", width=150, margin=(8, 4),
+                css_classes=["ts-row-select", "ts-row-group"],
+                description=f"Joint group of {', '.join(members)}: one decomposition shared by all. "
+                            f"Show {members[0]} in the layer controls.")
+            self.button.on_click(lambda _e: s.select(members[0]))
+            on_method, on_axis, what = view._on_group_method, view._on_group_axis, "dense: ungroup its layers"
         self.method = pn.widgets.Select(
             options=row["methods"], value=method, width=100, margin=(8, 4), css_classes=["ts-row-method"],
-            description=f"How {name} is decomposed (dense: kept as it is).")
-        pn.bind(view._on_row_method, name, self.method, watch=True)
+            description=f"How {name} is decomposed ({what}).")
+        pn.bind(on_method, name, self.method, watch=True)
         self.sliders = []
         for i, (ax, v) in enumerate(zip(row["axes"], row["values"])):
             w = pn.widgets.IntSlider(label=ax.name, start=ax.low, end=max(ax.high, ax.low + 1), value=int(v), step=1,
                                      width=150, margin=(0, 6), css_classes=["ts-row-rank"], disabled=ax.high <= ax.low)
-            pn.bind(view._on_axis, name, method, i, w, watch=True)
+            pn.bind(on_axis, name, method, i, w, watch=True)
             self.sliders.append(w)
         self.after = pn.pane.HTML("", width=110, margin=(14, 4), styles={"font-size": "12px", "color": "#3e4c59"})
         help_ = "; ".join(ax.help or f"{ax.label} ({ax.low}-{ax.high})" for ax in row["axes"])
@@ -237,7 +250,7 @@ class RankRow:
         after = f"{format_count(row['params_after'])} of {format_count(row['params'])}"
         if self.after.object != after:
             self.after.object = after
-        kind = "primary" if row["layer"] == selected else "default"
+        kind = "primary" if selected in (row["layer"], *row.get("members", ())) else "default"
         if self.button.color != kind:
             self.button.color = kind
 
@@ -498,6 +511,15 @@ class ExplorerView(pn.viewable.Viewer):
             placeholder="filter layers by name or method", css_classes=["ts-rank-filter"], width=260,
             description="Show only the layers whose name or method contains this text.")
         self.rank_count = pn.pane.Markdown("", styles=HINT, margin=(12, 10, 0, 10))
+        # forming a joint group from the page (its checks are messages in the page)
+        self.group_layers = pn.widgets.MultiChoice(
+            placeholder="layers of one kernel shape", options=[], width=300, css_classes=["ts-group-layers"],
+            description="Layers to decompose together, one core shared by all (T-Net): same kernel shape.")
+        self.group_name = pn.widgets.TextInput(value="group1", width=90, css_classes=["ts-group-name"],
+                                               description="The group's name in the plan.")
+        self.group_button = pn.widgets.Button(label="Group", width=70, css_classes=["ts-group-button"],
+                                              description="Decompose the chosen layers together (joint_tucker).")
+        self.group_button.on_click(lambda _e: self._on_group_button())
         self.rank_rows_box = pn.Column(scroll=True, height=PLOT_H - 10, sizing_mode="stretch_width",
                                        css_classes=["ts-ranks-view"])
         # compare configurations
@@ -882,6 +904,33 @@ class ExplorerView(pn.viewable.Viewer):
         if not self.state.set_layer(name, method, None):
             self._resync()
 
+    def _on_group_method(self, name: str, method: str) -> None:
+        """A group's method chosen in its row: dense ungroups, another group method re-forms it."""
+        s = self.state
+        if name not in s.group_names() or method == s.plan.groups[name].method:  # shown back
+            return
+        ok = (s.remove_group(name) if method == DENSE
+              else s.set_group(name, list(s.plan.groups[name].layers), method))
+        if not ok:
+            self._resync()
+
+    def _on_group_button(self) -> None:
+        """Form a group of the layers chosen (the state's message or error says how it went)."""
+        if self.state.set_group(self.group_name.value.strip(), list(self.group_layers.value)):
+            self.group_layers.value = []
+
+    def _on_group_axis(self, name: str, method: str, i: int, value: int) -> None:
+        """One rank slider of group ``name`` moved: set that axis, keep the others."""
+        s = self.state
+        if name not in s.group_names() or s.plan.groups[name].method != method:
+            return
+        values = list(s.group_axis_values(name))
+        if i >= len(values) or values[i] == value:  # the state's own value, shown back
+            return
+        values[i] = int(value)
+        if not s.set_group_rank_values(name, values):
+            self._resync()
+
     def _on_history_click(self, event) -> None:
         if event.column == "pin":
             self.state.pin(int(event.row))
@@ -1053,20 +1102,28 @@ class ExplorerView(pn.viewable.Viewer):
         shown = rows[:ROW_LIMIT]
         objects = []
         for row in shown:
-            key = (s.version, row["layer"], row["method"], row["axes"])
-            r = self.layer_rows.get(row["layer"])
+            at = row["layer"] if row["group"] is None else ("group", row["group"])  # a group's row: by its name
+            key = (s.version, row["layer"], row["method"], row["axes"], tuple(row.get("members", ())))
+            r = self.layer_rows.get(at)
             if r is None or r.key != key:
-                r = self.layer_rows[row["layer"]] = RankRow(self, row, key)
+                r = self.layer_rows[at] = RankRow(self, row, key)
             else:
                 r.update(row, s.selected)
             objects.append(r.layout)
-        for name in [n for n in self.layer_rows if n not in s.layer_names]:  # another network: forget its rows
+        alive = {*s.layer_names, *(("group", g) for g in s.group_names())}
+        for name in [n for n in self.layer_rows if n not in alive]:  # another network or group gone: forget its rows
             del self.layer_rows[name]
         if [id(o) for o in objects] != [id(o) for o in self.rank_rows_box.objects]:
             self.rank_rows_box.objects = objects
         total = len(s.layer_names)
-        self.rank_count.object = (f"{len(shown)} of {total} layers" + (" (filter to see the others)"
-                                                                         if len(rows) > len(shown) else ""))
+        grouped = sum(len(r["members"]) for r in rows if r["group"] is not None)
+        in_rows = sum(1 for r in shown if r["group"] is None) + sum(len(r["members"]) for r in shown
+                                                                     if r["group"] is not None)
+        self.rank_count.object = (f"{in_rows} of {total} layers" + (f" ({grouped} in group rows)" if grouped else "")
+                                  + (" (filter to see the others)" if len(rows) > len(shown) else ""))
+        choices = [n for n in s.layer_names if s.group_of(n) is None]
+        if self.group_layers.options != choices:
+            self.group_layers.param.update(options=choices, value=[v for v in self.group_layers.value if v in choices])
 
     def _render_table(self) -> None:
         s = self.state
@@ -1152,7 +1209,8 @@ class ExplorerView(pn.viewable.Viewer):
         controls = pn.Card(self.controls_title, self.method_select, self.rank_box, self.layer_info,
                            title="Layer controls", collapsible=False, width=320, height=PLOT_H + 70, sizing_mode="fixed",
                            css_classes=["ts-controls"])
-        ranks = pn.Card(pn.Row(self.rank_filter, self.rank_count), self.rank_rows_box,
+        ranks = pn.Card(pn.Row(self.rank_filter, self.rank_count, self.group_layers, self.group_name, self.group_button),
+                        self.rank_rows_box,
                         title="Ranks of every layer (move any row: the numbers and plots follow)", collapsible=False,
                         height=PLOT_H + 70, sizing_mode="stretch_width", css_classes=["ts-ranks-card"])
         stats = pn.GridBox(*self.stats.values(), ncols=len(self.stats), sizing_mode="stretch_width",

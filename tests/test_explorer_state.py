@@ -1134,3 +1134,43 @@ def test_what_the_plan_refuses_about_a_group_is_a_message(tower_state):
         assert s.plan is plan and s.cost == cost  # nothing changed
     s.set_plan({})
     s.error = ""
+
+
+def test_view_forms_a_group_and_its_row_moves_the_group(tower_state):
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("panel")
+    apps = str(Path(__file__).resolve().parent.parent / "apps")
+    if apps not in sys.path:
+        sys.path.insert(0, apps)
+    from explorer import ExplorerView
+
+    s = ExplorerState()
+    view = ExplorerView(state=s, load=False)
+    assert view.__panel__().get_root() is not None
+    assert s.load_network(tower_state.model, tower_state.eval_inputs[:200], tower_state.eval_targets[:200],
+                          name="tower"), s.error
+    assert view.group_layers.options == s.layer_names
+    view.group_layers.value = ["stem.0", "blocks.0.conv"]  # kernels of two shapes: a message, no group
+    view.group_button.clicks += 1
+    assert "differs" in s.error and not s.plan.groups
+    view.group_layers.value = TOWER_MEMBERS[:4]
+    view.group_name.value = "low"
+    view.group_button.clicks += 1
+    assert s.plan.groups["low"].layers == tuple(TOWER_MEMBERS[:4]), s.error
+    assert len(view.rank_rows_box.objects) == 5  # stem, the group's row, two convs, fc
+    assert view.group_layers.options == ["stem.0", *TOWER_MEMBERS[4:], "fc"]
+    assert "4 in group rows" in view.rank_count.object
+    row = view.layer_rows[("group", "low")]
+    assert [w.label for w in row.sliders] == [a.name for a in s.group_rank_axes("low")]
+    before = s.cost["params_after"]
+    row.sliders[2].value = 3
+    assert s.group_axis_values("low")[2] == 3 and s.cost["params_after"] != before
+    assert s.cost["params_after"] == ts.plan_cost(s.model, s.plan)["params_after"]
+    assert f"{s.cost['params_after']:,}" in view.stats["params"].object
+    row.sliders[2].value = 99 if row.sliders[2].end >= 99 else row.sliders[2].end  # the slider's end: full rank
+    assert s.group_axis_values("low")[2] == row.sliders[2].end
+    row.method.value = "dense"  # ungroups
+    assert not s.plan.groups and ("group", "low") not in view.layer_rows
+    assert len(view.rank_rows_box.objects) == 8
