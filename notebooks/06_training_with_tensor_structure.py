@@ -28,7 +28,8 @@
 # 2. compare them with post-hoc `compress` + `ts.finetune` at the same parameter count;
 # 3. read what the two ways of running a TT layer (`"sweep"`, `"rebuild"`) cost;
 # 4. see why a shuffled TT (`"shuffle": seed`) only makes sense from scratch;
-# 5. apply the reshaped decompositions of Su et al. (2018), `rcp` and `rtucker`, to a conv.
+# 5. apply the reshaped decompositions of Su et al. (2018), `rcp` and `rtucker`, to a conv;
+# 6. decompose several same-shaped layers together, one core shared by all (a joint group, T-Net).
 
 # %%
 import time
@@ -46,8 +47,9 @@ except ImportError:  # a source checkout without `pip install -e .`: use the par
 
     sys.path.insert(0, str(pathlib.Path.cwd().parent))
     import tensorscope as ts
+from tensorscope.densify import probe_dense
 from tensorscope.examples import load_example
-from tensorscope.methods import LayerGeometry
+from tensorscope.methods import LayerGeometry, get_group_method
 
 hv.extension("bokeh")
 torch.manual_seed(0)
@@ -240,6 +242,107 @@ try:
     ts.compress(lenet.model, {"features.3": {"method": "rtucker", "rank": 2, "in_shape": [4, 4]}})
 except ts.PlanError as e:
     print(e)
+
+# %% [markdown]
+# ## One tensor for several layers: joint groups (T-Net)
+#
+# Everything so far decomposed one layer at a time. Kossaifi et al. (2019) noticed that
+# the layers of a deep network are alike, and parametrised them *together*: stack the
+# kernels of $L$ same-shaped convolutions into one tensor $\mathcal T[l, o, i, y, x]$ and
+# give it one Tucker decomposition over the layer, output and input modes,
+#
+# $$\mathcal T \approx \mathcal C \times_l U_{\text{layer}} \times_o U_{\text{out}} \times_i U_{\text{in}},
+# \qquad W_l = U_{\text{out}} \Big(\sum_a U_{\text{layer}}[l, a]\, \mathcal C[a]\Big) U_{\text{in}}^\top .$$
+#
+# The core $\mathcal C$ ($r_l \times r_o \times r_i \times k_h \times k_w$) and the channel
+# factors are stored once for the whole group: $r_l r_o r_i k_h k_w + L r_l + O r_o + I r_i$
+# parameters against $L$ times Tucker-2's $r_o r_i k_h k_w + O r_o + I r_i$. In a plan this is
+# a **group** (plan format 2), with the method `joint_tucker` and the rank
+# `[r_layer, r_out, r_in]`. The built-in `tower` has six identical 32 → 32 3x3 residual
+# convs, `blocks.0.conv` ... `blocks.5.conv`:
+
+# %%
+tower = load_example("tower")
+tnet = tower.model.eval()
+MEMBERS = [f"blocks.{k}.conv" for k in range(6)]
+jt = get_group_method("joint_tucker")
+members = [tnet.get_submodule(n) for n in MEMBERS]
+geoms = [LayerGeometry.of(m) for m in members]
+six = sum(g.dense_params for g in geoms)
+group_plan = {"tensorscope_plan": 2, "layers": {},
+              "groups": {"tower": {"method": "joint_tucker", "layers": MEMBERS, "rank": [3, 8, 8]}}}
+joint = ts.compress(tnet, group_plan)
+shared = {id(joint.get_submodule(n).shared) for n in MEMBERS}
+per_member = sum(p.numel() for n in MEMBERS for p in joint.get_submodule(n).parameters())
+print(f"{len(shared)} shared core object for {len(MEMBERS)} members")
+print(f"parameters: {ts.count_params(joint):,} (plan_cost predicts {ts.plan_cost(tnet, group_plan)['params_after']:,}); "
+      f"counting the core once per member would say {ts.count_params(tnet) - six + per_member:,}")
+assert len(shared) == 1 and ts.count_params(joint) == ts.plan_cost(tnet, group_plan)["params_after"]
+
+# %% [markdown]
+# `ts.count_params` (like `torch`'s `parameters()`) sees the shared core once, and so do
+# `plan_cost`, the budget planner and the explorer, where a group is one row with its own
+# rank sliders. Is sharing worth it? Give the six convs the same parameter budget either
+# way, 1/55 and 1/24 of their 55,296 weights: the joint group at its rank triple of least
+# HOSVD error, and six independent `tucker2` layers at the rank pair of least total error.
+# Both are compressed from the trained tower, without any training.
+
+# %%
+tk = ts.get_method("tucker2")
+
+
+def stacked_error(small):
+    """Relative error of the six kernels stacked: what each member computes with against the original."""
+    err = sum(float((probe_dense(small.get_submodule(n), m)[0].double() - m.weight.double()).pow(2).sum())
+              for n, m in zip(MEMBERS, members))
+    return (err / sum(float(m.weight.double().pow(2).sum()) for m in members)) ** 0.5
+
+
+curve = jt.tradeoff_group(members, geoms)  # every rank triple's HOSVD error from one factorization
+pairs = [(a, b) for a in range(1, 33) for b in range(1, 33)]
+t2_params = {p: sum(tk.count_params(g, p) for g in geoms) for p in pairs}
+t2_err = {p: sum(tk.cheap_error(m, p) ** 2 * float(m.weight.detach().pow(2).sum()) for m in members) for p in pairs}
+equal = []
+for ratio in (55, 24):
+    budget = six / ratio
+    k = min((k for k in range(len(curve.ranks)) if curve.params[k] <= budget), key=lambda k: curve.errors[k])
+    ranks = {"joint_tucker": list(curve.ranks[k]),
+             "tucker2": list(min((p for p in pairs if t2_params[p] <= budget), key=t2_err.get))}
+    for name, r in ranks.items():
+        plan = ({"tensorscope_plan": 2, "layers": {}, "groups": {"tower": {"method": name, "layers": MEMBERS, "rank": r}}}
+                if name == "joint_tucker" else {n: {"method": name, "rank": r} for n in MEMBERS})
+        small = ts.compress(tnet, plan)
+        equal.append({"budget": f"{ratio}x", "form": name, "rank": r,
+                      "six convs' parameters": ts.count_params(small) - ts.count_params(tnet) + six,
+                      "weight error": stacked_error(small),
+                      "accuracy": float(ts.evaluate(small, tower.test_loader())["accuracy"])})
+equal = pd.DataFrame(equal)
+print(f"dense tower: {tower.accuracy:.3f}")
+equal.round(3)
+
+# %%
+hv.Bars(equal, ["budget", "form"], "weight error").opts(
+    width=520, height=300, ylim=(0, 1), tools=["hover"],
+    title="tower's six convs at equal parameters: stacked kernel error")
+
+# %% [markdown]
+# Within the same budget the group spends its parameters better: one set of channel
+# factors instead of six leaves room for a larger core, and its stacked weight error is
+# the lower one (here 0.89 against 0.91 at 55x). With more room the gap narrows (0.85
+# against 0.87 at 24x), since six independent layers each have factors fitted to their own
+# kernel. Both errors are large: right after `compress` a residual tower this compressed
+# is near chance either way, so the accuracy column says little; `bench/joint.py`
+# fine-tunes both forms and trains them from scratch (docs/benchmarks.md). Whatever the
+# budget, at full rank, `[6, 32, 32]`, the group is exact:
+
+# %%
+full_rank = list(jt.max_rank(geoms))
+full = ts.compress(tnet, {"tensorscope_plan": 2, "layers": {},
+                          "groups": {"tower": {"method": "joint_tucker", "layers": MEMBERS, "rank": full_rank}}})
+x = next(iter(tower.test_loader()))[0][:64]
+with torch.no_grad():
+    torch.testing.assert_close(full(x), tnet(x), rtol=1e-4, atol=1e-4)
+print(f"rank {full_rank}: stacked weight error {stacked_error(full):.1e}, outputs equal the dense tower's")
 print(f"notebook ran in {time.perf_counter() - T0:.0f} s")
 
 # %% [markdown]
@@ -250,7 +353,10 @@ print(f"notebook ran in {time.perf_counter() - T0:.0f} s")
 # * Sweep and rebuild compute the same layer; the cheaper depends on the batch.
 # * A shuffled TT drops the locality of the index digits; it is for training only.
 # * Reshaped CP and Tucker split the channels into sub-modes; reshaped TT is `tt` on a conv.
+# * A joint group stores what same-shaped layers have in common once (one core, counted
+#   once); at a tight budget that fits the kernels better than independent Tucker-2.
 #
 # **References.** Novikov, Podoprikhin, Osokin, Vetrov, "Tensorizing Neural Networks",
 # NeurIPS 2015. Su, Li, Bhattacharjee, Huang, "Tensorized spectrum preserving compression
-# for neural networks", arXiv:1805.10352, 2018.
+# for neural networks", arXiv:1805.10352, 2018. Kossaifi, Bulat, Tzimiropoulos, Pantic, "T-Net:
+# Parametrizing Fully Convolutional Nets with a Single High-Order Tensor", CVPR 2019.
