@@ -563,7 +563,8 @@ class ExplorerView(pn.viewable.Viewer):
             css_classes=["ts-table"], pagination=None,
         )
         # the selected layer's controls (sliders rebuilt when the layer or its method changes)
-        self.controls_title = pn.pane.Markdown(pn.bind(self._controls_title, s.param.selected, s.param.version),
+        self.controls_title = pn.pane.Markdown(pn.bind(self._controls_title, s.param.selected, s.param.version,
+                                                       s.param.plan_version),
                                                margin=(0, 10))
         self.method_select = pn.widgets.Select(
             label="Method", options=[DENSE], css_classes=["ts-method"],
@@ -1038,11 +1039,14 @@ class ExplorerView(pn.viewable.Viewer):
                      f"**{_pct(rec['after'])}** (exports are the fine-tuned model).")
         return text
 
-    def _controls_title(self, name: str | None, _version: int = 0) -> str:
+    def _controls_title(self, name: str | None, _version: int = 0, _plan_version: int = 0) -> str:
         if name is None or name not in self.state.layer_names:
             return "### Layer\nLoad a network to see its layers."
         info = self.state.layer_info(name)
-        return f"### {name}\n{info.kind} {'×'.join(map(str, info.weight_shape))}"
+        group = self.state.group_of(name)
+        note = (f"\n\nIn joint group **{group}**: its rank is the group's row in the ranks view "
+                "(method dense there ungroups it)." if group else "")
+        return f"### {name}\n{info.kind} {'×'.join(map(str, info.weight_shape))}{note}"
 
     def _layer_text(self, name: str | None, table=None) -> str:
         s = self.state

@@ -1162,6 +1162,8 @@ def test_view_forms_a_group_and_its_row_moves_the_group(tower_state):
     assert len(view.rank_rows_box.objects) == 5  # stem, the group's row, two convs, fc
     assert view.group_layers.options == ["stem.0", *TOWER_MEMBERS[4:], "fc"]
     assert "4 in group rows" in view.rank_count.object
+    s.select("blocks.1.conv")  # a member's controls say where its rank is
+    assert "In joint group **low**" in view.controls_title.object
     row = view.layer_rows[("group", "low")]
     assert [w.label for w in row.sliders] == [a.name for a in s.group_rank_axes("low")]
     before = s.cost["params_after"]
@@ -1174,3 +1176,20 @@ def test_view_forms_a_group_and_its_row_moves_the_group(tower_state):
     row.method.value = "dense"  # ungroups
     assert not s.plan.groups and ("group", "low") not in view.layer_rows
     assert len(view.rank_rows_box.objects) == 8
+
+
+def test_budget_and_presets_keep_the_pages_groups(tower_state):
+    s = tower_state
+    s.set_plan({})
+    assert s.set_group("stage", TOWER_MEMBERS, rank=[6, 32, 32]), s.error
+    # the budget planner prices the group as one unit and picks its rank
+    assert s.apply_budget(0.3, "params", refresh=False), s.error
+    assert "stage" in s.plan.groups and list(s.plan.groups["stage"].rank) != [6, 32, 32]
+    assert not set(TOWER_MEMBERS) & set(s.plan.layers)
+    assert s.cost["params_after"] <= 0.3 * s.cost["params"] * 1.02
+    assert s.cost["params_after"] == ts.plan_cost(s.model, s.plan)["params_after"]
+    # a preset sets the other layers' ranks; the group keeps its own
+    rank = s.plan.groups["stage"].rank
+    assert s.apply_preset("energy", 0.9, refresh=False), s.error
+    assert s.plan.groups["stage"].rank == rank and not set(TOWER_MEMBERS) & set(s.plan.layers)
+    s.set_plan({})

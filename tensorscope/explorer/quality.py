@@ -74,7 +74,7 @@ class _Quality(_Session):
             with self._lock:
                 version = self.plan_version
                 plan, resolved, evaluator = self.plan, dict(self._resolved), self._evaluator
-                groups = list(getattr(self, "_groups", []))
+                groups = list(self._groups)
                 focus, refine = self._focus, self.refine
                 model, cost = self._model, dict(self.cost)
                 stats = self._stats if self.calibrate else None

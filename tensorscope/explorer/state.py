@@ -46,7 +46,8 @@ class ExplorerState(_Loading, _DataAware, _Quality, _Exports, _Compare, _Latency
 
     Inputs a person changes: :meth:`load_example` (and :meth:`open_ready`, what a page opens
     on), :meth:`load_upload`, :meth:`load_eval_upload`, :meth:`use_eval`, :meth:`select`,
-    :meth:`set_layer`, :meth:`set_rank_values`, :meth:`apply_budget`, :meth:`apply_preset`,
+    :meth:`set_layer`, :meth:`set_rank_values`, :meth:`set_group`, :meth:`remove_group`,
+    :meth:`set_group_rank_values`, :meth:`apply_budget`, :meth:`apply_preset`,
     :meth:`pin`, :meth:`restore`, :meth:`measure_latency`, :meth:`run_iterative`, :meth:`use_stage`,
     :meth:`load_pretrained`, :meth:`load_folder`; and the settings ``budget_keep``,
     ``budget_by`` and ``preset_energy``, which re-plan as they change (debounced). Results the
@@ -424,7 +425,9 @@ class ExplorerState(_Loading, _DataAware, _Quality, _Exports, _Compare, _Latency
         return bool(self._guard("Plan", work))
 
     def apply_budget(self, keep: float | None = None, by: str | None = None, *, refresh: bool = True) -> bool:
-        """Fill in every layer's method and ranks from the budget planner (svd and tucker2)."""
+        """Fill in every layer's method and ranks from the budget planner (svd and tucker2); the
+        plan's joint groups are priced as one unit each and get their ranks from it too (a
+        group it leaves dense leaves the plan)."""
 
         def work():
             if self._model is None:
@@ -439,12 +442,18 @@ class ExplorerState(_Loading, _DataAware, _Quality, _Exports, _Compare, _Latency
                 example_input = self._data.inputs[:1] if self._data is not None else None
                 data = _batches(self._calib[0], None) if (self.calibrate and self._calib is not None) else None
 
+                # the page's groups stay groups: the planner prices each as one unit and picks its rank
+                groups = {g: {"method": gp.method, "layers": list(gp.layers), **gp.options}
+                          for g, gp in self.plan.groups.items()}
+
                 def plan_it():
                     return plan_for_budget(self._model, k, by=b, methods="auto", example_input=example_input,
-                                           layers=list(self._layers), data=data).to_json(indent=None)
+                                           layers=list(self._layers), data=data,
+                                           groups=groups or None).to_json(indent=None)
 
                 if data is not None and self._shared_key is not None:  # seconds of statistics: once per server
-                    plan = Plan.from_json(shared_result(("budget", k, b, *self._shared_key), plan_it))
+                    key = ("budget", k, b, *self._shared_key, Plan({}, self.plan.groups).to_json(indent=None))
+                    plan = Plan.from_json(shared_result(key, plan_it))
                 else:
                     plan = Plan.from_json(plan_it())
                 with self._lock:
@@ -540,7 +549,7 @@ class ExplorerState(_Loading, _DataAware, _Quality, _Exports, _Compare, _Latency
         (``preset_energy`` when no value is given); ``("vbmf",)`` uses the VBMF rank. The
         rule reads the spectra the page shows (whitened in the data-aware mode). A layer on a
         method with a cheap error curve keeps it, others get the planner's first method; a
-        layer whose rank would not make it smaller stays dense."""
+        layer whose rank would not make it smaller stays dense; joint groups stay as they are."""
 
         def work():
             if kind not in ("energy", "vbmf"):
@@ -550,8 +559,9 @@ class ExplorerState(_Loading, _DataAware, _Quality, _Exports, _Compare, _Latency
                 raise DataError(f"energy to keep must be in (0, 1]; got {value!r}")
             # layers grouped by the method they prefer: their own when it has a cheap error curve
             groups: dict[str, list[str]] = {}
+            in_group = {n for g in self._groups for n in g.members}  # groups keep their own ranks
             for name, layer in self._layers.items():
-                choices = planner_methods(layer.geometry)
+                choices = planner_methods(layer.geometry) if name not in in_group else []
                 if choices:
                     own = self._resolved.get(name, (None,))[0]
                     groups.setdefault(own if own in choices else choices[0], []).append(name)
@@ -563,9 +573,9 @@ class ExplorerState(_Loading, _DataAware, _Quality, _Exports, _Compare, _Latency
                 entries.update({n: lp.to_dict() for n, lp in plan.items()})
             order = {n: i for i, n in enumerate(self._layers)}
             layers = {n: entries[n] for n in sorted(entries, key=order.__getitem__)}
-            dense = len(self._layers) - len(layers)
+            dense = len(self._layers) - len(layers) - len(in_group)
             with self._lock:
-                self._set_plan(Plan(layers), focus=None)
+                self._set_plan(Plan(layers, self.plan.groups), focus=None)
             what = f"{keep:.0%} energy" if kind == "energy" else "VBMF"
             note = f"; {dense} layer(s) stay dense (no smaller at that rank)" if dense else ""
             self.message = f"Preset {what}: {len(layers)} layer(s) decomposed{note}."
