@@ -1213,7 +1213,8 @@ class ExplorerView(pn.viewable.Viewer):
         controls = pn.Card(self.controls_title, self.method_select, self.rank_box, self.layer_info,
                            title="Layer controls", collapsible=False, width=320, height=PLOT_H + 70, sizing_mode="fixed",
                            css_classes=["ts-controls"])
-        ranks = pn.Card(pn.Row(self.rank_filter, self.rank_count, self.group_layers, self.group_name, self.group_button),
+        ranks = pn.Card(pn.Row(self.rank_filter, self.rank_count, self.group_layers, self.group_name,
+                               self.group_button),
                         self.rank_rows_box,
                         title="Ranks of every layer (move any row: the numbers and plots follow)", collapsible=False,
                         height=PLOT_H + 70, sizing_mode="stretch_width", css_classes=["ts-ranks-card"])

@@ -275,9 +275,10 @@ joint = ts.compress(tnet, group_plan)
 shared = {id(joint.get_submodule(n).shared) for n in MEMBERS}
 per_member = sum(p.numel() for n in MEMBERS for p in joint.get_submodule(n).parameters())
 print(f"{len(shared)} shared core object for {len(MEMBERS)} members")
-print(f"parameters: {ts.count_params(joint):,} (plan_cost predicts {ts.plan_cost(tnet, group_plan)['params_after']:,}); "
-      f"counting the core once per member would say {ts.count_params(tnet) - six + per_member:,}")
-assert len(shared) == 1 and ts.count_params(joint) == ts.plan_cost(tnet, group_plan)["params_after"]
+predicted = ts.plan_cost(tnet, group_plan)["params_after"]
+print(f"parameters: {ts.count_params(joint):,} (plan_cost predicts {predicted:,}); counting the core "
+      f"once per member would say {ts.count_params(tnet) - six + per_member:,}")
+assert len(shared) == 1 and ts.count_params(joint) == predicted
 
 # %% [markdown]
 # `ts.count_params` (like `torch`'s `parameters()`) sees the shared core once, and so do
@@ -293,9 +294,9 @@ tk = ts.get_method("tucker2")
 
 def stacked_error(small):
     """Relative error of the six kernels stacked: what each member computes with against the original."""
-    err = sum(float((probe_dense(small.get_submodule(n), m)[0].double() - m.weight.double()).pow(2).sum())
+    err = sum(float((probe_dense(small.get_submodule(n), m)[0].double() - m.weight.detach().double()).pow(2).sum())
               for n, m in zip(MEMBERS, members))
-    return (err / sum(float(m.weight.double().pow(2).sum()) for m in members)) ** 0.5
+    return (err / sum(float(m.weight.detach().double().pow(2).sum()) for m in members)) ** 0.5
 
 
 curve = jt.tradeoff_group(members, geoms)  # every rank triple's HOSVD error from one factorization
@@ -309,8 +310,9 @@ for ratio in (55, 24):
     ranks = {"joint_tucker": list(curve.ranks[k]),
              "tucker2": list(min((p for p in pairs if t2_params[p] <= budget), key=t2_err.get))}
     for name, r in ranks.items():
-        plan = ({"tensorscope_plan": 2, "layers": {}, "groups": {"tower": {"method": name, "layers": MEMBERS, "rank": r}}}
-                if name == "joint_tucker" else {n: {"method": name, "rank": r} for n in MEMBERS})
+        group = {"tower": {"method": name, "layers": MEMBERS, "rank": r}}
+        plan = ({"tensorscope_plan": 2, "layers": {}, "groups": group} if name == "joint_tucker"
+                else {n: {"method": name, "rank": r} for n in MEMBERS})
         small = ts.compress(tnet, plan)
         equal.append({"budget": f"{ratio}x", "form": name, "rank": r,
                       "six convs' parameters": ts.count_params(small) - ts.count_params(tnet) + six,

@@ -2,9 +2,10 @@
 
 A group comes with a plan loaded with ``"groups"`` or is formed in the page
 (``ExplorerState.set_group``); the ranks view shows it as one row whose sliders are its group
-method's rank axes (:func:`rank_row`, :func:`rank_from_values`). Each group is resolved against the model once per plan, priced once (what its members
-share counted once), its members' reconstructed kernels go into the live preview, and the
-table shows it as one row, its members marked as belonging to it.
+method's rank axes (:func:`rank_row`, :func:`rank_from_values`). Each group is resolved
+against the model once per plan, priced once (what its members share counted once), its
+members' reconstructed kernels go into the live preview, and the table shows it as one
+row, its members marked as belonging to it.
 """
 
 from __future__ import annotations

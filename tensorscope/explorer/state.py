@@ -321,8 +321,8 @@ class ExplorerState(_Loading, _DataAware, _Quality, _Exports, _Compare, _Latency
                 Plan({}, {name: {"method": method, "layers": members, "rank": 1.0, **options}}).resolve_groups(
                     self._model, {n: l.info.geometry for n, l in self._layers.items()})
                 g = get_group_method(method)
-                geoms = [self._layers[n].geometry if n in self._layers else LayerGeometry.of(self._model.get_submodule(n))
-                         for n in members]
+                geoms = [self._layers[n].geometry if n in self._layers
+                         else LayerGeometry.of(self._model.get_submodule(n)) for n in members]
                 r = g.rank_to_json(_groups.default_rank(g, geoms, g.check_options(options)))
             plan = base.with_group(name, method, members, r, **options)
             with self._lock:
