@@ -10,7 +10,7 @@ import re
 import time
 
 BASE = 431_080  # lenet5's parameters: the original network, every layer dense
-UI_TIMEOUT_S = 60.0
+UI_TIMEOUT_S = 150.0
 
 
 def wait_loaded(pg, timeout_ms: float | None = None) -> None:
