@@ -171,29 +171,10 @@ class EfficientNetLite0:
 
     @staticmethod
     def crops(names, per, seed):
-        import numpy as np
-        import skimage.data
-        import skimage.io
+        """The library's seeded photo crops (``ts.pretrained.photo_crops``) in the TF-Lite models' input scaling."""
+        from tensorscope.pretrained import photo_crops
 
-        g = torch.Generator().manual_seed(seed)
-        out = []
-        for nm in names:
-            img = np.asarray(skimage.io.imread(os.path.join(skimage.data.data_dir, nm)))
-            if img.ndim == 2:
-                img = np.stack([img] * 3, -1)
-            img = img[..., :3]
-            if img.dtype != np.uint8:
-                img = (255 * (img.astype(np.float64) / max(img.max(), 1))).astype(np.uint8)
-            img = torch.from_numpy(img).permute(2, 0, 1).float() / 255.0
-            _, h, w = img.shape
-            for _ in range(per):
-                s = int(min(h, w) * (0.35 + 0.65 * float(torch.rand(1, generator=g))))
-                y = int(torch.randint(0, h - s + 1, (1,), generator=g))
-                x = int(torch.randint(0, w - s + 1, (1,), generator=g))
-                c = torch.nn.functional.interpolate(img[None, :, y:y + s, x:x + s], size=(224, 224), mode="bilinear",
-                                                    align_corners=False, antialias=True)[0]
-                out.append(c.flip(-1) if float(torch.rand(1, generator=g)) < 0.5 else c)
-        return (torch.stack(out) * 255 - 127.0) / 128.0  # the TF-Lite models' input scaling
+        return (photo_crops(names, per, seed) * 255 - 127.0) / 128.0
 
     @torch.no_grad()
     def score(self, small) -> float:
