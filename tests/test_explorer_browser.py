@@ -136,9 +136,9 @@ def test_pin_compare_and_restore(page):
     page.locator(".ts-message").get_by_text("Pinned #1").wait_for()
     handle = page.locator(".ts-rank .noUi-handle").first
     handle.focus()
-    for _ in range(3):
-        page.keyboard.press("PageDown")  # a lower rank of classifier.1
-        time.sleep(0.2)
+    page.keyboard.press("Home")  # classifier.1 at a low rank: predictions change
+    for _ in range(5):
+        page.keyboard.press("ArrowUp")
     params_b = int(wait_change(page, ".ts-params-exact", f"{params_a:,}").replace(",", ""))
     wait_quality_settled(page)
     time.sleep(0.5)

@@ -780,6 +780,24 @@ def test_pin_compare_and_restore(fresh):
     assert c not in [p["id"] for p in s.pins]
 
 
+def test_pin_right_after_a_change_evaluates_the_plan_first(state):
+    """A click on "pin" while the new plan's accuracy is still on its way pins that plan."""
+
+    class Later:  # an executor whose jobs have not run yet
+        def submit(self, fn, *a, **k):
+            return None
+
+    s = ExplorerState(executor=Later())
+    assert s.load_network(state.model, state.eval_inputs[:200], state.eval_targets[:200], name="lenet"), s.error
+    s.set_layer("classifier.1", "svd", 3)
+    assert s.quality_pending and not any(h["plan"] == s.plan.to_json(indent=None) for h in s.history)
+    pid = s.pin()
+    assert pid is not None, s.error
+    pin = s.pins[-1]
+    assert pin["plan"] == s.plan.to_json(indent=None) and pin["params"] == s.cost["params_after"]
+    assert pin["quality"] is not None and "Pinned" in s.message
+
+
 def test_a_pin_of_a_replaced_network_is_a_message_and_the_session_keeps_its_network(state):
     s = ExplorerState()
     assert s.load_network(state.model, state.eval_inputs[:200], state.eval_targets[:200], name="lenet"), s.error

@@ -52,7 +52,16 @@ class _Compare(_Session):
         """Pin the history's point ``index`` (None: the newest evaluation of the current plan);
         the pin's id, or None with ``error`` set. The two newest pins become the comparison."""
 
+        def evaluated() -> bool:
+            with self._lock:
+                key = self.plan.to_json(indent=None)
+                return any(h["plan"] == key for h in self.history)
+
         def work():
+            if index is None and not evaluated() and self._evaluator is not None:
+                # pinned while its accuracy is still on its way (a click right after a slider moved):
+                # evaluate it now; the refresh is serialised with the background one
+                self.refresh_quality()
             with self._lock:
                 history = list(self.history)
                 if not history:
