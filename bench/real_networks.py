@@ -119,29 +119,25 @@ class MiniLM:
     def score(self, small) -> float:
         return float((self.embed(small) * self.ref).sum(-1).mean())
 
-    def augmented(self, copies: int = 8, rate: float = 0.5, seed: int = 0):
+    def augmented(self, copies: int = 8, rate: float = 0.5, seed: int = 0, pool: str = "vocab"):
         """The calibration batches with ``copies`` copies of each sentence in which ``rate`` of
-        the word pieces are replaced by random vocabulary words (same half of the data).
+        the word pieces are replaced (``ts.augment_calibration``, same batch, so the same half).
+
+        ``pool="vocab"``: replacements drawn uniformly from the tokenizer's whole-word ids;
+        ``pool="data"``: from the calibration sentences' own word pieces (the library's default,
+        no tokenizer needed).
 
         Why: 507 calibration tokens are too few for the input moments of 384- and 1536-wide
         layers, and whitening overfits them; the copies keep each sentence's positions and
         context but widen the tokens seen. ``rate=0.5`` over 0.3 was chosen on calibration
         data alone: factors fitted on one half, mean cosine on the other half's original
         sentences 0.883 against 0.877 (0.837 without augmentation)."""
-        g = torch.Generator().manual_seed(seed)
-        vocab = torch.tensor([i for t, i in self.tok.get_vocab().items() if t.isalpha() and not t.startswith("[")])
-        out = []
-        for b in self.calib:
-            ids, am = b["input_ids"], b["attention_mask"]
-            special = (ids == self.tok.cls_token_id) | (ids == self.tok.sep_token_id) | (am == 0)
-            new = [ids]
-            for _ in range(copies):
-                swap = (torch.rand(ids.shape, generator=g) < rate) & ~special
-                new.append(torch.where(swap, vocab[torch.randint(len(vocab), ids.shape, generator=g)], ids))
-            k = len(new)
-            out.append({"input_ids": torch.cat(new), "attention_mask": am.repeat(k, 1),
-                        "token_type_ids": b["token_type_ids"].repeat(k, 1)})
-        return out
+        if pool not in ("vocab", "data"):
+            raise ValueError(f'pool must be "vocab" or "data"; got {pool!r}')
+        vocab = None
+        if pool == "vocab":
+            vocab = [i for t, i in self.tok.get_vocab().items() if t.isalpha() and not t.startswith("[")]
+        return ts.augment_calibration(self.calib, copies, rate, vocab=vocab, seed=seed)
 
     def describe(self) -> str:
         return (f"{len(self.layers)} Linear layers, {self.decomposable / 1e6:.2f}M of {self.total / 1e6:.2f}M parameters; "

@@ -59,6 +59,7 @@ _LAZY = {
     "refine_layerwise": "recovery",
     "iterative": "recovery",
     "collect_stats": "calibration",
+    "augment_calibration": "augment",
     "correct": "correction",
     "examples": None,
     "pretrained": None,
@@ -76,7 +77,7 @@ __all__ = [
     # compress, recover, persist
     "compress", "tensorize", "tune_execution", "preview", "fold_batchnorm", "plan_of", "FactorizedLayer", "save",
     "load", "export", "load_model", "describe", "finetune", "refine_layerwise", "iterative", "collect_stats",
-    "correct", "examples", "pretrained", "bayes",
+    "augment_calibration", "correct", "examples", "pretrained", "bayes",
     # train
     "train", "lowrank_train", "History",
     # errors and warnings

@@ -582,8 +582,13 @@ def collect_stats(
     fourth: bool = False,
     seed: int = 0,
     progress: Any = False,
+    gradient_data: Any = None,
 ) -> Calibration:
     """One pass over ``data`` recording the input second moments of the named layers.
+
+    Few calibration samples make poor moments of wide layers' inputs; more of them, made from
+    the same samples, come from :func:`tensorscope.augment_calibration` (pass its batches as
+    ``data``).
 
     Parameters
     ----------
@@ -600,6 +605,12 @@ def collect_stats(
         Samples per backward pass (default: the whole batch); lower it to bound memory.
     fourth : bool
         Record ``sum ||x||^4`` for the Ledoit-Wolf shrinkage (:func:`ledoit_wolf`).
+    gradient_data : iterable of batches, optional
+        With ``gradients=True``: take the output-gradient moments from these batches and the
+        input moments from ``data`` (a forward pass only). For augmented calibration data
+        (``data=augment_calibration(originals)``, ``gradient_data=originals``): the backward
+        passes, one per probe, then run over the original samples only. Their halves must be
+        the same samples as ``data``'s (as ``augment_calibration`` keeps them).
 
     Raises :class:`DataError` naming the batch when the model cannot run it, and when a
     layer was never reached. The model is left as it was (mode, ``requires_grad``).
@@ -619,6 +630,14 @@ def collect_stats(
     batches = list(iter_batches(data, max_batches=max_batches))
     if not batches:
         raise DataError("calibration data yielded no batches; pass at least one batch of inputs")
+    if gradient_data is not None:
+        if not gradients:
+            raise DataError("gradient_data= gives the output-gradient moments: pass gradients=True with it")
+        kw = dict(max_batches=max_batches, ridge=ridge, halves=halves, probes=probes, fourth=fourth, seed=seed,
+                  progress=progress)
+        inputs = collect_stats(model, batches, names, gradients=False, **kw)
+        grads = collect_stats(model, gradient_data, names, gradients=True, grad_batch=grad_batch, **kw)
+        return _with_gradients(inputs, grads)
     try:
         return _collect(model, modules, names, batches, ridge, halves, gradients, probes, grad_batch, fourth, seed,
                         progress, share=True)
@@ -746,6 +765,24 @@ def _collect(model, modules, names, batches, ridge, halves, gradients, probes, g
                       "not have the samples first): held-out scores fall back to in-sample ones", stacklevel=3)
     return Calibration(out, part0=part0 if halves else None, samples=total_samples, gradients=gradients,
                        probes=probes if gradients else 0, loss=loss_kind)
+
+
+def _with_gradients(inputs: Calibration, grads: Calibration) -> Calibration:
+    """``inputs``' input moments with ``grads``' output-gradient moments, halves paired."""
+    if inputs.has_halves != grads.has_halves:
+        raise DataError("data and gradient_data must both split in two halves (two or more batches, or one batch "
+                        "of two or more samples), so that held-out scores pair the same samples; "
+                        f"data {'does' if inputs.has_halves else 'does not'}, gradient_data "
+                        f"{'does' if grads.has_halves else 'does not'}")
+    out, part0 = {}, {}
+    for n, st in inputs.items():
+        g = grads[n]
+        out[n] = replace(st, grad=g.grad, grad_count=g.grad_count, _memo={})
+        if inputs.has_halves:
+            p, q = inputs._part0[n], grads._part0[n]
+            part0[n] = (p[0], p[1], p[2], q[3], q[4], p[5])
+    return Calibration(out, part0=part0 or None, samples=inputs.samples, gradients=True, probes=grads.probes,
+                       loss=grads.loss)
 
 
 def _describe_batch(b) -> str:
