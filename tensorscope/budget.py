@@ -234,7 +234,8 @@ def plan_for_budget(
         factorization.
     data : iterable of batches, optional
         Use the layers' output errors on this data (whitened spectra) instead of weight errors.
-        Its statistics are gathered in one pass (:func:`tensorscope.collect_stats`).
+        Its statistics are gathered in one pass (:func:`tensorscope.collect_stats`). With few
+        samples, :func:`tensorscope.augment_calibration` makes more from them.
     stats : Calibration, optional
         Statistics already gathered by :func:`tensorscope.collect_stats` (instead of
         ``data``): plan many budgets, then ``compress(model, plan, stats=stats)``, from one
