@@ -75,7 +75,10 @@ def augment_calibration(
     vocab : sequence or 1-D tensor of ids, optional
         Tokens: the ids replacements are drawn from, uniformly (e.g. a tokenizer's whole-word
         ids). Default: the ids at the non-special positions of ``data`` itself, as often as
-        they occur there (the empirical distribution; no tokenizer needed).
+        they occur there (the empirical distribution; no tokenizer needed), each half of the
+        data (as ``collect_stats`` splits it) drawing from its own, so that no held-out half
+        sees the other's words. On MiniLM a tokenizer's words measured better on unseen
+        sentences (``docs/benchmarks.md``): pass them when you have the tokenizer.
     keep : sequence of ids, optional
         Tokens: ids never replaced (e.g. a separator inside a sentence pair, or the padding id
         of batches without an ``attention_mask``). Without an ``attention_mask`` every position
@@ -120,32 +123,30 @@ def augment_calibration(
         raise DataError(f"augment_calibration: the batches mix token and image inputs ({sorted(kinds)}); "
                         "augment each kind on its own")
     kind = kinds.pop()
+    if len(parts) == 1 and parts[0][1].shape[0] >= 2:  # halves of one batch are its rows: two batches
+        n = parts[0][1].shape[0]
+        parts = [_rows(parts[0], sl, n) for sl in (slice(0, n // 2), slice(n // 2, n))]
     gen = torch.Generator().manual_seed(seed)
     if kind == "tokens":
         keep_ids = _ids(keep, "keep", allow_empty=True)
         specials = [_special(ids, mask, keep_ids) for _, ids, mask, _, _ in parts]
-        if vocab is None:
-            pool = torch.cat([ids[~sp].reshape(-1).cpu() for (_, ids, _, _, _), sp in zip(parts, specials)])
-            if pool.numel() == 0:
+        if vocab is None:  # each half draws from its own tokens: held-out halves stay apart
+            seen = [ids[~sp].reshape(-1).cpu() for (_, ids, _, _, _), sp in zip(parts, specials)]
+            every = torch.cat(seen)
+            if every.numel() == 0:
                 raise DataError("augment_calibration: the token batches have no position to replace (every "
                                 "one is padding, a row's first or last token, or in keep=); pass longer "
                                 "sequences, or vocab= if you meant to replace anyway")
+            halves = [torch.cat(seen[0::2]), torch.cat(seen[1::2]) if len(seen) > 1 else every]
+            pools = [halves[i % 2] if halves[i % 2].numel() else every for i in range(len(parts))]
         else:
-            pool = _ids(vocab, "vocab", allow_empty=False)
-        make = lambda p, sp: _token_copies(p[1], sp, pool, copies, float(rate), gen)  # noqa: E731
-        args = specials
-    else:
-        if vocab is not None or keep is not None:
-            raise DataError("vocab= and keep= are token ids; these batches are images (N, C, H, W): drop them")
-        make = lambda p, _: _image_copies(p[1], copies, float(rate), float(flip), float(brightness),  # noqa: E731
-                                          float(contrast), gen)
-        args = [None] * len(parts)
-    if len(parts) == 1 and parts[0][1].shape[0] >= 2:  # halves of one batch are its rows: two batches
-        n = parts[0][1].shape[0]
-        h = n // 2
-        return [_rebuild(_rows(parts[0], sl, n), make(_rows(parts[0], sl, n), _cut(args[0], sl)), copies)
-                for sl in (slice(0, h), slice(h, n))]
-    return [_rebuild(p, make(p, a), copies) for p, a in zip(parts, args)]
+            pools = [_ids(vocab, "vocab", allow_empty=False)] * len(parts)
+        return [_rebuild(p, _token_copies(p[1], sp, pool, copies, float(rate), gen), copies)
+                for p, sp, pool in zip(parts, specials, pools)]
+    if vocab is not None or keep is not None:
+        raise DataError("vocab= and keep= are token ids; these batches are images (N, C, H, W): drop them")
+    return [_rebuild(p, _image_copies(p[1], copies, float(rate), float(flip), float(brightness), float(contrast),
+                                      gen), copies) for p in parts]
 
 
 # ---- reading batches ------------------------------------------------------------------------

@@ -80,6 +80,22 @@ def test_the_default_pool_is_the_data_s_own_tokens():
     assert 0.45 < frac < 0.75
 
 
+@pytest.mark.parametrize("single", [False, True])
+def test_each_half_draws_from_its_own_tokens(single):
+    """The default pool never carries a word of one held-out half into the other's copies."""
+    a, b = token_batch(n=4, lo=10, hi=20, seed=0), token_batch(n=4, lo=30, hi=40, seed=1)
+    if single:
+        data = {k: torch.cat([a[k], b[k]]) for k in a}
+    else:
+        data = [a, b, token_batch(n=4, lo=10, hi=20, seed=2)]
+    out = ts.augment_calibration(data, copies=5, rate=0.7)
+    for i, o in enumerate(out):
+        free = ~special_of(o)
+        lo, hi = (10, 20) if i % 2 == 0 else (30, 40)
+        ids = o["input_ids"][free]
+        assert ((ids >= lo) & (ids < hi)).all()
+
+
 def test_same_seed_same_batches_and_originals_untouched():
     b = token_batch()
     before = {k: v.clone() for k, v in b.items()}
