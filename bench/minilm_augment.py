@@ -10,7 +10,9 @@ sentences' own word pieces, ``ts.augment_calibration``'s default) and levers:
   augmented batches (``collect_stats(..., gradient_data=)``);
 - ``mo``: the planner's end-to-end check (``measure``) on the original sentences only;
 - ``co``: sequential correction on the original sentences only;
-- ``p4``: 4 output-gradient probes per sample instead of 8.
+- ``p4``: 4 output-gradient probes per sample instead of 8;
+- ``nc``: no sequential correction;
+- ``s1``: augmentation seed 1 instead of 0.
 
 Each pipeline is statistics (output gradients), ``plan_for_budget(allocation="output")``,
 ``compress``, ``correct``, timed per stage at one thread; the evaluation cosine on the 131
@@ -55,14 +57,14 @@ def clear(st):
 
 def pipeline(net, spec: str, keep: float, heldout: bool) -> dict:
     pool, *levers = spec.split("+")
-    unknown = set(levers) - {"og", "mo", "co", "p4"}
+    unknown = set(levers) - {"og", "mo", "co", "p4", "nc", "s1"}
     if unknown or pool not in ("base", "vocab", "data"):
         raise SystemExit(f"unknown pipeline {spec!r}")
     model, layers, orig = net.model, net.layers, net.calib
     probes = 4 if "p4" in levers else 8
     t = {}
     t0 = time.perf_counter()
-    cal = orig if pool == "base" else net.augmented(pool=pool)
+    cal = orig if pool == "base" else net.augmented(pool=pool, seed=1 if "s1" in levers else 0)
     t["augment"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     if "og" in levers:
@@ -80,7 +82,8 @@ def pipeline(net, spec: str, keep: float, heldout: bool) -> dict:
     t["compress"] = time.perf_counter() - t0
     corr = orig if "co" in levers else cal
     t0 = time.perf_counter()
-    small = ts.correct(small, model, corr, stats=st)
+    if "nc" not in levers:
+        small = ts.correct(small, model, corr, stats=st)
     t["correct"] = time.perf_counter() - t0
     t["total"] = sum(v for k, v in t.items())
     row = {"pipeline": spec, "eval": round(net.score(small), 4), **{k: round(v, 1) for k, v in t.items()}}
@@ -92,7 +95,8 @@ def pipeline(net, spec: str, keep: float, heldout: bool) -> dict:
         for fit, k in ((a, 1), (b, 0)):
             clear(st)
             sm = ts.compress(model, plan, stats=fit)
-            sm = ts.correct(sm, model, corr_parts[1 - k], stats=fit)
+            if "nc" not in levers:
+                sm = ts.correct(sm, model, corr_parts[1 - k], stats=fit)
             hc.append(round(float((embed(sm, orig[k]) * refs[k]).sum(-1).mean()), 4))
         row["heldout"] = hc
     print(json.dumps(row), flush=True)
