@@ -10,7 +10,7 @@ sentences' own word pieces, ``ts.augment_calibration``'s default) and levers:
   augmented batches (``collect_stats(..., gradient_data=)``);
 - ``mo``: the planner's end-to-end check (``measure``) on the original sentences only;
 - ``co``: sequential correction on the original sentences only;
-- ``p4``: 4 output-gradient probes per sample instead of 8;
+- ``p4``, ``p16``: 4 or 16 output-gradient probes per sample instead of 8;
 - ``nc``: no sequential correction;
 - ``s1``: augmentation seed 1 instead of 0.
 
@@ -57,11 +57,11 @@ def clear(st):
 
 def pipeline(net, spec: str, keep: float, heldout: bool) -> dict:
     pool, *levers = spec.split("+")
-    unknown = set(levers) - {"og", "mo", "co", "p4", "nc", "s1"}
+    unknown = set(levers) - {"og", "mo", "co", "p4", "p16", "nc", "s1"}
     if unknown or pool not in ("base", "vocab", "data"):
         raise SystemExit(f"unknown pipeline {spec!r}")
     model, layers, orig = net.model, net.layers, net.calib
-    probes = 4 if "p4" in levers else 8
+    probes = 4 if "p4" in levers else 16 if "p16" in levers else 8
     t = {}
     t0 = time.perf_counter()
     cal = orig if pool == "base" else net.augmented(pool=pool, seed=1 if "s1" in levers else 0)
