@@ -54,9 +54,10 @@ class FoldedPairs(list):
         self.skipped: dict[str, str] = dict(skipped or {})
 
 
-def _static_pairs(model: nn.Module) -> list[tuple[str, str]]:
+def _static_pairs(model: nn.Module, traced: list | None = None) -> list[tuple[str, str]]:
     """(conv, bn) name pairs found without running the model: a torch.fx trace where it
-    traces, else Conv2d then BatchNorm2d adjacent in an ``nn.Sequential``."""
+    traces, else Conv2d then BatchNorm2d adjacent in an ``nn.Sequential`` (``traced``, if
+    given, gets False appended then)."""
     pairs: list[tuple[str, str]] = []
     try:
         import torch.fx as fx
@@ -72,7 +73,8 @@ def _static_pairs(model: nn.Module) -> list[tuple[str, str]]:
                 pairs.append((str(src.target), str(node.target)))
         return pairs
     except Exception:  # not traceable (data-dependent control flow): use Sequential adjacency
-        pass
+        if traced is not None:
+            traced.append(False)
     for name, mod in model.named_modules():
         if isinstance(mod, nn.Sequential):
             children = list(mod.named_children())
@@ -265,8 +267,15 @@ def fold_batchnorm(model: nn.Module, example: Any = None) -> FoldedPairs:
     """
     modes = {m: m.training for m in model.modules()}
     mods = dict(model.named_modules())
+    untraced: list = []
     if example is None:
-        found, skipped, ref = _static_pairs(model), {}, None
+        found, skipped, ref = _static_pairs(model, untraced), {}, None
+        missed = [n for n, m in mods.items() if isinstance(m, nn.BatchNorm2d) and n not in {b for _, b in found}]
+        if untraced and missed:
+            warnings.warn(f"fold_batchnorm: torch.fx cannot trace this model and {len(missed)} BatchNorm2d "
+                          f"({', '.join(missed[:3])}{' ...' if len(missed) > 3 else ''}) are not after a conv in an "
+                          "nn.Sequential, so they were not folded; pass example= (one input batch; compress: data=) "
+                          "to find their convs on a probe run", stacklevel=2)
     else:
         model.eval()
         try:
