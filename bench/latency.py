@@ -15,7 +15,8 @@ With ``--fold-bn`` each network's BatchNorm2d layers are first folded into the c
 them (``ts.fold_batchnorm(model, example)``, which finds the pairs on a probe run, so
 EfficientNet-Lite0, which torch.fx cannot trace, folds too); the folded network is then the
 dense baseline the plans are made from and timed against, and the unfolded one is timed in
-the same rounds (*dense with BN* over folded dense).
+the same rounds (*dense with BN* over folded dense), and so is the same plan applied to the
+unfolded network (*BN not folded*: its tuned latency over the unfolded dense one's).
 
 Timings are medians over rounds in which every variant runs once (round-robin), each ratio
 taken within its round; the FLOP ratio is ``FlopCounterMode``'s count of the plain chains
@@ -99,8 +100,10 @@ def flops(model: nn.Module, x: torch.Tensor) -> int:
     return counter.get_total_flops()
 
 
-def ratios(models: dict[str, nn.Module], x: torch.Tensor, rounds: int, base: str = "dense") -> tuple[dict, float]:
-    """Median over rounds of each model's time over ``base``'s in the same round; base's median seconds."""
+def ratios(models: dict[str, nn.Module], x: torch.Tensor, rounds: int, base: str = "dense",
+           pairs: dict[str, tuple[str, str]] | None = None) -> tuple[dict, float]:
+    """Median over rounds of each model's time over ``base``'s in the same round; base's median seconds.
+    ``pairs``: name -> (a, b), also the median over rounds of a's time over b's."""
     clock = clock_for(CLOCK)
     per: dict[str, list[float]] = {k: [] for k in models}
     with torch.inference_mode():
@@ -118,6 +121,8 @@ def ratios(models: dict[str, nn.Module], x: torch.Tensor, rounds: int, base: str
                 times[k] = (clock() - t0) / inner
             for k in models:
                 per[k].append(times[k] / times[base])
+            for k, (a, b) in (pairs or {}).items():
+                per.setdefault(k, []).append(times[a] / times[b])
             per.setdefault("_base", []).append(times[base])
     return {k: statistics.median(v) for k, v in per.items() if k != "_base"}, statistics.median(per["_base"])
 
@@ -162,13 +167,19 @@ def measure(name: str, model: nn.Module, sample: tuple, keeps, method_sets, batc
                 row[f"tune_s_{b}"] = time.perf_counter() - t0
                 row[f"forms_{b}"] = _forms(rep)
                 variants = {"dense": model, "chain": small, "tuned": tuned}
-                if with_bn is not None:
-                    variants["with_bn"] = with_bn
-                r, dense_s = ratios(variants, x, rounds)
+                pairs = None
+                if with_bn is not None:  # the same plan on the unfolded network, tuned alike: before folding
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        tuned_bn = ts.compress(with_bn, plan).eval()
+                    ts.tune_execution(tuned_bn, x, repeats=5, clock=CLOCK)
+                    variants.update(with_bn=with_bn, tuned_bn=tuned_bn)
+                    pairs = {"unfolded": ("tuned_bn", "with_bn")}
+                r, dense_s = ratios(variants, x, rounds, pairs=pairs)
                 row[f"dense_ms_{b}"] = dense_s * 1e3
                 row[f"chain_{b}"], row[f"tuned_{b}"] = r["chain"], r["tuned"]
                 if with_bn is not None:
-                    row[f"with_bn_{b}"] = r["with_bn"]
+                    row[f"with_bn_{b}"], row[f"unfolded_{b}"] = r["with_bn"], r["unfolded"]
                 if channels_last and b == 1:
                     dcl = _cl(model)
                     tcl = _cl(ts.compress(model, plan).eval())
@@ -259,7 +270,8 @@ def table(rows: list[dict], batch: int, channels_last: bool) -> str:
         head[-1:-1] = ["channels_last b1: tuned vs dense CL", "dense CL vs dense NCHW"]
     folded = any("with_bn_1" in r for r in rows)
     if folded:
-        head[-1:-1] = ["dense with BN ÷ folded dense b1", f"b{batch}"]
+        head[-1:-1] = ["dense with BN ÷ folded dense b1", f"b{batch}", "BN not folded: tuned latency ratio b1",
+                       "÷ FLOP ratio", f"b{batch}", "÷ FLOP ratio"]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["network"], f"{r['keep']:.0%}", r["methods"], r["used"], f"{r['params']:.3f}", f"{r['flops']:.3f}",
@@ -269,7 +281,9 @@ def table(rows: list[dict], batch: int, channels_last: bool) -> str:
         if channels_last:  # not measured for the small examples
             cells += ([f"{r['cl_tuned_1']:.3f}", f"{1 / r['cl_dense_1']:.3f}"] if "cl_tuned_1" in r else ["", ""])
         if folded:
-            cells += ([f"{r['with_bn_1']:.3f}", f"{r[f'with_bn_{batch}']:.3f}"] if "with_bn_1" in r else ["", ""])
+            cells += ([f"{r['with_bn_1']:.3f}", f"{r[f'with_bn_{batch}']:.3f}", f"{r['unfolded_1']:.3f}",
+                       f"{r['unfolded_1'] / r['flops']:.2f}", f"{r[f'unfolded_{batch}']:.3f}",
+                       f"{r[f'unfolded_{batch}'] / r['flops']:.2f}"] if "with_bn_1" in r else [""] * 6)
         cells.append(f"{r['forms_1']} / {r[f'forms_{batch}']}")
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
