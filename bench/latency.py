@@ -343,7 +343,8 @@ def main() -> None:
             rows += run(name, ex.model.eval(), ex.input_shape, False)
     total = time.perf_counter() - start
     text = (f"## {SECTION}\n\n`python bench/latency.py{' --quick' if args.quick else ''}"
-            f"{' --channels-last' if args.channels_last else ''}{' --fold-bn' if args.fold_bn else ''}` on {platform.machine()} {platform.system()}, "
+            f"{' --channels-last' if args.channels_last else ''}{' --fold-bn' if args.fold_bn else ''}` on "
+            f"{platform.machine()} {platform.system()}, "
             f"torch {torch.__version__}, 1 intra-op thread, times are the thread's "
             f"{'CPU time' if CLOCK == 'cpu' else 'wall time'}; load average at start {load0}, at end "
             f"{report.load_average()}; total {total:.0f} s. Ratios are to the dense model in the same round "

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .calibration import collect_stats
-from .errors import DecompositionError, PlanError, TensorscopeError
+from .errors import DataError, DecompositionError, PlanError, TensorscopeError
 from .forward_check import behaviour
 from .layers import EXECUTE, FactorizedLayer
 from .methods.base import BreakEvenWarning, check_finite, warn_if_past_break_even
@@ -140,17 +140,20 @@ def _probe(model: nn.Module, example: Any) -> tuple[list[tuple[str, str]], dict[
     hooks = [m.register_forward_hook(lambda mod, a, o, n=n: conv_hook(mod, a, o, n)) for n, m in convs.items()]
     hooks += [m.register_forward_hook(lambda mod, a, o, n=n: bn_hook(mod, a, o, n)) for n, m in bns.items()]
     params = [p for p in model.parameters() if not p.requires_grad]
+
+    def grad_in(v):
+        return v.detach().requires_grad_(True) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+
     try:
         for p in params:  # a graph through every layer, even where the user froze weights
             p.requires_grad_(True)
-        grad_in = lambda v: v.detach().requires_grad_(True) if isinstance(v, torch.Tensor) and v.is_floating_point() else v  # noqa: E731
         with torch.enable_grad():
             out = model(*(grad_in(a) for a in batch.args), **{k: grad_in(v) for k, v in batch.kwargs.items()})
         outputs = _tensors(out)
         consumers = _consumers(outputs)
     except RuntimeError as e:
-        raise DecompositionError(f"fold_batchnorm: the probe forward on example= failed ({type(e).__name__}: {e}); "
-                                 "pass one batch as the model's forward takes it") from e
+        raise DataError(f"fold_batchnorm: the probe forward on example= failed ({type(e).__name__}: {e}); "
+                        "pass one batch as the model's forward takes it") from e
     finally:
         for h in hooks:
             h.remove()
@@ -292,7 +295,7 @@ def fold_batchnorm(model: nn.Module, example: Any = None) -> FoldedPairs:
     originals = {n: mods[n] for pair in pairs for n in pair}
     fold_pairs(model, pairs)
     if ref is not None and pairs:
-        _check_folded(model, example, ref, pairs, originals, modes)
+        _check_folded(model, example, ref, pairs, originals)
     unfoldable = {b: why for b, why in skipped.items() if any(b == p[1] for p in found)}
     if unfoldable:
         items = "; ".join(f"{b}: {why}" for b, why in list(unfoldable.items())[:3])
@@ -308,7 +311,7 @@ def _set_modes(modes: Mapping[nn.Module, bool]) -> None:
 
 
 def _check_folded(model: nn.Module, example: Any, ref: list[torch.Tensor], pairs: list[tuple[str, str]],
-                  originals: dict[str, nn.Module], modes: dict[nn.Module, bool]) -> None:
+                  originals: dict[str, nn.Module]) -> None:
     """The folded model's output on ``example`` equals ``ref``; else restore the originals and raise."""
     from .data import split_batch
 
@@ -331,7 +334,8 @@ def _check_folded(model: nn.Module, example: Any, ref: list[torch.Tensor], pairs
         elif r.is_floating_point():
             err, tol = float((g - r).abs().max()) if r.numel() else 0.0, _fold_tolerance(r, len(pairs))
             if not err <= tol:
-                worst = f"output {i} moved by up to {err:.3g} (tolerance {tol:.3g}, max |output| {float(r.abs().max()):.3g})"
+                worst = (f"output {i} moved by up to {err:.3g} (tolerance {tol:.3g}, "
+                         f"max |output| {float(r.abs().max()):.3g})")
         elif not torch.equal(g, r):
             worst = f"output {i} changed"
     if worst is None:

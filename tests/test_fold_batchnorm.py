@@ -229,3 +229,11 @@ def test_first_batch_keeps_a_one_pass_iterator_whole(x):
     assert first is batches[0] and data is batches
     first, data = _first_batch(x)  # a bare tensor is one batch
     assert first is x and data is x
+
+
+def test_example_of_the_wrong_shape_is_a_clear_error_and_changes_nothing(net):
+    model = copy.deepcopy(net)
+    with pytest.raises(ts.DataError, match="probe forward on example="):
+        ts.fold_batchnorm(model, torch.randn(2, 5, 15, 13))  # 5 channels for a 3-channel stem
+    assert all(isinstance(getattr(model, b), nn.BatchNorm2d) for b in ("bn0", "bn1", "bn2", "bn3"))
+    assert all(p.requires_grad for p in model.parameters()) and not model.training
