@@ -51,6 +51,7 @@ DEFAULT_RIDGE = 0.1
 
 
 _PLAN_ATTR, _FOLD_ATTR = "_tensorscope_plan", "_tensorscope_fold_bn"  # as tensorscope.surgery writes them
+_FOLD_PAIRS_ATTR = "_tensorscope_fold_pairs"
 
 
 class _Stop(Exception):
@@ -188,7 +189,7 @@ def correct(
                 bar.update(1)
     finally:
         model.train(was)
-    for attr in (_PLAN_ATTR, _FOLD_ATTR):
+    for attr in (_PLAN_ATTR, _FOLD_ATTR, _FOLD_PAIRS_ATTR):
         if hasattr(compressed, attr):
             object.__setattr__(new, attr, getattr(compressed, attr))
     return new

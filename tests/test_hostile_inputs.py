@@ -456,6 +456,8 @@ CASES: list[Case] = [
     C("record_bad_aliases", record("m.pt", aliases={"x": "no.such.tensor"}), "load", CheckpointError,
       '"aliases" must map'),
     C("record_fold_bn_not_bool", record("m.pt", fold_bn="yes"), "load", CheckpointError, '"fold_bn" must be'),
+    C("record_fold_pairs_malformed", record("m.pt", fold_bn=True, fold_pairs=[["conv"]]), "load", CheckpointError,
+      '"fold_pairs" must be'),
     # -- plans -----------------------------------------------------------------------------------------
     C("plan_malformed_json", plan_text('{"tensorscope_plan": 1, "layers": {'), "plan", PlanError, "not valid JSON"),
     C("plan_not_utf8", plan_text(b'{"tensorscope_plan": 1, "layers": {"\xff": 1}}'), "plan", PlanError, "UTF-8"),
