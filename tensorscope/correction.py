@@ -35,8 +35,8 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from .calibration import DEFAULT_RIDGE as DEFAULT_STATS_RIDGE, LayerStats, _Accumulator, _describe_batch, _token_mask
-from .data import iter_batches, split_batch
+from .calibration import DEFAULT_RIDGE as DEFAULT_STATS_RIDGE, LayerStats, _Accumulator, _token_mask
+from .data import describe_batch, iter_batches, split_batch
 from .errors import DataError
 from .layers import FactorizedLayer
 from .methods import get_method
@@ -81,7 +81,7 @@ def _run(model: nn.Module, batch: Any, index: int) -> None:
     except _Stop:
         raise
     except Exception as e:  # noqa: BLE001 - the model's own error, named with the batch
-        raise DataError(f"calibration batch {index} ({_describe_batch(b)}) failed in the model's forward: "
+        raise DataError(f"calibration batch {index} ({describe_batch(b)}) failed in the model's forward: "
                         f"{type(e).__name__}: {str(e)[:300]}") from e
 
 
