@@ -481,6 +481,10 @@ class ExplorerView(pn.viewable.Viewer):
         self.progress_text = pn.pane.Markdown(
             pn.bind(lambda b, q, m: m if (b or q) else "", busy, s.param.quality_pending, s.param.progress_message),
             visible=False, styles={"font-size": "12px"}, margin=(0, 10), css_classes=["ts-progress-text"])
+        self.stop_button = pn.widgets.Button(
+            label="Stop", color="warning", css_classes=["ts-stop"], width=90,
+            visible=s.param.stoppable,
+            description="End the fine-tuning or compression in stages at its next step; what it has done is kept.")
         # summary numbers
         stat = dict(stylesheets=[STAT_CSS], min_width=180, sizing_mode="stretch_width")
         self.stats = {
@@ -743,6 +747,7 @@ class ExplorerView(pn.viewable.Viewer):
         self.iterative_button.on_click(lambda e: self._submit(s.run_iterative))
         self.upload_button.on_click(self._on_upload)
         self.finetune_button.on_click(lambda e: self._submit(s.finetune))
+        self.stop_button.on_click(lambda e: s.stop())  # now, not queued behind the job it stops
         self.auto_button.on_click(lambda e: self._submit(s.apply_budget))
         self.energy_button.on_click(lambda e: self._submit(s.apply_preset, "energy"))
         self.vbmf_button.on_click(lambda e: self._submit(s.apply_preset, "vbmf"))
@@ -1227,8 +1232,8 @@ class ExplorerView(pn.viewable.Viewer):
             title="Compare configurations: pin points of the history, two side by side", collapsible=False,
             sizing_mode="stretch_width", css_classes=["ts-compare-card"])
         return [
-            pn.Column(self.progress, self.progress_text, self.error_alert, self.message_alert,
-                      sizing_mode="stretch_width"),
+            pn.Column(pn.Row(self.progress, self.stop_button, sizing_mode="stretch_width"), self.progress_text,
+                      self.error_alert, self.message_alert, sizing_mode="stretch_width"),
             self.source_text,
             stats,
             pn.Row(controls, ranks, sizing_mode="stretch_width", css_classes=["ts-layer-row"]),

@@ -11,6 +11,13 @@ timed three ways against the dense original, 1 thread, at batch 1 and at batch N
   a 1x1 step folded into the core, or the kernel rebuilt) by timing it at that batch;
 - with ``--channels-last``: the tuned model and the dense one both in channels_last.
 
+With ``--fold-bn`` each network's BatchNorm2d layers are first folded into the convs before
+them (``ts.fold_batchnorm(model, example)``, which finds the pairs on a probe run, so
+EfficientNet-Lite0, which torch.fx cannot trace, folds too); the folded network is then the
+dense baseline the plans are made from and timed against, and the unfolded one is timed in
+the same rounds (*dense with BN* over folded dense), and so is the same plan applied to the
+unfolded network (*BN not folded*: its tuned latency over the unfolded dense one's).
+
 Timings are medians over rounds in which every variant runs once (round-robin), each ratio
 taken within its round; the FLOP ratio is ``FlopCounterMode``'s count of the plain chains
 over the dense model's (the same counter for both). The target is a latency ratio within
@@ -25,6 +32,7 @@ over the dense model's (the same counter for both). The target is a latency rati
 Usage::
 
     python bench/latency.py [--quick] [--no-write] [--size 160] [--batch 8] [--networks vgg,efficientnet,examples]
+                            [--fold-bn]
 """
 
 from __future__ import annotations
@@ -92,8 +100,10 @@ def flops(model: nn.Module, x: torch.Tensor) -> int:
     return counter.get_total_flops()
 
 
-def ratios(models: dict[str, nn.Module], x: torch.Tensor, rounds: int, base: str = "dense") -> tuple[dict, float]:
-    """Median over rounds of each model's time over ``base``'s in the same round; base's median seconds."""
+def ratios(models: dict[str, nn.Module], x: torch.Tensor, rounds: int, base: str = "dense",
+           pairs: dict[str, tuple[str, str]] | None = None) -> tuple[dict, float]:
+    """Median over rounds of each model's time over ``base``'s in the same round; base's median seconds.
+    ``pairs``: name -> (a, b), also the median over rounds of a's time over b's."""
     clock = clock_for(CLOCK)
     per: dict[str, list[float]] = {k: [] for k in models}
     with torch.inference_mode():
@@ -111,12 +121,24 @@ def ratios(models: dict[str, nn.Module], x: torch.Tensor, rounds: int, base: str
                 times[k] = (clock() - t0) / inner
             for k in models:
                 per[k].append(times[k] / times[base])
+            for k, (a, b) in (pairs or {}).items():
+                per.setdefault(k, []).append(times[a] / times[b])
             per.setdefault("_base", []).append(times[base])
     return {k: statistics.median(v) for k, v in per.items() if k != "_base"}, statistics.median(per["_base"])
 
 
+def fold_bn(model: nn.Module, sample: tuple) -> tuple[nn.Module, int]:
+    """A copy of ``model`` with its BatchNorm2d folded (pairs found on one probe input); the number folded."""
+    import copy
+
+    folded = copy.deepcopy(model).eval()
+    pairs = ts.fold_batchnorm(folded, torch.randn(1, *sample))
+    return folded, len(pairs)
+
+
 def measure(name: str, model: nn.Module, sample: tuple, keeps, method_sets, batch: int, rounds: int,
-            channels_last: bool) -> list[dict]:
+            channels_last: bool, with_bn: nn.Module | None = None) -> list[dict]:
+    """``with_bn``: the unfolded network ``model`` was folded from, timed in the same rounds."""
     rows = []
     x1 = torch.randn(1, *sample)
     xn = torch.randn(batch, *sample)
@@ -144,9 +166,20 @@ def measure(name: str, model: nn.Module, sample: tuple, keeps, method_sets, batc
                 rep = ts.tune_execution(tuned, x, repeats=5, clock=CLOCK)
                 row[f"tune_s_{b}"] = time.perf_counter() - t0
                 row[f"forms_{b}"] = _forms(rep)
-                r, dense_s = ratios({"dense": model, "chain": small, "tuned": tuned}, x, rounds)
+                variants = {"dense": model, "chain": small, "tuned": tuned}
+                pairs = None
+                if with_bn is not None:  # the same plan on the unfolded network, tuned alike: before folding
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        tuned_bn = ts.compress(with_bn, plan).eval()
+                    ts.tune_execution(tuned_bn, x, repeats=5, clock=CLOCK)
+                    variants.update(with_bn=with_bn, tuned_bn=tuned_bn)
+                    pairs = {"unfolded": ("tuned_bn", "with_bn")}
+                r, dense_s = ratios(variants, x, rounds, pairs=pairs)
                 row[f"dense_ms_{b}"] = dense_s * 1e3
                 row[f"chain_{b}"], row[f"tuned_{b}"] = r["chain"], r["tuned"]
+                if with_bn is not None:
+                    row[f"with_bn_{b}"], row[f"unfolded_{b}"] = r["with_bn"], r["unfolded"]
                 if channels_last and b == 1:
                     dcl = _cl(model)
                     tcl = _cl(ts.compress(model, plan).eval())
@@ -235,6 +268,10 @@ def table(rows: list[dict], batch: int, channels_last: bool) -> str:
             "÷ FLOP ratio", f"forms chosen (b1 / b{batch})"]
     if channels_last:
         head[-1:-1] = ["channels_last b1: tuned vs dense CL", "dense CL vs dense NCHW"]
+    folded = any("with_bn_1" in r for r in rows)
+    if folded:
+        head[-1:-1] = ["dense with BN ÷ folded dense b1", f"b{batch}", "BN not folded: tuned latency ratio b1",
+                       "÷ FLOP ratio", f"b{batch}", "÷ FLOP ratio"]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["network"], f"{r['keep']:.0%}", r["methods"], r["used"], f"{r['params']:.3f}", f"{r['flops']:.3f}",
@@ -243,6 +280,10 @@ def table(rows: list[dict], batch: int, channels_last: bool) -> str:
                  f"{r[f'tuned_{batch}'] / r['flops']:.2f}"]
         if channels_last:  # not measured for the small examples
             cells += ([f"{r['cl_tuned_1']:.3f}", f"{1 / r['cl_dense_1']:.3f}"] if "cl_tuned_1" in r else ["", ""])
+        if folded:
+            cells += ([f"{r['with_bn_1']:.3f}", f"{r[f'with_bn_{batch}']:.3f}", f"{r['unfolded_1']:.3f}",
+                       f"{r['unfolded_1'] / r['flops']:.2f}", f"{r[f'unfolded_{batch}']:.3f}",
+                       f"{r[f'unfolded_{batch}'] / r['flops']:.2f}"] if "with_bn_1" in r else [""] * 6)
         cells.append(f"{r['forms_1']} / {r[f'forms_{batch}']}")
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
@@ -258,6 +299,9 @@ def main() -> None:
     p.add_argument("--channels-last", action="store_true", help="also time tuned and dense in channels_last (b1)")
     p.add_argument("--networks", default="steps,vgg,efficientnet,examples",
                    help="steps: where a Tucker-2 chain's time goes, per conv (torch.profiler)")
+    p.add_argument("--fold-bn", action="store_true",
+                   help="fold each network's BatchNorm2d into its convs first (ts.fold_batchnorm with an example) "
+                        "and time the unfolded network against the folded one too")
     p.add_argument("--clock", default="cpu", choices=("cpu", "wall"),
                    help="cpu: the thread's CPU time (default; this machine is shared), wall: elapsed time")
     args = p.parse_args()
@@ -274,26 +318,33 @@ def main() -> None:
     steps = profile_steps(rounds) if "steps" in wanted else ""
     if steps:
         print(steps, flush=True)
+    def run(name: str, net: nn.Module, sample: tuple, channels_last: bool) -> list[dict]:
+        if not args.fold_bn:
+            return measure(name, net, sample, keeps, method_sets, batch, rounds, channels_last)
+        folded, n = fold_bn(net, sample)
+        print(f"  {name}: {n} BatchNorm2d folded", flush=True)
+        return measure(f"{name}, BN folded ({n})", folded, sample, keeps, method_sets, batch, rounds, channels_last,
+                       with_bn=net)
+
     if "vgg" in wanted:
-        rows += measure(f"VGG-style {size}x{size}", vgg_style(), (3, size, size), keeps, method_sets, batch, rounds,
-                        args.channels_last)
+        rows += run(f"VGG-style {size}x{size}", vgg_style(), (3, size, size), args.channels_last)
     if "efficientnet" in wanted:
         try:
             net = efficientnet()
         except ImportError as e:
             print(f"EfficientNet-Lite0 skipped: {e}")
         else:
-            rows += measure("EfficientNet-Lite0 224x224", net, (3, 224, 224), keeps, method_sets, batch, rounds,
-                            args.channels_last)
+            rows += run("EfficientNet-Lite0 224x224", net, (3, 224, 224), args.channels_last)
     if "examples" in wanted:
         from tensorscope.examples import list_examples, load_example
 
         for name in list_examples():
             ex = load_example(name, progress=False)
-            rows += measure(name, ex.model.eval(), ex.input_shape, keeps, method_sets, batch, rounds, False)
+            rows += run(name, ex.model.eval(), ex.input_shape, False)
     total = time.perf_counter() - start
     text = (f"## {SECTION}\n\n`python bench/latency.py{' --quick' if args.quick else ''}"
-            f"{' --channels-last' if args.channels_last else ''}` on {platform.machine()} {platform.system()}, "
+            f"{' --channels-last' if args.channels_last else ''}{' --fold-bn' if args.fold_bn else ''}` on "
+            f"{platform.machine()} {platform.system()}, "
             f"torch {torch.__version__}, 1 intra-op thread, times are the thread's "
             f"{'CPU time' if CLOCK == 'cpu' else 'wall time'}; load average at start {load0}, at end "
             f"{report.load_average()}; total {total:.0f} s. Ratios are to the dense model in the same round "

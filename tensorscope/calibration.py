@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._cache import fingerprint
-from .data import iter_batches, output_tensor, split_batch
+from .data import describe_batch, iter_batches, output_tensor, split_batch
 from .errors import DataError
 from .forward_check import behaviour
 from .progress import Progress
@@ -330,6 +330,9 @@ class Calibration(dict):
 
 def _patches(layer: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """Input patches as rows ``(B*L, I*kh*kw)``, padded exactly as the layer pads."""
+    if x.dim() < 3 or x.shape[-3] != layer.in_channels:  # the layer's own error, said before unfold's
+        raise RuntimeError(f"a Conv2d with {layer.in_channels} input channels got an input of shape "
+                           f"{tuple(x.shape)} (wanted (N, {layer.in_channels}, H, W))")
     pad = layer._reversed_padding_repeated_twice
     if any(pad):
         mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
@@ -703,7 +706,7 @@ def _collect(model, modules, names, batches, ridge, halves, gradients, probes, g
                     raise
                 except Exception as e:  # noqa: BLE001 - the model's own error, named with the batch
                     raise DataError(
-                        f"calibration batch {i} ({_describe_batch(b)}) failed in the model's forward: "
+                        f"calibration batch {i} ({describe_batch(b)}) failed in the model's forward: "
                         f"{type(e).__name__}: {str(e)[:300]}") from e
                 state["first"] = False
                 bar.update(1)
@@ -736,6 +739,11 @@ def _collect(model, modules, names, batches, ridge, halves, gradients, probes, g
         out[n] = st
         if p0 is not None:
             part0[n] = p0
+    bad = [n for n in names if not bool(torch.isfinite(out[n].patch).all())
+           or (out[n].grad is not None and not bool(torch.isfinite(out[n].grad).all()))]
+    if bad:  # a NaN in the data or in the network: factors fitted to it would be NaN
+        raise DataError(f"the calibration data gives non-finite (NaN or inf) inputs or gradients at layer(s) "
+                        f"{bad[:5]}: check the batches (and the model's weights) for NaN/inf values")
     if gradients:
         dead = [n for n in names if out[n].grad is None or out[n].grad_count == 0]
         if dead:
@@ -746,12 +754,6 @@ def _collect(model, modules, names, batches, ridge, halves, gradients, probes, g
                       "not have the samples first): held-out scores fall back to in-sample ones", stacklevel=3)
     return Calibration(out, part0=part0 if halves else None, samples=total_samples, gradients=gradients,
                        probes=probes if gradients else 0, loss=loss_kind)
-
-
-def _describe_batch(b) -> str:
-    parts = [f"{tuple(a.shape)} {a.dtype}" for a in b.args if isinstance(a, torch.Tensor)]
-    parts += [f"{k}: {tuple(v.shape)} {v.dtype}" for k, v in b.kwargs.items() if isinstance(v, torch.Tensor)]
-    return ", ".join(parts) or "no tensors"
 
 
 def _gradient_pass(model, batch, b, size, accs, state, grad_batch, probes, gen, split_rows) -> str:

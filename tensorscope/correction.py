@@ -35,8 +35,8 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from .calibration import DEFAULT_RIDGE as DEFAULT_STATS_RIDGE, LayerStats, _Accumulator, _describe_batch, _token_mask
-from .data import iter_batches, split_batch
+from .calibration import DEFAULT_RIDGE as DEFAULT_STATS_RIDGE, LayerStats, _Accumulator, _token_mask
+from .data import describe_batch, iter_batches, split_batch
 from .errors import DataError
 from .layers import FactorizedLayer
 from .methods import get_method
@@ -51,6 +51,7 @@ DEFAULT_RIDGE = 0.1
 
 
 _PLAN_ATTR, _FOLD_ATTR = "_tensorscope_plan", "_tensorscope_fold_bn"  # as tensorscope.surgery writes them
+_FOLD_PAIRS_ATTR = "_tensorscope_fold_pairs"
 
 
 class _Stop(Exception):
@@ -80,7 +81,7 @@ def _run(model: nn.Module, batch: Any, index: int) -> None:
     except _Stop:
         raise
     except Exception as e:  # noqa: BLE001 - the model's own error, named with the batch
-        raise DataError(f"calibration batch {index} ({_describe_batch(b)}) failed in the model's forward: "
+        raise DataError(f"calibration batch {index} ({describe_batch(b)}) failed in the model's forward: "
                         f"{type(e).__name__}: {str(e)[:300]}") from e
 
 
@@ -188,7 +189,7 @@ def correct(
                 bar.update(1)
     finally:
         model.train(was)
-    for attr in (_PLAN_ATTR, _FOLD_ATTR):
+    for attr in (_PLAN_ATTR, _FOLD_ATTR, _FOLD_PAIRS_ATTR):
         if hasattr(compressed, attr):
             object.__setattr__(new, attr, getattr(compressed, attr))
     return new

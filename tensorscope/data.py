@@ -148,6 +148,13 @@ def split_batch(batch: Any) -> Batch:
     return Batch(args, kwargs, None)
 
 
+def describe_batch(b: Batch) -> str:
+    """The shapes and dtypes of a split batch's tensors, for error messages."""
+    parts = [f"{tuple(a.shape)} {a.dtype}" for a in b.args if isinstance(a, torch.Tensor)]
+    parts += [f"{k}: {tuple(v.shape)} {v.dtype}" for k, v in b.kwargs.items() if isinstance(v, torch.Tensor)]
+    return ", ".join(parts) or "no tensors"
+
+
 def output_tensor(out: Any) -> Tensor:
     """The tensor to measure in a model's output.
 

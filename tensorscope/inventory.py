@@ -17,7 +17,8 @@ from torch import nn
 
 from torch.utils.flop_counter import FlopCounterMode
 
-from .data import split_batch
+from .data import describe_batch, split_batch
+from .errors import DataError
 from .forward_check import behaviour
 from .layers import FactorizedLayer
 from .methods import LayerGeometry, get_method, methods_for
@@ -208,6 +209,10 @@ def record_input_sizes(model: nn.Module, example_input: Any, names: list[str]) -
         model.eval()
         with torch.no_grad():
             model(*batch.args, **batch.kwargs)
+    except Exception as e:  # noqa: BLE001 - the model's own error, named with the input
+        raise DataError(f"the example input ({describe_batch(batch)}) failed in the model's forward: "
+                        f"{type(e).__name__}: {str(e)[:300]}. Give inputs the model accepts (the first batch "
+                        "of data= is used as the example)") from e
     finally:
         model.train(was_training)
         for h in hooks:

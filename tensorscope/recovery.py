@@ -24,7 +24,7 @@ import math
 import numbers
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -86,6 +86,7 @@ def finetune(
     progress: Any = False,
     dropout: bool = False,
     trainable: str = "all",
+    stop: Callable[[], bool] | None = None,
 ) -> nn.Module:
     """Train a copy of ``model`` briefly and return it (``model`` itself is not modified).
 
@@ -113,6 +114,9 @@ def finetune(
     taken per step, training ending early when it runs out. A source needs ``val_data``
     (it has no last batch to hold out), which should be fixed batches the source does not
     produce.
+
+    ``stop``: a callable checked before each step (a Stop button); when it returns True
+    training ends there and the best weights so far are returned, as at an early stop.
     """
     source = callable(data) and not isinstance(data, nn.Module) or isinstance(data, Iterator)
     if source:
@@ -166,8 +170,12 @@ def finetune(
     best_state = initial_state = copy.deepcopy(student.state_dict())
     since_best = 0
     step = 0
+    stopped = False
     with Progress(progress, total=steps, desc="fine-tuning") as bar:
         for step in range(1, steps + 1):
+            if stop is not None and stop():
+                stopped, step = True, step - 1
+                break
             batch = first if source and step == 1 else next_batch(step)
             if batch is None:  # the iterator ran out
                 step -= 1
@@ -194,7 +202,7 @@ def finetune(
                     since_best += 1
                     if since_best >= patience:
                         break
-    if best_state is initial_state:
+    if best_state is initial_state and not stopped:
         warnings.warn(
             f"fine-tuning did not improve the held-out loss in {step} steps (lr={lr:g}); the starting "
             "weights are returned. Try a smaller lr, more steps or more data.", stacklevel=2)
@@ -505,6 +513,7 @@ def iterative(
     max_drop: float | None = None,
     recompress: str = "dense",
     progress: Any = False,
+    stop: Callable[[], bool] | None = None,
 ) -> tuple[nn.Module, History]:
     """Compress in stages, recovering after each (Gusak et al. 2019, MUSCO).
 
@@ -549,6 +558,11 @@ def iterative(
         uses weights only).
     val_data : optional
         Where quality is measured and fine-tuning stops early (default: ``data``).
+    stop : callable, optional
+        Checked before each stage and each fine-tuning step (a Stop button): when it returns
+        True the stage under way ends its fine-tuning with the best weights so far, is
+        measured and kept, no further stage starts, and ``History.stopped`` says so (no stage
+        at all: a copy of the original).
 
     Returns
     -------
@@ -614,6 +628,10 @@ def iterative(
     start = 0
     with Progress(progress, total=steps, desc="iterative compression") as bar:
         for i in range(1, steps + 1):
+            if stop is not None and stop():
+                history.stopped = (f"stopped on request after stage {i - 1}" if i > 1
+                                   else "stopped on request before the first stage")
+                break
             if layers_per_stage is None:
                 stage_layers = list(names)
             else:
@@ -638,7 +656,7 @@ def iterative(
             before = evaluate(new, evaluation, reference=model)
             if finetune_steps:
                 new = finetune(new, batches, teacher=model, steps=finetune_steps,
-                               lr=DEFAULT_LR if lr is None else lr, val_data=val_data)
+                               lr=DEFAULT_LR if lr is None else lr, val_data=val_data, stop=stop)
             after = evaluate(new, evaluation, reference=model)
             params = count_params(new)
             object.__setattr__(new, PLAN_ATTR, _plan_of_chains(new))

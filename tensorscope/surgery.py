@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .calibration import collect_stats
-from .errors import DecompositionError, PlanError, TensorscopeError
+from .errors import DataError, DecompositionError, PlanError, TensorscopeError
 from .forward_check import behaviour
 from .layers import EXECUTE, FactorizedLayer
 from .methods.base import BreakEvenWarning, check_finite, warn_if_past_break_even
@@ -31,6 +31,7 @@ from .streaming import compress_source
 
 PLAN_ATTR = "_tensorscope_plan"
 FOLD_ATTR = "_tensorscope_fold_bn"
+FOLD_PAIRS_ATTR = "_tensorscope_fold_pairs"  # the (conv, bn) pairs folded, for a checkpoint to fold the same
 
 
 def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -43,8 +44,20 @@ def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 # ---- BatchNorm folding --------------------------------------------------------------------
 
 
-def _conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
-    """(conv, bn) name pairs where the BN consumes only that conv's output."""
+class FoldedPairs(list):
+    """The (conv, bn) name pairs :func:`fold_batchnorm` folded; ``skipped`` maps each
+    BatchNorm2d it left in place to the reason (another consumer of the conv's output, a BN
+    in train mode or without running statistics, ...)."""
+
+    def __init__(self, pairs=(), skipped: Mapping[str, str] | None = None):
+        super().__init__(pairs)
+        self.skipped: dict[str, str] = dict(skipped or {})
+
+
+def _static_pairs(model: nn.Module, traced: list | None = None) -> list[tuple[str, str]]:
+    """(conv, bn) name pairs found without running the model: a torch.fx trace where it
+    traces, else Conv2d then BatchNorm2d adjacent in an ``nn.Sequential`` (``traced``, if
+    given, gets False appended then)."""
     pairs: list[tuple[str, str]] = []
     try:
         import torch.fx as fx
@@ -60,7 +73,8 @@ def _conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
                 pairs.append((str(src.target), str(node.target)))
         return pairs
     except Exception:  # not traceable (data-dependent control flow): use Sequential adjacency
-        pass
+        if traced is not None:
+            traced.append(False)
     for name, mod in model.named_modules():
         if isinstance(mod, nn.Sequential):
             children = list(mod.named_children())
@@ -71,25 +85,268 @@ def _conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
     return pairs
 
 
-def fold_batchnorm(model: nn.Module) -> list[tuple[str, str]]:
-    """Fold every BatchNorm2d into the Conv2d before it, in place (eval-mode statistics).
+def _tensors(obj: Any) -> list[torch.Tensor]:
+    """Every tensor in a model output (tensor, tuple/list, dict, Hugging Face ModelOutput)."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, Mapping):
+        return [t for v in obj.values() for t in _tensors(v)]
+    if isinstance(obj, (tuple, list)):
+        return [t for v in obj for t in _tensors(v)]
+    return []
 
-    The BN becomes ``nn.Identity`` so the model's own forward is unchanged; returns the
-    folded (conv, bn) pairs. Decomposing a folded conv compresses what inference computes.
-    """
-    from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-    pairs = _conv_bn_pairs(model)
+def _consumers(outputs: list[torch.Tensor]) -> dict[Any, int]:
+    """How many edges of the autograd graph reaching ``outputs`` point at each node (a model
+    output counts as one consumer of the node that made it)."""
+    count: dict[Any, int] = {}
+    stack = [t.grad_fn for t in outputs if t.grad_fn is not None]
+    for fn in stack:
+        count[fn] = count.get(fn, 0) + 1
+    seen: set = set()
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        for fn, _ in node.next_functions:
+            if fn is not None:
+                count[fn] = count.get(fn, 0) + 1
+                stack.append(fn)
+    return count
+
+
+def _probe(model: nn.Module, example: Any) -> tuple[list[tuple[str, str]], dict[str, str], list[torch.Tensor]]:
+    """Find conv -> BN pairs by running ``model`` (in eval mode) once on ``example`` with
+    autograd on: the BN's input must be the very tensor the conv returned, unmodified, and
+    the conv's output must have no consumer but the BN in the graph that reaches the
+    output. Works on models torch.fx cannot trace. Returns the pairs, the BNs left with
+    their reasons, and the (detached) outputs."""
+    from .data import split_batch
+
+    batch = split_batch(example)
+    convs = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    bns = {n: m for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    conv_out: dict[str, list[tuple[torch.Tensor, Any]]] = {}
+    bn_calls: dict[str, list[tuple[Any, Any, Any]]] = {}
+
+    def conv_hook(mod, args, out, n):
+        conv_out.setdefault(n, []).append((out, getattr(out, "grad_fn", None)))
+
+    def bn_hook(mod, args, out, n):
+        x = args[0] if args else None
+        bn_calls.setdefault(n, []).append((x, getattr(x, "grad_fn", None), getattr(out, "grad_fn", None)))
+
+    hooks = [m.register_forward_hook(lambda mod, a, o, n=n: conv_hook(mod, a, o, n)) for n, m in convs.items()]
+    hooks += [m.register_forward_hook(lambda mod, a, o, n=n: bn_hook(mod, a, o, n)) for n, m in bns.items()]
+    params = [p for p in model.parameters() if not p.requires_grad]
+
+    def grad_in(v):
+        return v.detach().requires_grad_(True) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+
+    try:
+        for p in params:  # a graph through every layer, even where the user froze weights
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            out = model(*(grad_in(a) for a in batch.args), **{k: grad_in(v) for k, v in batch.kwargs.items()})
+        outputs = _tensors(out)
+        consumers = _consumers(outputs)
+    except RuntimeError as e:
+        raise DataError(f"fold_batchnorm: the probe forward on example= failed ({type(e).__name__}: {e}); "
+                        "pass one batch as the model's forward takes it") from e
+    finally:
+        for h in hooks:
+            h.remove()
+        for p in params:
+            p.requires_grad_(False)
+    made_by = {id(calls[0][0]): n for n, calls in conv_out.items() if len(calls) == 1}
+    pairs: list[tuple[str, str]] = []
+    skipped: dict[str, str] = {}
+    for b, calls in bn_calls.items():
+        if len(calls) != 1:
+            skipped[b] = f"called {len(calls)} times on the example"
+            continue
+        x, x_fn, out_fn = calls[0]
+        c = made_by.get(id(x)) if isinstance(x, torch.Tensor) else None
+        if c is None:
+            skipped[b] = "its input is not the output of a Conv2d called once"
+            continue
+        fn = conv_out[c][0][1]
+        if fn is None or x_fn is not fn:
+            skipped[b] = f"its input is {c!r}'s output changed in place"
+            continue
+        if out_fn is None or not any(f is fn for f, _ in out_fn.next_functions):
+            skipped[b] = f"its output does not come from {c!r}'s output"
+            continue
+        if consumers.get(fn, 0) != 1:
+            skipped[b] = (f"{c!r}'s output has {consumers.get(fn, 0)} consumers in the graph that reaches the output "
+                          "(folding needs the BN to be the only one)")
+            continue
+        pairs.append((c, b))
+    for b in bns:
+        if b not in bn_calls:
+            skipped[b] = "not called on the example"
+    return pairs, skipped, [t.detach() for t in outputs]
+
+
+def _foldable(conv: nn.Module, bn: nn.Module, training: bool) -> str | None:
+    """Why this pair cannot be folded, or None."""
+    if training:
+        return "in train mode (it normalizes by batch statistics): call model.eval() first to fold it"
+    if not bn.track_running_stats or bn.running_mean is None or bn.running_var is None:
+        return "has no running statistics (track_running_stats=False)"
+    if bn.num_features != conv.out_channels:
+        return f"has {bn.num_features} features for a conv of {conv.out_channels} output channels"
+    if nn.utils.parametrize.is_parametrized(conv):
+        return "its conv's weight is parametrized"
+    return None
+
+
+def _fused(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+    """A copy of ``conv`` (same class, so a subclass keeps what its forward does, e.g. its
+    own padding) whose weight and bias apply ``bn``'s eval-mode affine map per output
+    channel (grouped and depthwise convs alike)."""
+    from torch.nn.utils.fusion import fuse_conv_bn_weights
+
+    fused = copy.deepcopy(conv)
+    fused.weight, fused.bias = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var,
+                                                    bn.eps, bn.weight, bn.bias)
+    fused.bias.requires_grad_(conv.weight.requires_grad)  # a new bias trains as the weight does
+    return fused
+
+
+def fold_pairs(model: nn.Module, pairs: Any, *, values: bool = True) -> None:
+    """Fold the given (conv, bn) pairs in place: each conv becomes a fused copy of itself and
+    each BN ``nn.Identity``. ``values=False`` only gives the structure (a bias on the conv),
+    for loading a checkpoint's state dict into it."""
     for conv_name, bn_name in pairs:
         conv = model.get_submodule(conv_name)
         bn = model.get_submodule(bn_name)
-        if not bn.track_running_stats or bn.running_mean is None:
-            continue
-        fused = fuse_conv_bn_eval(conv.eval(), bn.eval())
-        fused.train(model.training)
+        if values:
+            fused = _fused(conv, bn)
+        else:
+            fused = copy.deepcopy(conv)
+            if fused.bias is None:
+                fused.bias = nn.Parameter(torch.zeros(fused.out_channels, dtype=fused.weight.dtype,
+                                                      device=fused.weight.device))
+        fused.train(conv.training)
         set_submodule(model, conv_name, fused)
         set_submodule(model, bn_name, nn.Identity())
-    return pairs
+
+
+def _fold_tolerance(ref: torch.Tensor, n_folded: int) -> float:
+    """What folding may change in one output: rounding of the fused weights (a few eps of the
+    dtype per folded pair) carried to the output's magnitude."""
+    eps = torch.finfo(ref.dtype).eps if ref.is_floating_point() else 0.0
+    scale = float(ref.detach().abs().max()) if ref.numel() else 0.0
+    return 16.0 * eps * (n_folded + 1) * max(scale, 1.0)
+
+
+def fold_batchnorm(model: nn.Module, example: Any = None) -> FoldedPairs:
+    """Fold every BatchNorm2d into the Conv2d before it, in place (eval-mode statistics).
+
+    The BN becomes ``nn.Identity`` so the model's own forward is unchanged, and the conv a
+    copy of itself (same class: a conv that pads in its own ``forward`` keeps doing so) with
+    the BN's scale and shift in its weight and bias. Decomposing a folded conv compresses
+    what inference computes.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Changed in place; BNs in train mode or without running statistics are left (with a
+        warning saying why).
+    example : batch, optional
+        One input as the model's forward takes it. With it the pairs come from running the
+        model once (autograd graph: the BN's input is exactly the conv's output, which nothing
+        else uses), so models torch.fx cannot trace fold too, and the output on it is checked
+        to be unchanged; if it is not, the model is restored and ``DecompositionError``
+        raised. Without it: a torch.fx trace, else Conv2d/BatchNorm2d adjacent in an
+        ``nn.Sequential``, unchecked.
+
+    Returns
+    -------
+    FoldedPairs
+        A list of the folded (conv, bn) pairs; ``.skipped``: BN name -> why it was left.
+    """
+    modes = {m: m.training for m in model.modules()}
+    mods = dict(model.named_modules())
+    untraced: list = []
+    if example is None:
+        found, skipped, ref = _static_pairs(model, untraced), {}, None
+        missed = [n for n, m in mods.items() if isinstance(m, nn.BatchNorm2d) and n not in {b for _, b in found}]
+        if untraced and missed:
+            warnings.warn(f"fold_batchnorm: torch.fx cannot trace this model and {len(missed)} BatchNorm2d "
+                          f"({', '.join(missed[:3])}{' ...' if len(missed) > 3 else ''}) are not after a conv in an "
+                          "nn.Sequential, so they were not folded; pass example= (one input batch; compress: data=) "
+                          "to find their convs on a probe run", stacklevel=2)
+    else:
+        model.eval()
+        try:
+            found, skipped, ref = _probe(model, example)
+        finally:
+            _set_modes(modes)
+    pairs = []
+    for c, b in found:
+        why = _foldable(mods[c], mods[b], modes[mods[b]])
+        if why:
+            skipped[b] = why
+        else:
+            pairs.append((c, b))
+    originals = {n: mods[n] for pair in pairs for n in pair}
+    fold_pairs(model, pairs)
+    if ref is not None and pairs:
+        _check_folded(model, example, ref, pairs, originals)
+    unfoldable = {b: why for b, why in skipped.items() if any(b == p[1] for p in found)}
+    if unfoldable:
+        items = "; ".join(f"{b}: {why}" for b, why in list(unfoldable.items())[:3])
+        warnings.warn(f"fold_batchnorm left {len(unfoldable)} BatchNorm2d after a conv unfolded ({items}"
+                      f"{' ...' if len(unfoldable) > 3 else ''})", stacklevel=2)
+    return FoldedPairs(pairs, skipped)
+
+
+def _set_modes(modes: Mapping[nn.Module, bool]) -> None:
+    """Give each module back its own train/eval flag (``train()`` would set its children's too)."""
+    for m, t in modes.items():
+        m.training = t
+
+
+def _check_folded(model: nn.Module, example: Any, ref: list[torch.Tensor], pairs: list[tuple[str, str]],
+                  originals: dict[str, nn.Module]) -> None:
+    """The folded model's output on ``example`` equals ``ref``; else restore the originals and raise."""
+    from .data import split_batch
+
+    batch = split_batch(example)
+    now = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            got = _tensors(model(*batch.args, **batch.kwargs))
+    finally:
+        _set_modes(now)
+    worst = None
+    if len(got) != len(ref):
+        worst = f"{len(got)} output tensors instead of {len(ref)}"
+    for i, (g, r) in enumerate(zip(got, ref)):
+        if worst is not None:
+            break
+        if g.shape != r.shape:
+            worst = f"output {i} has shape {tuple(g.shape)} instead of {tuple(r.shape)}"
+        elif r.is_floating_point():
+            err, tol = float((g - r).abs().max()) if r.numel() else 0.0, _fold_tolerance(r, len(pairs))
+            if not err <= tol:
+                worst = (f"output {i} moved by up to {err:.3g} (tolerance {tol:.3g}, "
+                         f"max |output| {float(r.abs().max()):.3g})")
+        elif not torch.equal(g, r):
+            worst = f"output {i} changed"
+    if worst is None:
+        return
+    for name, m in originals.items():
+        set_submodule(model, name, m)
+    raise DecompositionError(
+        f"fold_batchnorm: folding {len(pairs)} conv/BN pairs changed the model's output on the example: {worst}. "
+        "The model is left as it was; the model's forward may use a conv or BN in a way the graph did not show "
+        "(a forward that reads the BN's attributes, a conv that ignores its bias); fold without that pair or "
+        "compress without fold_bn")
 
 
 # ---- compress -----------------------------------------------------------------------------
@@ -126,7 +383,9 @@ def compress(
         Calibration data: factors then minimise the error of each layer's output on it
         (whitened factorizations) instead of the error of its weights.
     fold_bn : bool
-        Fold each BatchNorm2d into the conv before it first (as deployment tools do).
+        Fold each BatchNorm2d into the conv before it first (as deployment tools do); with
+        ``data``, its first batch finds the pairs and checks the fold (:func:`fold_batchnorm`),
+        so networks torch.fx cannot trace fold too.
     refine : bool
         Spend a little more time on better factors (HOOI sweeps for Tucker-2, full CP-ALS).
     progress : bool or callable
@@ -159,8 +418,12 @@ def compress(
         raise TypeError(f"compress expects an nn.Module; got {type(model).__name__}")
     plan = as_plan(plan)
     new = copy.deepcopy(model)
+    folded: list[tuple[str, str]] = []
     if fold_bn:
-        fold_batchnorm(new)
+        example = None
+        if data is not None:
+            example, data = _first_batch(data)
+        folded = list(fold_batchnorm(new, example))
     resolved = plan.validate(new)
     groups = plan.resolve_groups(new)
     _refuse_unfactorizable(resolved)
@@ -198,15 +461,31 @@ def compress(
         bar.close()
     object.__setattr__(new, PLAN_ATTR, plan)
     object.__setattr__(new, FOLD_ATTR, bool(fold_bn))
+    if fold_bn:
+        object.__setattr__(new, FOLD_PAIRS_ATTR, folded)
     if correct and resolved:
         from .correction import correct as _correct
 
         ref = model
         if fold_bn:  # the reference the chains were made from: the folded original
             ref = copy.deepcopy(model)
-            fold_batchnorm(ref)
+            fold_pairs(ref, folded)
         new = _correct(new, ref, data, stats=stats, max_batches=max_batches, progress=progress)
     return new
+
+
+def _first_batch(data: Any) -> tuple[Any, Any]:
+    """The first batch of ``data`` and ``data`` as it was (a one-pass iterator gets its
+    first batch put back in front)."""
+    import itertools
+
+    from .data import iter_batches
+
+    it = iter_batches(data)
+    first = next(it, None)
+    if first is not None and not isinstance(data, (torch.Tensor, Mapping)) and iter(data) is data:
+        data = itertools.chain([first], it)
+    return first, data
 
 
 def _warn_few_rows(resolved: list[ResolvedLayer], stats: Mapping[str, Any]) -> None:
@@ -386,15 +665,21 @@ def tensorize(model: nn.Module, plan: Any, *, init: str = "random", seed: int = 
     return new
 
 
-def apply_skeleton(model: nn.Module, plan: Any, *, fold_bn: bool = False) -> nn.Module:
+def apply_skeleton(model: nn.Module, plan: Any, *, fold_bn: bool = False,
+                   fold: list[tuple[str, str]] | None = None) -> nn.Module:
     """Give ``model`` (in place) the structure ``compress`` would build, without factorizing.
 
     Used to load a checkpoint: the factorized modules get the right shapes (zero weights)
-    and the state dict is then loaded into them.
+    and the state dict is then loaded into them. ``fold``: the (conv, bn) pairs the
+    compressed model folded (recorded since they may come from a probe run); without it,
+    the pairs a trace or ``nn.Sequential`` adjacency finds (checkpoints written before).
     """
     plan = as_plan(plan)
     if fold_bn:
-        fold_batchnorm(model)
+        if fold is None:
+            fold = [(c, b) for c, b in _static_pairs(model)
+                    if model.get_submodule(b).track_running_stats and model.get_submodule(b).running_mean is not None]
+        fold_pairs(model, fold, values=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", BreakEvenWarning)
         for r in plan.validate(model):
@@ -405,6 +690,8 @@ def apply_skeleton(model: nn.Module, plan: Any, *, fold_bn: bool = False) -> nn.
             _place_group(model, g, g.method.skeleton_group(g.modules, g.rank, g.options, g.name))
     object.__setattr__(model, PLAN_ATTR, plan)
     object.__setattr__(model, FOLD_ATTR, bool(fold_bn))
+    if fold_bn:
+        object.__setattr__(model, FOLD_PAIRS_ATTR, [tuple(p) for p in fold])
     return model
 
 

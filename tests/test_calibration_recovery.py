@@ -165,6 +165,37 @@ def test_iterative_returns_history(digits_mlp):
     assert all("accuracy" in s.after and "agreement" in s.after for s in history)
 
 
+def test_stop_ends_finetune_and_iterative_where_asked(digits_mlp):
+    """A Stop button: fine-tuning keeps its best weights so far; iterative keeps the stages done."""
+    model, (xtr, ytr), (xte, yte) = digits_mlp
+    data = [(xtr[i:i + 200], ytr[i:i + 200]) for i in range(0, len(xtr), 200)]
+    small = ts.compress(model, ts.Plan({"0": {"method": "svd", "rank": 4}}))
+    calls = []
+
+    def stop_after(n):
+        def stop():
+            calls.append(1)
+            return len(calls) > n
+        return stop
+
+    tuned = ts.finetune(small, data, teacher=model, steps=500, stop=stop_after(5))
+    assert len(calls) == 6  # checked before each step: five steps ran, the sixth was stopped
+    assert ts.count_params(tuned) == ts.count_params(small)
+    calls.clear()
+    # stop requested during stage 2's fine-tuning: stage 2 ends there and is kept; no stage 3
+
+    def stop():
+        calls.append(1)
+        return len(calls) > 1 + 10 + 1 + 3  # stage 1 check, 10 steps, stage 2 check, 3 steps
+
+    small2, history = ts.iterative(model, data, keep=0.3, steps=3, finetune_steps=10, val_data=[(xte, yte)],
+                                   stop=stop)
+    assert [s.stage for s in history] == [1, 2] and "stopped on request after stage 2" in history.stopped
+    assert ts.count_params(small2) == history[-1].params
+    _, none = ts.iterative(model, data, keep=0.3, steps=3, finetune_steps=10, stop=lambda: True)
+    assert len(none) == 0 and "before the first stage" in none.stopped
+
+
 def test_hugging_face_dict_batches():
     transformers = pytest.importorskip("transformers")
     cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,

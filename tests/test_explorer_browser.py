@@ -279,6 +279,17 @@ def test_data_aware_switch_and_fine_tune(page):
     assert re.fullmatch(r"\d+\.\d%", acc_aware)
 
 
+def test_stop_ends_a_long_fine_tune_and_keeps_its_weights(page):
+    box = page.locator(".ts-finetune-steps input")
+    box.fill("5000")
+    box.press("Enter")
+    assert not page.locator(".ts-stop").is_visible()  # shown only while a job it can end runs
+    page.locator(".ts-finetune button").click()
+    page.locator(".ts-stop button").click()
+    page.locator(".ts-message").get_by_text("Fine-tuning stopped on request (of 5000 steps").wait_for()
+    page.locator(".ts-stop").wait_for(state="hidden")
+
+
 def test_compress_in_stages_plots_each_stage_and_a_refused_folder_is_a_message(page):
     # a model folder typed in the page: refused on a server that did not opt in, the session kept
     shown = text(page, ".ts-params-exact")

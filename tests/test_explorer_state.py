@@ -970,6 +970,25 @@ def test_iterative_from_the_page_records_every_stage(fresh):
     s.error = ""
 
 
+def test_stop_ends_a_staged_compression_and_keeps_its_stages(fresh):
+    import threading
+
+    s = fresh
+    assert not s.stop() and not s.stoppable  # nothing runs: nothing to stop
+    done = {}
+    job = threading.Thread(target=lambda: done.setdefault("ok", s.run_iterative(
+        stages=4, rule="budget", finetune_steps=5000, keep=0.3)))
+    job.start()
+    deadline = time.monotonic() + 120
+    while "stage 1" not in s.progress_message and time.monotonic() < deadline:
+        time.sleep(0.01)  # stage 1 has begun (planning, then 5000 fine-tuning steps)
+    assert s.stop()
+    job.join(120)
+    assert not job.is_alive() and done["ok"], s.error
+    assert len(s.stages) == 2 and "stopped on request after stage 1" in s.message  # the original and stage 1
+    assert not s.stoppable and not s.busy
+
+
 def test_iterative_needs_calibration_data():
     s = ExplorerState()
     net = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 3))

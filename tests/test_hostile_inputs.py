@@ -456,6 +456,8 @@ CASES: list[Case] = [
     C("record_bad_aliases", record("m.pt", aliases={"x": "no.such.tensor"}), "load", CheckpointError,
       '"aliases" must map'),
     C("record_fold_bn_not_bool", record("m.pt", fold_bn="yes"), "load", CheckpointError, '"fold_bn" must be'),
+    C("record_fold_pairs_malformed", record("m.pt", fold_bn=True, fold_pairs=[["conv"]]), "load", CheckpointError,
+      '"fold_pairs" must be'),
     # -- plans -----------------------------------------------------------------------------------------
     C("plan_malformed_json", plan_text('{"tensorscope_plan": 1, "layers": {'), "plan", PlanError, "not valid JSON"),
     C("plan_not_utf8", plan_text(b'{"tensorscope_plan": 1, "layers": {"\xff": 1}}'), "plan", PlanError, "UTF-8"),
@@ -795,3 +797,23 @@ def test_compress_random_layers_is_exact_at_full_rank_or_refuses(spec, method, r
     if full:
         scale = max(1.0, float(ref.abs().max()))
         torch.testing.assert_close(out, ref, rtol=FULL_RANK_RTOL, atol=FULL_RANK_ATOL * scale)
+
+
+def test_calibration_data_the_model_cannot_take_is_one_clear_error_everywhere():
+    """Wrong channels, a dict key the model does not take, NaN: a DataError naming the batch,
+    from collect_stats, plan_for_budget and compress alike (never a raw RuntimeError or a
+    LAPACK failure), and the model untouched."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4)).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cases = {
+        r"\(4, 5, 8, 8\).*failed in the model's forward": [torch.randn(4, 5, 8, 8)],
+        r"foo: .*failed in the model's forward.*unexpected keyword": [{"foo": torch.randn(4, 3, 8, 8)}],
+        "non-finite": [torch.full((4, 3, 8, 8), float("nan"))],
+    }
+    plan = ts.Plan({"3": {"method": "svd", "rank": 2}})
+    for what, data in cases.items():
+        for run in (lambda d: ts.collect_stats(model, d), lambda d: ts.plan_for_budget(model, keep=0.5, data=d),
+                    lambda d: ts.compress(model, plan, data=d)):
+            with pytest.raises(ts.DataError, match=what):
+                run(data)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -13,6 +13,7 @@ fine). It holds no pickle, so reading it never runs code from the file. Layout::
               "plan": {"tensorscope_plan": 1, "layers": {...}} | null,
               "arch": {"ref": "package.module:factory", "kwargs": {...}} | null,
               "fold_bn": false, "dtype": "float32", "created": "<ISO 8601, UTC>",
+              "fold_pairs": [["conv", "bn"], ...] | null,  # the folded pairs (fold_bn: true)
               "user": {...},                       # save(metadata=...)
               "aliases": {"out.weight": "emb.weight"},  # tied tensors, stored once
               "extra_state": {...},                # JSON get_extra_state() values
@@ -58,7 +59,7 @@ from ..arch_trust import REF_RE, resolve_architecture
 from ..errors import ArchitectureError, CheckpointError, TensorscopeError
 from ..plan import Plan, as_plan
 from ..safetensors_header import MAX_HEADER_BYTES, _ST_DTYPES, _bad, _Header, _read_header
-from ..surgery import FOLD_ATTR, apply_skeleton, plan_of
+from ..surgery import FOLD_ATTR, FOLD_PAIRS_ATTR, apply_skeleton, plan_of
 from .state import _finish, _load_state, _warn_non_finite
 
 __all__ = ["save", "load", "describe", "FORMAT_VERSION", "META_KEY"]
@@ -127,6 +128,10 @@ def _record(h: _Header) -> dict[str, Any] | None:
             raise _bad(h.path, f"its architecture reference {arch['ref']!r:.200} is not 'package.module:factory'")
     if not isinstance(rec.get("fold_bn", False), bool):
         raise _bad(h.path, f'"fold_bn" must be true or false; got {rec.get("fold_bn")!r:.50}')
+    pairs = rec.get("fold_pairs")
+    if pairs is not None and not (isinstance(pairs, list) and all(
+            isinstance(p, list) and len(p) == 2 and all(isinstance(n, str) for n in p) for p in pairs)):
+        raise _bad(h.path, f'"fold_pairs" must be a list of [conv, bn] module names; got {pairs!r:.100}')
     aliases = rec.get("aliases") or {}
     if not isinstance(aliases, dict) or not all(
         isinstance(k, str) and isinstance(v, str) and v in h.tensors and k not in h.tensors
@@ -322,6 +327,8 @@ def save(
         "plan": plan_obj.to_dict() if plan_obj is not None else None,
         "arch": arch_rec,
         "fold_bn": bool(getattr(model, FOLD_ATTR, False)),
+        "fold_pairs": ([list(p) for p in getattr(model, FOLD_PAIRS_ATTR)]
+                       if getattr(model, FOLD_PAIRS_ATTR, None) is not None else None),
         "dtype": _main_dtype(model),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "user": user,
@@ -406,7 +413,9 @@ def _load_checkpoint(h: _Header, rec: dict[str, Any], *, model, arch, arch_kwarg
             )
     elif plan is not None or fold_bn:
         try:
-            apply_skeleton(net, plan if plan is not None else Plan(), fold_bn=fold_bn)
+            pairs = rec.get("fold_pairs")
+            apply_skeleton(net, plan if plan is not None else Plan(), fold_bn=fold_bn,
+                           fold=[tuple(p) for p in pairs] if pairs is not None else None)
         except TensorscopeError as e:
             raise CheckpointError(
                 f"the checkpoint {path!r} does not match {source}: its plan cannot be applied to it: {e}"

@@ -154,7 +154,7 @@ class _DataAware(_Session):
                 raise DataError(f"fine-tuning steps must be between 1 and 5000; got {steps!r}")
             with self._lock:
                 plan, version = self.plan, self.plan_version
-            with self._busy(f"fine-tuning for {n_steps} steps"):
+            with self._busy(f"fine-tuning for {n_steps} steps"), self._stoppable() as stopped:
                 self._report(0.0, "building the compressed model")
                 small = self.compressed_model()
                 x, y, desc = self._calib
@@ -163,7 +163,7 @@ class _DataAware(_Session):
                 before = evaluate(small, evaluation, reference=self._model)
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always")
-                    tuned = _finetune(small, train, teacher=self._model, steps=n_steps,
+                    tuned = _finetune(small, train, teacher=self._model, steps=n_steps, stop=stopped,
                                       **({} if lr is None else {"lr": lr}),
                                       progress=lambda f, m: self._report(0.05 + 0.9 * f, f"fine-tuning: {m}"))
                 after = evaluate(tuned, evaluation, reference=self._model)
@@ -188,7 +188,9 @@ class _DataAware(_Session):
                 self._keep_outcomes(hist)
                 self.param.update(recovery=rec, history=hist)
             note = next((f" ({w.message})" for w in caught if "did not improve" in str(w.message)), "")
-            self.message = (f"Fine-tuned {n_steps} steps on {desc}: {metric} {before.get(metric, 0):.1%} -> "
+            what = (f"Fine-tuning stopped on request (of {n_steps} steps; the best weights up to then are kept)"
+                    if stopped() else f"Fine-tuned {n_steps} steps")
+            self.message = (f"{what} on {desc}: {metric} {before.get(metric, 0):.1%} -> "
                             f"{after.get(metric, 0):.1%}. Exports of this plan are the fine-tuned model.{note}")
             return True
 

@@ -11,6 +11,8 @@ mixin module imports ``state.py``; it imports them.
 
 from __future__ import annotations
 
+import contextlib
+
 import ctypes
 import gc
 import time
@@ -24,6 +26,25 @@ from .evaluator import TRACE_GUARD, _Superseded
 
 class _Session:
     """Progress, the busy flag, error reporting and the worker threads of one session."""
+
+    def stop(self) -> bool:
+        """Ask the fine-tuning or staged compression under way to end at its next step; it keeps
+        what it has done (the best weights so far; the stages completed). False when none runs."""
+        if not self.stoppable:
+            return False
+        self._stop.set()
+        self.progress_message = "stopping after the current step…"
+        return True
+
+    @contextlib.contextmanager
+    def _stoppable(self):
+        """A job :meth:`stop` can end: yields its stop check (a stop asked before it is forgotten)."""
+        self._stop.clear()
+        self.stoppable = True
+        try:
+            yield self._stop.is_set
+        finally:
+            self.stoppable = False
 
     def _report(self, fraction: float, message: str) -> None:
         self.param.update(progress=float(min(max(fraction, 0.0), 1.0)), progress_message=message)

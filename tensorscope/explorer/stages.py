@@ -80,11 +80,11 @@ class _Stages(_Session):
                 k = float(self.budget_keep if keep is None else keep)
                 x, y, desc = self._calib
                 evaluation = _batches(self._data.inputs, self._data.targets, limits.CHUNK)
-            with self._busy(f"iterative compression: {n} stage(s)"):
+            with self._busy(f"iterative compression: {n} stage(s)"), self._stoppable() as stopped:
                 _, history = iterative(
                     model, _batches(x, y, 64), keep=k if how == "budget" else None, steps=n,
                     finetune_steps=steps, rank_rule=how, layers=list(self._layers), val_data=evaluation,
-                    data_aware=aware,
+                    data_aware=aware, stop=stopped,
                     progress=lambda f, m: self._report(f, f"iterative: {m}"))
                 rows = stage_rows(history, model)
             if self.version != version:

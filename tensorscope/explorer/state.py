@@ -111,6 +111,7 @@ class ExplorerState(_Loading, _DataAware, _Quality, _Exports, _Compare, _Latency
     compare_b = param.Integer(default=None, allow_None=True, doc="The pin shown on the right of the comparison.")
     latency = param.Dict(default={}, doc="The last latency measurement (see measure_latency).")
     stages = param.List(default=[], doc="The last iterative compression, one row per stage (see run_iterative).")
+    stoppable = param.Boolean(default=False, doc="A job stop() can end (fine-tuning, compression in stages) runs.")
     iterative_stages = param.Integer(default=3, bounds=(1, limits.MAX_STAGES), doc=(
         "Stages of an iterative compression: compress, fine-tune, compress further, ..."))
     iterative_rule = param.Selector(default="budget", objects=list(RANK_RULES), doc=(
@@ -153,6 +154,7 @@ class ExplorerState(_Loading, _DataAware, _Quality, _Exports, _Compare, _Latency
         self._next_pin = 1
         self._latency_memo: dict[str, dict] = {}  # plan JSON -> latency measured (this network)
         self._stage_plans: list[str] = []  # the plan of each stage of the last iterative run (JSON)
+        self._stop = threading.Event()  # set by stop(): the fine-tuning or staged compression under way ends
 
     # -- what is loaded, read-only (the view, tests and notebooks ask these) --------------------
     @property
