@@ -36,6 +36,11 @@ of that one pass:
   the planner's end-to-end check from the 32 sentences alone, no sequential correction (on
   nine times the tokens it cost more than the rest of the pipeline together; on the 32
   sentences alone it undid the augmentation);
+- EfficientNet-Lite0, with ``--calib-crops N``: all together with ``N`` calibration crops of
+  the same four photos instead of 64 (its own pass of statistics); with ``--fresh-distill S``:
+  ``S`` steps of distillation (all parameters, lr 3e-6) where every step sees 16 new random crops of the
+  calibration photos (``finetune`` with a callable data source), early stopping on 32 fixed
+  held-out crops of the same photos, after "all" (and after the ``N``-crop row);
 - an SVD-LLM-style baseline written here: whitened SVD (Cholesky of the input moment), the
   same fraction of parameters in every layer, then SVD-LLM's sequential update of the
   left factor by least squares on the compressed network's inputs.
@@ -44,6 +49,7 @@ Run from the repository root::
 
     python bench/real_networks.py [--quick] [--no-write] [--networks minilm,efficientnet]
         [--keeps "minilm=0.5,0.25;efficientnet=75% total,0.5"] [--augment] [--text-out FILE]
+        [--calib-crops 256] [--fresh-distill 200]
 
 The full run writes the section "Real pretrained networks" of ``docs/benchmarks.md``.
 """
@@ -78,6 +84,7 @@ SECTION = "Real pretrained networks"
 SENTENCES = Path(__file__).resolve().parent / "data" / "sentences.txt"
 SHRINK_VARIANTS = [{"shrinkage": 0.0}, {"shrinkage": 0.3}, {"shrinkage": 1.0}]
 WHITENED_OUTPUT = [{"shrinkage": 0.0, "fisher": 0.1}]
+FRESH_LR = 3e-6  # distillation on fresh crops, all parameters: 1e-4 and 1e-5 were too large (docs/benchmarks.md)
 
 
 def fmt_s(s: float) -> str:
@@ -176,6 +183,20 @@ class EfficientNetLite0:
 
         return (photo_crops(names, per, seed) * 255 - 127.0) / 128.0
 
+    def calibration(self, n: int) -> list:
+        """``n`` calibration crops of the same four photos (seed 0, as the 64), in batches of 32."""
+        x = self.crops(self.CALIB, n // len(self.CALIB), 0)
+        return [x[i:i + 32] for i in range(0, len(x), 32)]
+
+    def fresh(self, batch: int = 16):
+        """``step -> batch`` of new random crops of the calibration photos (seed ``10000 + step``),
+        for :func:`ts.finetune`; never the evaluation images."""
+        return lambda step: self.crops(self.CALIB, batch // len(self.CALIB), 10_000 + step)
+
+    def heldout(self) -> list:
+        """32 fixed crops of the calibration photos (seed 999), for early stopping."""
+        return [self.crops(self.CALIB, 32 // len(self.CALIB), 999)]
+
     @torch.no_grad()
     def score(self, small) -> float:
         got = torch.cat([small(x).argmax(-1) for x in self.eval])
@@ -208,6 +229,17 @@ def distill(net, small, steps: int, calib=None):
         warnings.simplefilter("ignore")
         return ts.finetune(small, [a], teacher=net.model, val_data=[b], steps=steps, lr=1e-4, eval_every=5,
                            patience=3, trainable="factors")
+
+
+def distill_fresh(net, small, steps: int):
+    """Distillation of all parameters (BatchNorm statistics fixed, dropout and drop-connect off)
+    where every step sees 16 new random crops of the calibration photos (a callable data
+    source), early stopping on 32 fixed held-out crops of the same photos."""
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return ts.finetune(small, net.fresh(16), teacher=net.model, val_data=net.heldout(), steps=steps,
+                           lr=FRESH_LR, eval_every=10, patience=4, trainable="all")
 
 
 def svd_llm_baseline(net, keep: float):
@@ -245,7 +277,8 @@ def svd_llm_baseline(net, keep: float):
 
 
 def stats_of(net, kind: str, cfg: dict, calib=None):
-    """The calibration statistics of one kind (``"plain"``, ``"gradients"``, ``"augmented"``),
+    """The calibration statistics of one kind (``"plain"``, ``"gradients"``, ``"augmented"``,
+    ``"gradients, N crops"``),
     gathered once per network and reused by every row and budget (``stats=``); returns them
     and the seconds their one pass took, which each row using them adds to its own time."""
     cache = net.__dict__.setdefault("stats_cache", {})
@@ -332,6 +365,24 @@ def run(net, keep_frac: float, cfg: dict) -> list[dict]:
                                kind="gradients")
     if cfg["distill"]:
         timed("all + distillation", lambda: distill(net, all_small, cfg["distill"]), base=all_row)
+    if isinstance(net, EfficientNetLite0) and cfg.get("fresh_distill"):
+        timed(f"all + distillation on fresh crops ({cfg['fresh_distill']} steps, all parameters)",
+              lambda: distill_fresh(net, all_small, cfg["fresh_distill"]), base=all_row)
+    if isinstance(net, EfficientNetLite0) and cfg.get("calib_crops"):
+        n = cfg["calib_crops"]
+        big = net.calibration(n)
+        stats_of(net, f"gradients, {n} crops", cfg, big)  # before timed() asks for it without the data
+
+        def big_fn():
+            st = stats_of(net, f"gradients, {n} crops", cfg, big)[0]
+            plan = ts.plan_for_budget(model, keep, layers=layers, stats=st, data=big, allocation="output",
+                                      variants="auto")
+            return ts.correct(ts.compress(model, plan, stats=st), model, big, stats=st)
+
+        big_small, big_row = timed(f"all, {n} calibration crops", big_fn, kind=f"gradients, {n} crops")
+        if cfg.get("fresh_distill"):
+            timed(f"all, {n} calibration crops, + distillation on fresh crops",
+                  lambda: distill_fresh(net, big_small, cfg["fresh_distill"]), base=big_row)
     if isinstance(net, MiniLM) and cfg.get("augment"):
         aug = net.augmented()
         stats_of(net, "augmented", cfg, aug)
@@ -388,11 +439,16 @@ def main() -> None:
     p.add_argument("--keeps", help='budgets per network, e.g. "minilm=0.5,0.25;efficientnet=75%% total,0.5" '
                                     "(fractions of the decomposable parameters; '75%% total': of all of them)")
     p.add_argument("--augment", action="store_true", help="MiniLM: also calibration augmented by token replacement")
+    p.add_argument("--calib-crops", type=int, default=0,
+                   help="EfficientNet: also the 'all' row with this many calibration crops of the same photos")
+    p.add_argument("--fresh-distill", type=int, default=0,
+                   help="EfficientNet: also distillation on fresh crops of the calibration photos, this many steps")
     p.add_argument("--text-out", help="also write each network's text to this file (to combine parallel runs)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     cfg = settings(args.quick)
     cfg["augment"] = cfg["augment"] or args.augment
+    cfg["calib_crops"], cfg["fresh_distill"] = args.calib_crops, args.fresh_distill
     if args.keeps:
         for part in args.keeps.split(";"):
             name, ks = part.split("=")

@@ -24,7 +24,7 @@ import math
 import numbers
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -107,17 +107,47 @@ def finetune(
     loss rose and early stopping restored the starting weights). A warning says when no
     step improved on the start.
 
+    ``data`` is a list of batches (or any iterable: it is read once and cycled), or a
+    source of fresh batches, so that each step can see samples no earlier step saw (new
+    random crops of the calibration images, say): a callable ``step -> batch``, called once
+    per step with ``step`` = 1, 2, ..., ``steps``; or an iterator (a generator), one batch
+    taken per step, training ending early when it runs out. A source needs ``val_data``
+    (it has no last batch to hold out), which should be fixed batches the source does not
+    produce.
+
     ``stop``: a callable checked before each step (a Stop button); when it returns True
     training ends there and the best weights so far are returned, as at an early stop.
     """
-    batches = list(iter_batches(data))
-    if not batches:
-        raise DataError("finetune needs at least one batch of data")
-    if val_data is None and len(batches) > 1:
-        train_batches, val_batches = batches[:-1], batches[-1:]
+    source = callable(data) and not isinstance(data, nn.Module) or isinstance(data, Iterator)
+    if source:
+        if val_data is None:
+            raise DataError("finetune with a callable or an iterator as data (fresh batches each step) needs "
+                            "val_data=: fixed held-out batches for early stopping, not drawn from the source")
+        val_batches = list(iter_batches(val_data))
+        next_batch, more = _batch_source(data)
+        first = next_batch(1)
+        if first is None:
+            raise DataError("finetune: the data iterator yielded no batch" if isinstance(data, Iterator) else
+                            "finetune: data(1) returned None; a callable data source must return a batch each step")
+        train_batches = [first]
     else:
-        train_batches = batches
-        val_batches = list(iter_batches(val_data)) if val_data is not None else batches[-1:]
+        batches = list(iter_batches(data))
+        if not batches:
+            raise DataError("finetune needs at least one batch of data")
+        if val_data is None and len(batches) > 1:
+            train_batches, val_batches = batches[:-1], batches[-1:]
+        else:
+            train_batches = batches
+            val_batches = list(iter_batches(val_data)) if val_data is not None else batches[-1:]
+        cycle = itertools.cycle(train_batches)
+
+        def next_batch(step):
+            return next(cycle)
+
+        def more():
+            return True
+    if not val_batches:
+        raise DataError("finetune: val_data yielded no batch")
     if teacher is None and split_batch(train_batches[0]).target is None:
         raise DataError("finetune needs labels in the batches or a teacher model to distil from")
     if trainable not in ("all", "factors"):
@@ -141,13 +171,16 @@ def finetune(
     since_best = 0
     step = 0
     stopped = False
-    cycle = itertools.cycle(train_batches)
     with Progress(progress, total=steps, desc="fine-tuning") as bar:
         for step in range(1, steps + 1):
             if stop is not None and stop():
                 stopped, step = True, step - 1
                 break
-            sb = split_batch(next(cycle))
+            batch = first if source and step == 1 else next_batch(step)
+            if batch is None:  # the iterator ran out
+                step -= 1
+                break
+            sb = split_batch(batch)
             with torch.no_grad():
                 t = output_tensor(teacher(*sb.args, **sb.kwargs)) if teacher is not None else None
             out = output_tensor(student(*sb.args, **sb.kwargs))
@@ -159,7 +192,7 @@ def finetune(
             opt.step()
             bar.set_message(f"loss {float(loss.detach()):.4f}")
             bar.update(1)
-            if step % eval_every == 0 or step == steps:
+            if step % eval_every == 0 or step == steps or not more():  # the last step is always checked
                 val = _held_out_loss(student.eval(), teacher, val_batches, temperature, label_weight)
                 _train_mode(student, dropout)
                 if val < best - 1e-6:
@@ -178,6 +211,34 @@ def finetune(
         for p in frozen:
             p.requires_grad_(True)
     return student.eval()
+
+
+def _batch_source(data: Any):
+    """``(step -> batch, more)`` for a callable or an iterator of fresh batches: the batch is
+    ``None`` once an iterator is exhausted; ``more()`` says whether another batch will come
+    (it peeks one ahead, so that the last step of an iterator is checked on held-out data)."""
+    if isinstance(data, Iterator):
+        ahead: list = []
+
+        def take(step):
+            return ahead.pop() if ahead else next(data, None)
+
+        def more():
+            if not ahead:
+                b = next(data, None)
+                if b is None:
+                    return False
+                ahead.append(b)
+            return True
+        return take, more
+
+    def call(step):
+        batch = data(step)
+        if batch is None:
+            raise DataError(f"finetune: data({step}) returned None; a callable data source must return a batch "
+                            "each step")
+        return batch
+    return call, lambda: True
 
 
 def _train_mode(model: nn.Module, dropout: bool) -> None:

@@ -294,3 +294,48 @@ def test_tt_says_it_ignores_calibration_data():
     plain = ts.compress(model, plan)
     x = torch.randn(5, 16)
     assert_close(aware(x), plain(x))  # the same (data-free) factors, and said so
+
+
+def test_finetune_takes_fresh_batches_from_a_callable_or_an_iterator(digits_mlp, monkeypatch):
+    model, (xtr, ytr), (xte, yte) = digits_mlp
+    small = ts.compress(model, {"0": {"method": "svd", "rank": 3}, "2": {"method": "svd", "rank": 3}})
+    val = [xtr[-200:]]
+    pool = xtr[:-200]
+    g = torch.Generator().manual_seed(0)
+    calls = []
+
+    def fresh(step):  # new random rows each step, never the held-out ones
+        calls.append(step)
+        return pool[torch.randint(len(pool), (64,), generator=g)]
+
+    seen = []
+    real = ts.recovery._held_out_loss
+
+    def spy(student, teacher, batches, *args):
+        seen.append([b.data_ptr() for b in batches])
+        return real(student, teacher, batches, *args)
+
+    monkeypatch.setattr(ts.recovery, "_held_out_loss", spy)
+    base = ts.evaluate(small, [(xte, yte)], reference=model)["relative_error"]
+    tuned = ts.finetune(small, fresh, teacher=model, steps=40, lr=3e-3, val_data=val, eval_every=40)
+    assert calls == list(range(1, 41))  # called once per step, with the step
+    assert seen == [[val[0].data_ptr()]] * 2  # early stopping looks at val_data only: at the start and at step 40
+    assert ts.evaluate(tuned, [(xte, yte)], reference=model)["relative_error"] < base
+
+    taken = []
+
+    def stream():
+        for i in range(5):
+            taken.append(i)
+            yield pool[64 * i:64 * (i + 1)]
+
+    seen.clear()
+    ts.finetune(small, stream(), teacher=model, steps=50, lr=3e-3, val_data=val, eval_every=2)
+    assert taken == [0, 1, 2, 3, 4]  # one batch a step, training ended when the iterator did
+    assert seen == [[val[0].data_ptr()]] * 4  # the start, steps 2 and 4, and the last step (5)
+    with pytest.raises(ts.DataError, match="val_data"):
+        ts.finetune(small, fresh, teacher=model, steps=2)
+    with pytest.raises(ts.DataError, match="returned None"):
+        ts.finetune(small, lambda step: None, teacher=model, steps=2, val_data=val)
+    with pytest.raises(ts.DataError, match="no batch"):
+        ts.finetune(small, iter([]), teacher=model, steps=2, val_data=val)
