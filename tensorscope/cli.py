@@ -317,7 +317,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
                 small = correct(small, model, data, stats=stats, progress=not args.quiet)
         else:
             small = compress(model, plan, data=data, fold_bn=args.fold_bn, correct=args.correct,
-                             progress=not args.quiet)
+                             example_input=example, progress=not args.quiet)
     if args.finetune and args.iterative is None:
         from .recovery import finetune
 

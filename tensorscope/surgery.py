@@ -358,6 +358,7 @@ def compress(
     *,
     data: Any = None,
     fold_bn: bool = False,
+    example_input: Any = None,
     refine: bool = True,
     max_batches: int | None = None,
     progress: bool | Callable[[float, str], None] = False,
@@ -384,8 +385,10 @@ def compress(
         (whitened factorizations) instead of the error of its weights.
     fold_bn : bool
         Fold each BatchNorm2d into the conv before it first (as deployment tools do); with
-        ``data``, its first batch finds the pairs and checks the fold (:func:`fold_batchnorm`),
-        so networks torch.fx cannot trace fold too.
+        ``data`` (its first batch) or ``example_input``, a probe run finds the pairs and checks
+        the fold (:func:`fold_batchnorm`), so networks torch.fx cannot trace fold too.
+    example_input : optional
+        A batch the model takes: the probe of ``fold_bn`` without ``data``.
     refine : bool
         Spend a little more time on better factors (HOOI sweeps for Tucker-2, full CP-ALS).
     progress : bool or callable
@@ -420,7 +423,7 @@ def compress(
     new = copy.deepcopy(model)
     folded: list[tuple[str, str]] = []
     if fold_bn:
-        example = None
+        example = example_input
         if data is not None:
             example, data = _first_batch(data)
         folded = list(fold_batchnorm(new, example))

@@ -220,6 +220,21 @@ def test_compress_folds_with_its_first_batch_and_checkpoints_round_trip(net, x, 
     assert isinstance(back.bn1, nn.Identity) and isinstance(back.bn3, nn.BatchNorm2d)
 
 
+def test_compress_without_data_folds_with_an_example_input(net, x):
+    """Data-free compress (the CLI's --fold-bn with --input-shape) probes with example_input."""
+    plan = ts.Plan({"grouped": {"method": "svd", "rank": 4}})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        small = ts.compress(net, plan, fold_bn=True, example_input=x)
+        by_hand = copy.deepcopy(net)
+        ts.fold_batchnorm(by_hand, x)
+        by_hand = ts.compress(by_hand, plan)  # folded first, then the same truncation
+    assert isinstance(small.bn0, nn.Identity) and isinstance(small.bn2, nn.Identity)
+    assert isinstance(net.bn0, nn.BatchNorm2d)  # the original is not modified
+    with torch.no_grad():
+        assert torch.equal(small(x), by_hand(x))
+
+
 def test_first_batch_keeps_a_one_pass_iterator_whole(x):
     batches = [x, x + 1, x + 2]
     first, data = _first_batch(iter(batches))
