@@ -1144,6 +1144,31 @@ def test_a_group_is_one_row_whose_sliders_move_its_rank_params_and_preview(tower
     assert [r["layer"] for r in s.rank_rows()] == ["stem.0", *TOWER_MEMBERS, "fc"]
 
 
+def test_pins_compare_a_group_with_the_same_layers_decomposed_one_by_one(tower_state):
+    s = tower_state
+    s.set_plan({})
+    assert s.set_group("stage", TOWER_MEMBERS, "joint_tucker"), s.error
+    s.refresh_quality()
+    a = s.pin()
+    group_params = s.group_cost("stage")[0]
+    s.set_plan({n: {"method": "tucker2", "rank": [8, 8]} for n in TOWER_MEMBERS})
+    s.refresh_quality()
+    b = s.pin()
+    cmp = s.comparison(a, b)
+    rows = {r["layer"]: r for r in cmp["layers"]}
+    first, rest = TOWER_MEMBERS[0], TOWER_MEMBERS[1:]
+    assert rows[first]["method a"] == "joint_tucker (stage)" and rows[first]["params a"] == group_params
+    for n in rest:  # the shared core is counted once, at the first member
+        assert rows[n]["method a"] == f"joint_tucker (stage, counted at {first})" and rows[n]["params a"] == 0
+        assert rows[n]["method b"] == "tucker2" and rows[n]["differs"]
+    # the columns add up to what each pin counted
+    for side, pin in (("a", a), ("b", b)):
+        total = sum(r[f"params {side}"] for r in cmp["layers"])
+        other = s.cost["params"] - sum(x.dense_params for x in (s.layer_info(n).geometry for n in s.layer_names))
+        assert total + other == next(p["params"] for p in s.pins if p["id"] == pin)
+    s.set_plan({})
+
+
 def test_what_the_plan_refuses_about_a_group_is_a_message(tower_state):
     s = tower_state
     s.set_plan({"blocks.0.conv": {"method": "tucker2", "rank": [4, 4]}})

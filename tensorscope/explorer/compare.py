@@ -151,10 +151,11 @@ class _Compare(_Session):
         pa, pb = self._pin(a), self._pin(b)
         with self._lock:
             geoms = {n: l.info.geometry for n, l in self._layers.items()}
-            resolved = []
+            resolved, grouped = [], []
             for p in (pa, pb):
                 plan = Plan.from_json(p["plan"])
                 resolved.append({r.name: r for r in plan.validate(self._model, geoms)})
+                grouped.append({m: g for g in plan.resolve_groups(self._model, geoms) for m in g.members})
             latency = [self._latency_memo.get(p["plan"]) for p in (pa, pb)]
             preds = [self._pin_preds.get(pa["id"]), self._pin_preds.get(pb["id"])]
             data = self._data
@@ -162,9 +163,16 @@ class _Compare(_Session):
         layers = []
         for name in self.layer_names:
             row: dict[str, Any] = {"layer": name, "dense params": geoms[name].dense_params}
-            for side, res in zip("ab", resolved):
-                r = res.get(name)
-                if r is None:
+            for side, res, groups in zip("ab", resolved, grouped):
+                r, g = res.get(name), groups.get(name)
+                if g is not None:  # a joint group: its parameters counted once, at its first member
+                    first = g.members[0]
+                    row[f"method {side}"] = (f"{g.method.name} ({g.name})" if name == first
+                                             else f"{g.method.name} ({g.name}, counted at {first})")
+                    row[f"rank {side}"] = g.method.rank_text(g.rank)
+                    row[f"params {side}"] = (int(g.method.count_params_group(g.geometries, g.rank, g.options))
+                                             if name == first else 0)
+                elif r is None:
                     row[f"method {side}"], row[f"rank {side}"], row[f"params {side}"] = DENSE, "", geoms[name].dense_params
                 else:
                     row[f"method {side}"] = r.method.name
