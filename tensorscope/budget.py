@@ -18,6 +18,7 @@ evaluates the network.
 
 from __future__ import annotations
 
+import logging
 import warnings
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
@@ -26,7 +27,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .allocation import ALLOCATIONS, HELDOUT_ROWS, as_options, candidate_losses, measured_scales, split_halves
+from .allocation import (ALLOCATIONS, HELDOUT_ROWS, as_options, candidate_losses, heldout_plan_damage, measured_scales,
+                         reference_outputs, split_halves)
 from .calibration import DEFAULT_PROBES, Calibration, collect_stats
 from .data import forward, iter_batches, split_batch
 from .errors import BudgetError, PlanError, RankError
@@ -41,6 +43,7 @@ from .sources import ON_DISK, open_source
 from .spectra import Tradeoff, tradeoff
 from .views import layer_modules
 
+_log = logging.getLogger(__name__)
 
 @dataclass
 class _Option:
@@ -257,8 +260,15 @@ def plan_for_budget(
         halves it) is built from the first half of the statistics and the network's output
         loss measured on the second half of ``data`` against the estimate from that half's
         moments; each layer's curve is rescaled by measured / estimated and the
-        budget allocated again (:func:`tensorscope.allocation.measured_scales`). ``"auto"``
-        (default): with ``allocation="output"`` and ``data``.
+        budget allocated again (:func:`tensorscope.allocation.measured_scales`). ``True``:
+        always keep the rescaled allocation; ``False``: never rescale. ``"auto"`` (default,
+        with ``allocation="output"`` and ``data`` that has two halves): make both allocations
+        and keep the one whose whole plan loses less on held-out data (every layer fitted on
+        the first half, all swapped in at once, output loss on the second half:
+        :func:`tensorscope.allocation.heldout_plan_damage`); the rescaling helps on MiniLM
+        and hurts on EfficientNet-Lite0, so neither is right for every network. The rescaled
+        one is kept when both lose the same. Which was kept is logged at DEBUG level on the
+        ``tensorscope.budget`` logger.
     heldout : bool or "auto"
         With ``data``: score each rank on the half of the data its factors were not fitted to
         (both ways, averaged), not on the data it fits. In-sample scores flatter wide layers
@@ -408,7 +418,8 @@ def plan_for_budget(
         return chosen
 
     chosen = allocate()
-    if measure == "auto":
+    choose = measure == "auto"  # both allocations made, the one with less held-out damage kept
+    if choose:
         measure = allocation == "output" and data is not None and halves is not None
     if measure and allocation != "output":
         raise BudgetError('measure=True rescales estimates of the output loss: it needs allocation="output"')
@@ -429,11 +440,21 @@ def plan_for_budget(
                 dense_cost = next((x.cost for x in menu if x.method is None), menu[-1].cost)
                 o = min(cand, key=lambda x: abs(x.cost - 0.5 * dense_cost))
             probes[n] = o
-        scales = measured_scales(model, modules, stats, parts, probes, progress)
+        refs = reference_outputs(model, parts[1])
+        scales = measured_scales(model, modules, stats, parts, probes, progress, refs=refs)
         for n, k in scales.items():
             for o in menus[n]:
                 o.loss *= k
-        chosen = allocate()
+        unscaled, chosen = chosen, allocate()
+        if choose and unscaled != chosen:
+            planned = lambda ch: {n: menus[n][i] for n, i in ch.items() if not isinstance(n, tuple)}  # noqa: E731
+            memo: dict = {}
+            before = heldout_plan_damage(model, modules, stats, parts, planned(unscaled), refs, memo)
+            after = heldout_plan_damage(model, modules, stats, parts, planned(chosen), refs, memo)
+            if before < after:
+                chosen = unscaled
+            _log.debug("plan_for_budget(measure='auto'): held-out output loss %.6g without the rescaling, %.6g "
+                       "with it: kept the plan %s it", before, after, "without" if before < after else "with")
     plan_layers, plan_groups = {}, {}
     members = {("group", g.name): list(g.members) for g in resolved_groups}
     for n, i in chosen.items():

@@ -532,3 +532,83 @@ def test_padding_tokens_stay_out_of_the_statistics():
         assert_close(padded[n].patch, sum(a[n].patch for a in alone), rtol=1e-10, atol=1e-12)
         assert padded[n].grad_count == sum(lengths)
         assert_close(padded[n].grad, sum(a[n].grad for a in alone), rtol=1e-10, atol=1e-12)
+
+
+def _deep_tanh(seed: int):
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(12, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(),
+                        nn.Linear(32, 6)).double()
+    x = torch.randn(48, 12, dtype=torch.float64) * torch.logspace(0, -1, 12, dtype=torch.float64)
+    data = [x[:24], x[24:]]
+    return net, data, collect_stats(net, data, ["0", "2", "4", "6"], gradients=True, probes=6)
+
+
+def test_auto_measure_keeps_the_plan_that_loses_less_held_out(monkeypatch, caplog):
+    """``measure="auto"`` makes the allocation with and without the end-to-end rescaling and
+    keeps the one whose whole plan loses less on the second half; on these two networks the
+    rescaling helps one and hurts the other, so each choice is made once."""
+    import logging
+
+    from tensorscope import budget
+    from tensorscope.allocation import heldout_plan_damage, split_halves
+
+    winners = set()
+    for seed in (0, 9):
+        net, data, stats = _deep_tanh(seed)
+        plans = {m: ts.plan_for_budget(net, 0.4, stats=stats, data=data, allocation="output", measure=m)
+                 for m in (True, False)}
+        assert plans[True] != plans[False]
+        damage = {m: heldout_plan_damage(net, dict(net.named_modules()), stats, split_halves(data), p.layers)
+                  for m, p in plans.items()}
+        best = min(damage, key=damage.get)
+        assert damage[best] < 0.95 * damage[not best]  # a clear difference, not rounding
+        with caplog.at_level(logging.DEBUG, logger="tensorscope.budget"):
+            auto = ts.plan_for_budget(net, 0.4, stats=stats, data=data, allocation="output")
+        assert auto == plans[best]
+        assert f"kept the plan {'with' if best else 'without'} it" in caplog.text
+        caplog.clear()
+        winners.add(best)
+    assert winners == {True, False}
+    # the whole-plan measurement runs only for "auto", and only when the two plans differ
+    calls = []
+    real = budget.heldout_plan_damage
+    monkeypatch.setattr(budget, "heldout_plan_damage", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ts.plan_for_budget(net, 0.4, stats=stats, data=data, allocation="output", measure=True)
+    ts.plan_for_budget(net, 0.4, stats=stats, data=data, allocation="output", measure=False)
+    assert calls == []
+    ts.plan_for_budget(net, 0.4, stats=stats, data=data, allocation="output")
+    assert len(calls) == 2
+    net, data, stats = _deep_tanh(1)  # here both allocations give the same plan
+    same = [ts.plan_for_budget(net, 0.4, stats=stats, data=data, allocation="output", measure=m)
+            for m in (True, False)]
+    calls.clear()
+    assert same[0] == same[1] == ts.plan_for_budget(net, 0.4, stats=stats, data=data, allocation="output")
+    assert calls == []
+
+
+def test_heldout_plan_damage_equals_a_direct_computation():
+    """The whole plan's damage: factors fitted on the first half, the compressed network built
+    from them, output loss on the second half's data against the original."""
+    from tensorscope.allocation import heldout_plan_damage, reference_outputs, split_halves
+
+    net, data, stats = _deep_tanh(0)
+    plan = ts.plan_for_budget(net, 0.4, stats=stats, data=data, allocation="output")
+    assert len(plan.layers) >= 3
+    parts = split_halves(data)
+    modules = dict(net.named_modules())
+    got = heldout_plan_damage(net, modules, stats, parts, plan.layers)
+    a, _ = stats.halves
+    small = ts.compress(net, plan, stats=a)
+    direct = measured_damage(net, small, parts[1])
+    assert direct > 0
+    assert got == pytest.approx(direct, rel=1e6 * torch.finfo(torch.float64).eps)
+    # refs given, a group (scored by its weights) and a dense option change nothing
+    from tensorscope.budget import _Option
+
+    more = {**plan.layers, ("group", "g"): plan.layers[next(iter(plan.layers))],
+            "2": _Option(0.0, 0.0, None, None, 0, None)}
+    dense2 = {n: o for n, o in plan.layers.items() if n != "2"}
+    assert heldout_plan_damage(net, modules, stats, parts, more, reference_outputs(net, parts[1])) == pytest.approx(
+        heldout_plan_damage(net, modules, stats, parts, dense2), rel=1e-12)
+    with pytest.raises(ts.BudgetError, match="refs="):
+        heldout_plan_damage(net, modules, stats, parts, plan.layers, refs=reference_outputs(net, parts[0][:0]))
