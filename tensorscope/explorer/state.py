@@ -443,6 +443,7 @@ class ExplorerState(_Loading, _DataAware, _Quality, _Exports, _Compare, _Latency
             with self._busy(f"planning for {k:.0%} of the {b}"):
                 example_input = self._data.inputs[:1] if self._data is not None else None
                 data = _batches(self._calib[0], None) if (self.calibrate and self._calib is not None) else None
+                stats = self._calibration_stats() if data is not None else None  # the mode's pass, not another
 
                 # the page's groups stay groups: the planner prices each as one unit and picks its rank
                 groups = {g: {"method": gp.method, "layers": list(gp.layers), **gp.options}
@@ -450,7 +451,7 @@ class ExplorerState(_Loading, _DataAware, _Quality, _Exports, _Compare, _Latency
 
                 def plan_it():
                     return plan_for_budget(self._model, k, by=b, methods="auto", example_input=example_input,
-                                           layers=list(self._layers), data=data,
+                                           layers=list(self._layers), data=data, stats=stats,
                                            groups=groups or None).to_json(indent=None)
 
                 if data is not None and self._shared_key is not None:  # seconds of statistics: once per server
