@@ -404,6 +404,23 @@ def test_tensorscope_checkpoint_round_trip(planned):
     assert spec[23] > 1e-3 * spec[0] and spec[24] < 1e-4 * spec[0]
 
 
+def test_a_dropped_session_removes_its_scratch_folder_without_a_warning():
+    """Sessions collected while another one loads a file must not warn into that load's notes."""
+    import gc
+    import os
+    import warnings
+
+    s = ExplorerState()
+    folder = s._upload_dir.name
+    assert os.path.isdir(folder)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        del s
+        gc.collect()
+    assert not os.path.exists(folder)
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)]
+
+
 def test_eval_uploads(state, tmp_path):
     s = ExplorerState()
     s.load_network(state.model, name="lenet")

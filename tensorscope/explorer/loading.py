@@ -242,13 +242,15 @@ class _Loading(_EvalSources, _RealNetworks):
                         os.rmdir(folder)
                     except OSError:
                         pass
-                notes = [str(w.message) for w in caught if not issubclass(w.category, DeprecationWarning)]
+                # what the file says (not torch's deprecations, nor a collected object's ResourceWarning)
+                notes = [str(w.message) for w in caught
+                         if not issubclass(w.category, (DeprecationWarning, ResourceWarning))]
                 self._report(0.2, "inspecting the network")
                 plan = Plan()
                 if plan_of(model) is not None:  # a tensorscope checkpoint: edit its plan on the dense form
                     model, plan = _densify(model)
-                    notes.append(f"tensorscope checkpoint: its {len(plan)} factorized layer(s) were multiplied "
-                                 "out; the plan it carries is loaded")
+                    notes.insert(0, f"tensorscope checkpoint: its {len(plan)} factorized layer(s) were multiplied "
+                                    "out; the plan it carries is loaded")
                 choices = self._data_for(model)
                 arch_rec = get_arch(model) or {}
                 calibration = None

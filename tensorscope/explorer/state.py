@@ -8,8 +8,10 @@ and plan editing (layers, budget, presets, costs, the table, the plots' data).
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 import threading
+import weakref
 from concurrent.futures import Executor
 from typing import Any
 
@@ -39,6 +41,19 @@ from .real import example_names
 from .quality import _Quality
 from .session import _release_memory
 from .stages import _Stages
+
+
+class _ScratchDir:
+    """A session's scratch folder (uploads, exports), removed by ``cleanup()`` or, silently, when
+    the session is garbage collected: ``TemporaryDirectory`` warns then ("Implicitly cleaning
+    up"), and a warning raised inside a load was reported as a note about the uploaded file."""
+
+    def __init__(self, prefix: str):
+        self.name = tempfile.mkdtemp(prefix=prefix)
+        self._finalizer = weakref.finalize(self, shutil.rmtree, self.name, ignore_errors=True)
+
+    def cleanup(self) -> None:
+        self._finalizer()
 
 
 class ExplorerState(_Loading, _DataAware, _Quality, _Exports, _Compare, _Latency, _Stages, param.Parameterized):
@@ -145,7 +160,7 @@ class ExplorerState(_Loading, _DataAware, _Quality, _Exports, _Compare, _Latency
         # a built-in example with its own calibration data: what both give is shared by sessions
         self._shared_key: tuple | None = None
         self._stats: dict | None = None  # layer -> LayerStats of the calibration data (data-aware mode)
-        self._upload_dir = tempfile.TemporaryDirectory(prefix="tensorscope-explorer-")
+        self._upload_dir = _ScratchDir("tensorscope-explorer-")
         self._runs: dict[str, dict] = {}  # coalesced jobs (see _latest)
         self._budget_applied: tuple | None = None  # (keep, by) of the last budget plan asked for
         self._data_version = 0  # bumped whenever the evaluation data changes
