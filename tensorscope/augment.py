@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .allocation import split_halves
 from .data import _describe, iter_batches
 from .errors import DataError
 
@@ -120,14 +121,15 @@ def augment_calibration(
     if not batches:
         raise DataError("augment_calibration: the data yielded no batches; pass at least one batch")
     parts = [_parts(b, i) for i, b in enumerate(batches)]
+    if len(parts) == 1 and parts[0][1].shape[0] >= 2:  # halves of one batch are its rows: two batches
+        halves = split_halves(batches)  # as collect_stats splits it
+        if halves is not None:
+            parts = [_parts(b, 0) for b in (*halves[0], *halves[1])]
     kinds = {p[0] for p in parts}
     if len(kinds) > 1:
         raise DataError(f"augment_calibration: the batches mix token and image inputs ({sorted(kinds)}); "
                         "augment each kind on its own")
     kind = kinds.pop()
-    if len(parts) == 1 and parts[0][1].shape[0] >= 2:  # halves of one batch are its rows: two batches
-        n = parts[0][1].shape[0]
-        parts = [_rows(parts[0], sl, n) for sl in (slice(0, n // 2), slice(n // 2, n))]
     gen = torch.Generator().manual_seed(seed)
     if kind == "tokens":
         keep_ids = _ids(keep, "keep", allow_empty=True)
@@ -200,19 +202,6 @@ def _parts(batch: Any, i: int) -> tuple:
 
 
 _NO_TARGET = object()
-
-
-def _cut(v: Any, sl: slice) -> Any:
-    return v[sl] if isinstance(v, Tensor) else v
-
-
-def _rows(p: tuple, sl: slice, n: int) -> tuple:
-    """Rows ``sl`` of a parsed batch (every tensor of its dict with ``n`` rows cut)."""
-    kind, x, mask, container, target = p
-    if container[0] == "dict":
-        d = {k: v[sl] if isinstance(v, Tensor) and v.dim() and v.shape[0] == n else v for k, v in container[1].items()}
-        container = ("dict", d, container[2])
-    return kind, x[sl], _cut(mask, sl), container, (target if target is _NO_TARGET else target[sl])
 
 
 def _rebuild(p: tuple, new_x: Tensor, copies: int) -> Any:
