@@ -151,7 +151,7 @@ def _probe(model: nn.Module, example: Any) -> tuple[list[tuple[str, str]], dict[
             out = model(*(grad_in(a) for a in batch.args), **{k: grad_in(v) for k, v in batch.kwargs.items()})
         outputs = _tensors(out)
         consumers = _consumers(outputs)
-    except RuntimeError as e:
+    except Exception as e:  # noqa: BLE001 - the model's own error (shape, dtype, keyword), named with example=
         raise DataError(f"fold_batchnorm: the probe forward on example= failed ({type(e).__name__}: {e}); "
                         "pass one batch as the model's forward takes it") from e
     finally:

@@ -250,5 +250,7 @@ def test_example_of_the_wrong_shape_is_a_clear_error_and_changes_nothing(net):
     model = copy.deepcopy(net)
     with pytest.raises(ts.DataError, match="probe forward on example="):
         ts.fold_batchnorm(model, torch.randn(2, 5, 15, 13))  # 5 channels for a 3-channel stem
+    with pytest.raises(ts.DataError, match="probe forward on example=.*TypeError"):
+        ts.fold_batchnorm(model, {"pixels": torch.randn(2, 3, 15, 13)})  # a keyword forward does not take
     assert all(isinstance(getattr(model, b), nn.BatchNorm2d) for b in ("bn0", "bn1", "bn2", "bn3"))
     assert all(p.requires_grad for p in model.parameters()) and not model.training
