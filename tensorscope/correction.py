@@ -18,7 +18,10 @@ the refit back toward ``W`` where the few calibration rows say little (0.1 measu
 MiniLM with 32 sentences; ``ridge=inf`` keeps ``W``).
 
 Methods refit through ``Method.correct`` (``svd`` does); chains of other methods are left as
-they are.
+they are. With ``dense=True`` the layers the plan left dense and that run after a compressed
+one (a depthwise conv between two truncated 1x1 convs, a classifier) are refitted too, by the
+same ridge regression at full rank: per group, so a depthwise conv's regression has only
+``kh * kw`` unknowns per channel and is well determined by a few images. It costs no parameter.
 
 References
 ----------
@@ -30,6 +33,7 @@ the multivariate linear model", J. Multivariate Anal. 1975.
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any, Mapping
 
 import torch
@@ -38,10 +42,11 @@ from torch import nn
 from .calibration import DEFAULT_RIDGE as DEFAULT_STATS_RIDGE, LayerStats, _Accumulator, _token_mask
 from .data import describe_batch, iter_batches, split_batch
 from .errors import DataError
+from . import linalg
 from .layers import FactorizedLayer
 from .methods import get_method
 from .progress import Progress
-from .views import layer_modules
+from .views import dense_weight, hooked, layer_modules, set_dense_weight
 from .forward_check import behaviour
 
 __all__ = ["DEFAULT_RIDGE", "correct"]
@@ -119,6 +124,45 @@ def _input_of(model: nn.Module, name: str, batch: Any, index: int = 0) -> torch.
     return got[0]
 
 
+def _dense_layers(new: nn.Module, originals: Mapping[str, nn.Module], factorized: list[str]) -> list[str]:
+    """The layers of ``new`` still dense that a ridge refit can take: plain ``nn.Linear``/
+    ``nn.Conv2d`` (or a ``Conv1D``'s view) of the original's shape, outside any chain, without
+    a weight parametrization, whose forward is what their class says (or pads first)."""
+    inside = tuple(f + "." for f in factorized)
+    out = []
+    for n, m in layer_modules(new).items():
+        o = originals.get(n)
+        if (not n or n.startswith(inside) or n in factorized or o is None
+                or not isinstance(m, (nn.Linear, nn.Conv2d)) or type(m) is not type(o)
+                or m.weight.shape != o.weight.shape or hasattr(hooked(m), "parametrizations")
+                or not m.weight.dtype.is_floating_point):
+            continue
+        if behaviour(o).kind == "refused":
+            continue
+        out.append(n)
+    return out
+
+
+def _refit_dense(new: nn.Module, name: str, layer: nn.Module, hat: torch.Tensor, cross: torch.Tensor, rows: int,
+                 ridge: float) -> None:
+    """``A = W (X + l I)(C^ + l I)^{-1}`` per group, written into ``new``'s layer ``name``."""
+    if rows <= 0 or not math.isfinite(ridge):
+        return
+    w = linalg.grouped_matrix(layer)  # (g, o, n) float64
+    ch, cx = hat / rows, cross / rows
+    lam = ridge * torch.diagonal(ch, dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30)
+    reg = ch.clone()
+    reg.diagonal(dim1=-2, dim2=-1).add_(lam[:, None])
+    rhs = cx.clone()
+    rhs.diagonal(dim1=-2, dim2=-1).add_(lam[:, None])
+    a = torch.linalg.solve(reg, (w @ rhs).transpose(-1, -2)).transpose(-1, -2)
+    if not torch.isfinite(a).all():
+        return  # a singular moment: the layer keeps its weight
+    target = layer_modules(new)[name]
+    with torch.no_grad():
+        set_dense_weight(target, a.reshape(dense_weight(layer).shape))
+
+
 def _moments(model: nn.Module, compressed: nn.Module, name: str, layer: nn.Module, batches: list):
     """``(sum x^ x^T, sum x x^T, rows)`` per group over the calibration rows of one layer."""
     acc = _Accumulator(layer, DEFAULT_STATS_RIDGE)
@@ -145,6 +189,7 @@ def correct(
     *,
     stats: Mapping[str, Any] | None = None,
     ridge: float = DEFAULT_RIDGE,
+    dense: bool = False,
     max_batches: int | None = None,
     progress: Any = False,
 ) -> nn.Module:
@@ -153,7 +198,10 @@ def correct(
 
     ``model`` is the original network ``compressed`` was made from (``compress(model, plan)``),
     ``data`` calibration batches, ``stats`` the statistics the factors were fitted with (their
-    output-gradient moments weigh the refit of ``fisher`` factors). Neither model is modified.
+    output-gradient moments weigh the refit of ``fisher`` factors). ``dense``: also refit the
+    layers left dense that run after the first compressed layer (``nn.Linear``, ``nn.Conv2d``
+    including depthwise and grouped convs, a ``Conv1D``), weights only, at their own shape.
+    Neither model is modified.
     """
     if not (isinstance(ridge, (int, float)) and ridge >= 0):
         raise ValueError(f"ridge must be a non-negative number; got {ridge!r}")
@@ -165,14 +213,21 @@ def correct(
     model.eval()
     originals = layer_modules(model)  # a GPT-2 Conv1D as its Linear view
     names = [n for n, m in new.named_modules() if isinstance(m, FactorizedLayer) and n in originals]
+    plain = _dense_layers(new, originals, names) if dense else []
     plan = getattr(compressed, _PLAN_ATTR, None)
     try:
-        order = _order(new, names, batches[0])
+        order = _order(new, names + plain, batches[0])
+        first = next((i for i, n in enumerate(order) if n in names), len(order))
+        order = [n for i, n in enumerate(order) if n in names or i > first]  # before it, inputs are unchanged
         with Progress(progress, total=len(order), desc="sequential correction") as bar:
             for name in order:
                 bar.set_message(name)
-                chain = new.get_submodule(name)
                 layer = originals[name]
+                if name not in names:
+                    _refit_dense(new, name, layer, *_moments(model, new, name, layer, batches), ridge)
+                    bar.update(1)
+                    continue
+                chain = new.get_submodule(name)
                 method = get_method(chain.method)
                 hat, cross, rows = _moments(model, new, name, layer, batches)
                 st = stats.get(name) if stats is not None else None

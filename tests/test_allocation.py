@@ -612,3 +612,64 @@ def test_heldout_plan_damage_equals_a_direct_computation():
         heldout_plan_damage(net, modules, stats, parts, dense2), rel=1e-12)
     with pytest.raises(ts.BudgetError, match="refs="):
         heldout_plan_damage(net, modules, stats, parts, plan.layers, refs=reference_outputs(net, parts[0][:0]))
+
+
+def _inverted_residual(seed: int = 0) -> nn.Module:
+    """1x1 expand, depthwise 3x3, 1x1 project, pooled classifier (EfficientNet's block), float64."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(6, 24, 1), nn.ReLU(), nn.Conv2d(24, 24, 3, padding=1, groups=24), nn.ReLU(),
+                         nn.Conv2d(24, 8, 1), nn.Flatten(), nn.Linear(8 * 6 * 6, 5)).double().eval()
+
+
+def test_dense_correction_solves_each_layers_ridge_regression():
+    """``correct(dense=True)`` refits the layers the plan left dense after the first truncated
+    one: each refitted weight is the ridge regression of the original layer's outputs on the
+    compressed network's inputs (checked against a direct least-squares solve per group), the
+    layers before it keep their weights, and no parameter is added."""
+    net = _inverted_residual()
+    x = torch.randn(32, 6, 6, 6, dtype=torch.float64)
+    small = ts.compress(net, {"0": {"method": "svd", "rank": 2}})
+    ridge = 1e-3
+    fixed = correct(small, net, [x[:16], x[16:]], ridge=ridge, dense=True)
+    assert ts.count_params(fixed) == ts.count_params(small)
+    # the depthwise conv: per channel a regression over its 3x3 patch of the compressed input
+    with torch.no_grad():
+        h_hat, h = fixed[1](fixed[0](x)), net[1](net[0](x))
+    unfold = lambda t: torch.nn.functional.unfold(t, 3, padding=1).reshape(32, 24, 9, 36)  # noqa: E731
+    ph, p = unfold(h_hat), unfold(h)
+    w = net[2].weight.detach().reshape(24, 9)
+    for c in (0, 7, 23):
+        a = ph[:, c].permute(0, 2, 1).reshape(-1, 9)
+        b = p[:, c].permute(0, 2, 1).reshape(-1, 9)
+        ch, cx = a.T @ a / a.shape[0], b.T @ a / a.shape[0]
+        lam = ridge * torch.diagonal(ch).mean()
+        want = torch.linalg.solve(ch + lam * torch.eye(9, dtype=ch.dtype), (w[c] @ (cx + lam * torch.eye(9, dtype=ch.dtype))))
+        assert_close(fixed[2].weight.detach().reshape(24, 9)[c], want, rtol=1e-8, atol=1e-10)
+    assert not torch.equal(fixed[6].weight, net[6].weight)  # the classifier too
+    assert torch.equal(fixed[2].bias, net[2].bias)  # weights only
+    # ridge=inf keeps every weight; dense=False leaves the dense layers alone
+    kept = correct(small, net, [x], ridge=float("inf"), dense=True)
+    alone = correct(small, net, [x], ridge=ridge)
+    for m in (kept, alone):
+        for i in (2, 4, 6):
+            assert torch.equal(m[i].weight, net[i].weight)
+
+
+def test_dense_correction_is_exact_where_nothing_changed_and_helps_where_it_did():
+    net = _inverted_residual(1)
+    x = torch.randn(48, 6, 6, 6, dtype=torch.float64)
+    calib, held = [x[:24], x[24:40]], [x[40:]]
+    with warnings.catch_warnings():  # more parameters than dense: the point here is exactness
+        warnings.simplefilter("ignore")
+        full = ts.compress(net, {"0": {"method": "svd", "rank": 6}})  # full rank: the same inputs everywhere
+    same = correct(full, net, calib, dense=True)
+    eps = torch.finfo(torch.float64).eps
+    for i in (2, 4, 6):
+        assert_close(same[i].weight, net[i].weight, rtol=1e3 * eps * 24, atol=1e3 * eps * 24)
+    small = ts.compress(net, {"0": {"method": "svd", "rank": 2}, "4": {"method": "svd", "rank": 2}}, data=calib)
+    loss = lambda m, d: float(sum(((m(b) - net(b)) ** 2).sum() for b in d))  # noqa: E731
+    with torch.no_grad():
+        chains = correct(small, net, calib)
+        both = correct(small, net, calib, dense=True)
+        assert loss(both, calib) < loss(chains, calib)
+        assert loss(both, held) < loss(chains, held)
