@@ -53,7 +53,7 @@ from .data import describe_batch, iter_batches, output_tensor, split_batch
 from .errors import DataError
 from .forward_check import behaviour
 from .progress import Progress
-from .views import hooked, layer_modules
+from .views import Conv1dView, hooked, layer_modules, view_input
 
 __all__ = ["DEFAULT_RIDGE", "DEFAULT_PROBES", "Calibration", "LayerStats", "collect_stats", "ledoit_wolf"]
 
@@ -346,6 +346,14 @@ def _patches(layer: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
 
+def _check_conv1d_input(view: Conv1dView, x: torch.Tensor) -> None:
+    """The channel check of :func:`_patches` in the ``nn.Conv1d``'s own terms."""
+    c = view.in_channels
+    if x.dim() not in (2, 3) or x.shape[-2] != c:
+        raise RuntimeError(f"a Conv1d with {c} input channels got an input of shape {tuple(x.shape)} "
+                           f"(wanted (N, {c}, L))")
+
+
 def _gram(rows: torch.Tensor, g: int, n: int, exact: bool | None = None) -> torch.Tensor:
     """``sum_t x_t x_t^T`` per group, summed in float64.
 
@@ -419,6 +427,9 @@ class _Accumulator:
         """The layer's input rows (a conv's patches); ``mask`` ``(N, T)`` drops the positions a
         tokenizer's ``attention_mask`` hides (padding) from a Linear's ``(N, T, d)`` input."""
         x = x.detach()
+        if isinstance(self.layer, Conv1dView):  # the nn.Conv1d's own (N, C, L): the view's (N, C, 1, L)
+            _check_conv1d_input(self.layer, x)
+            x = view_input(self.layer, x)
         if isinstance(self.layer, nn.Conv2d):
             if x.dim() == 3:
                 x = x.unsqueeze(0)
@@ -442,7 +453,7 @@ class _Accumulator:
         ``(B, O, H, W)``; ``count``: the first probe of a round counts the rows."""
         if self.grads is None:
             self.grads = _Sums(self.groups, self.o)
-        g = g.detach()
+        g = view_input(self.layer, g.detach())  # an nn.Conv1d's (N, O, L): (N, O, 1, L)
         if isinstance(self.layer, nn.Conv2d):
             g = g.unsqueeze(0) if g.dim() == 3 else g
             rows = g.permute(0, 2, 3, 1).reshape(-1, g.shape[1])
