@@ -53,7 +53,7 @@ from .data import describe_batch, iter_batches, output_tensor, split_batch
 from .errors import DataError
 from .forward_check import behaviour
 from .progress import Progress
-from .views import Conv1dView, hooked, layer_modules, view_input
+from .views import Conv1dView, check_conv1d_input, hooked, layer_modules, view_input
 
 __all__ = ["DEFAULT_RIDGE", "DEFAULT_PROBES", "Calibration", "LayerStats", "collect_stats", "ledoit_wolf"]
 
@@ -346,14 +346,6 @@ def _patches(layer: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
 
-def _check_conv1d_input(view: Conv1dView, x: torch.Tensor) -> None:
-    """The channel check of :func:`_patches` in the ``nn.Conv1d``'s own terms."""
-    c = view.in_channels
-    if x.dim() not in (2, 3) or x.shape[-2] != c:
-        raise RuntimeError(f"a Conv1d with {c} input channels got an input of shape {tuple(x.shape)} "
-                           f"(wanted (N, {c}, L))")
-
-
 def _gram(rows: torch.Tensor, g: int, n: int, exact: bool | None = None) -> torch.Tensor:
     """``sum_t x_t x_t^T`` per group, summed in float64.
 
@@ -428,7 +420,7 @@ class _Accumulator:
         tokenizer's ``attention_mask`` hides (padding) from a Linear's ``(N, T, d)`` input."""
         x = x.detach()
         if isinstance(self.layer, Conv1dView):  # the nn.Conv1d's own (N, C, L): the view's (N, C, 1, L)
-            _check_conv1d_input(self.layer, x)
+            check_conv1d_input(self.layer, x)
             x = view_input(self.layer, x)
         if isinstance(self.layer, nn.Conv2d):
             if x.dim() == 3:

@@ -24,7 +24,7 @@ from .layers import FactorizedLayer
 from .methods import LayerGeometry, get_method, methods_for
 from .sources import ON_DISK, open_source
 from .units import format_count, text_table
-from .views import Conv1DView, hooked, linear_view, shown_shape, view_shape
+from .views import Conv1dView, Conv1DView, check_conv1d_input, hooked, layer_modules, linear_view, shown_shape, view_shape
 
 # Parents whose forward reads a child's ``.weight`` directly: replacing that child by a chain
 # would break them (nn.MultiheadAttention calls F.multi_head_attention_forward with
@@ -192,17 +192,22 @@ def _kind(module: nn.Module) -> str:
 
 def _has_matrix_weight(module: nn.Module) -> bool:
     w = getattr(module, "weight", None)
+    if isinstance(w, nn.parameter.UninitializedParameter):  # a lazy layer: listed with the reason
+        return isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d))
     return isinstance(w, torch.Tensor) and w.dim() >= 2
 
 
 def record_input_sizes(model: nn.Module, example_input: Any, names: list[str]) -> tuple[dict[str, tuple], int]:
     """Run one forward pass and record each named layer's input shape; returns (shapes, batch)."""
-    modules = {n: hooked(m) for n, m in model.named_modules()}
+    views = layer_modules(model)
+    modules = {n: hooked(m) for n, m in views.items()}
     shapes: dict[str, tuple] = {}
     hooks = []
     for n in names:
         def hook(mod, args, n=n):
             if args and isinstance(args[0], torch.Tensor) and n not in shapes:
+                if isinstance(views[n], Conv1dView):
+                    check_conv1d_input(views[n], args[0])
                 shapes[n] = tuple(args[0].shape)
         hooks.append(modules[n].register_forward_pre_hook(hook))
     batch = split_batch(example_input)
@@ -275,6 +280,9 @@ def inspect(model: nn.Module, example_input: Any = None, *, include_skipped: boo
     good, skipped = [], []
     for n in unique:
         mod = index.modules[n]
+        if isinstance(mod.weight, nn.parameter.UninitializedParameter):  # lazy: no shape yet
+            skipped.append(LayerInfo(n, _kind(mod), (), 0, None, {}, reasons[n]))
+            continue
         params = sum(p.numel() for p in mod.parameters(recurse=False))
         if reasons[n] is not None:
             skipped.append(LayerInfo(n, _kind(mod), shown_shape(mod), params, None, {}, reasons[n]))

@@ -66,6 +66,8 @@ class FactorizedLayer(nn.Sequential):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.conv1d:
+            if x.dim() == 2:  # unbatched (C, L), as nn.Conv1d takes it: a batch of one
+                return self.forward_view(x[None, :, None])[0, :, 0]
             return self.forward_view(x.unsqueeze(-2)).squeeze(-2)
         return self.forward_view(x)
 

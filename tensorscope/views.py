@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 __all__ = ["Conv1DView", "Conv1dView", "is_conv1d", "is_torch_conv1d", "linear_view", "layer_modules", "hooked",
-           "dense_weight", "set_dense_weight", "as_linear", "view_input", "view_shape", "shown_shape"]
+           "dense_weight", "set_dense_weight", "as_linear", "view_input", "view_shape", "shown_shape", "check_conv1d_input"]
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -63,8 +63,8 @@ class Conv1DView(nn.Linear):
 def is_torch_conv1d(module: nn.Module) -> bool:
     """A torch ``nn.Conv1d`` (or subclass) with its 3-D weight initialised."""
     w = getattr(module, "weight", None)
-    return (isinstance(module, nn.Conv1d) and isinstance(w, torch.Tensor) and w.dim() == 3
-            and not isinstance(w, nn.parameter.UninitializedParameter))
+    return (isinstance(module, nn.Conv1d) and isinstance(w, torch.Tensor)
+            and not isinstance(w, nn.parameter.UninitializedParameter) and w.dim() == 3)
 
 
 def _geometry_2d(layer: nn.Conv1d) -> dict:
@@ -135,6 +135,16 @@ def view_input(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     the layout of ``module``, the layer tensorscope sees: ``(N, C, L)`` becomes ``(N, C, 1, L)``
     for a :class:`Conv1dView`; unchanged otherwise."""
     return x.unsqueeze(-2) if isinstance(module, Conv1dView) else x
+
+
+def check_conv1d_input(view: Conv1dView, x: torch.Tensor) -> None:
+    """RuntimeError unless ``x`` is an input the view's ``nn.Conv1d`` takes: the channel check
+    of a Conv2d's statistics (``calibration._patches``) in the Conv1d's own terms (torch's
+    own error for an ``(N, L)`` input speaks of an unbatched ``(1, N, L)``)."""
+    c = view.in_channels
+    if x.dim() not in (2, 3) or x.shape[-2] != c:
+        raise RuntimeError(f"a Conv1d with {c} input channels got an input of shape {tuple(x.shape)} "
+                           f"(wanted (N, {c}, L))")
 
 
 def view_shape(module: nn.Module, shape: tuple) -> tuple:
