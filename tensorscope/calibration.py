@@ -632,7 +632,7 @@ def collect_stats(
         names = list(layers)
     unknown = [n for n in names if not isinstance(modules.get(n), (nn.Linear, nn.Conv2d))]
     if unknown:
-        raise DataError(f"collect_stats: {unknown[:5]} are not Linear or Conv2d layers of the model")
+        raise DataError(f"collect_stats: {unknown[:5]} are not Linear, Conv1d or Conv2d layers of the model")
     batches = list(iter_batches(data, max_batches=max_batches))
     if not batches:
         raise DataError("calibration data yielded no batches; pass at least one batch of inputs")

@@ -24,7 +24,8 @@ from .layers import FactorizedLayer
 from .methods import LayerGeometry, get_method, methods_for
 from .sources import ON_DISK, open_source
 from .units import format_count, text_table
-from .views import Conv1dView, Conv1DView, check_conv1d_input, hooked, layer_modules, linear_view, shown_shape, view_shape
+from .views import (Conv1dView, Conv1DView, check_conv1d_input, hooked, layer_modules, linear_view, shown_shape,
+                    view_shape)
 
 # Parents whose forward reads a child's ``.weight`` directly: replacing that child by a chain
 # would break them (nn.MultiheadAttention calls F.multi_head_attention_forward with

@@ -30,7 +30,8 @@ import torch
 from torch import nn
 
 __all__ = ["Conv1DView", "Conv1dView", "is_conv1d", "is_torch_conv1d", "linear_view", "layer_modules", "hooked",
-           "dense_weight", "set_dense_weight", "as_linear", "view_input", "view_shape", "shown_shape", "check_conv1d_input"]
+           "dense_weight", "set_dense_weight", "as_linear", "view_input", "view_shape", "shown_shape",
+           "check_conv1d_input"]
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -89,15 +90,13 @@ class Conv1dView(nn.Conv2d):
         self.bias = layer.bias
         self.train(layer.training)
         object.__setattr__(self, "source", layer)
+        object.__setattr__(self, "_made_from", _geometry_2d(layer))
 
     def current(self) -> bool:
         """Still a view of its layer's parameters and geometry (not replaced since)."""
         w, src = self.weight, self.source
-        geom = _geometry_2d(src)
         return (src.weight.data_ptr() == w.data_ptr() and tuple(src.weight.shape) == (*w.shape[:2], w.shape[3])
-                and self.bias is src.bias and src.weight.dtype == w.dtype
-                and all(getattr(self, k) == (v if k in ("groups", "padding_mode") or isinstance(v, str) else tuple(v))
-                        for k, v in geom.items()))
+                and self.bias is src.bias and src.weight.dtype == w.dtype and _geometry_2d(src) == self._made_from)
 
 
 _VIEWS: "weakref.WeakKeyDictionary[nn.Module, nn.Module]" = weakref.WeakKeyDictionary()

@@ -67,7 +67,8 @@ def test_every_method_is_exact_at_full_rank(case, dtype):
     assert {"svd", "tucker2", "cp"} <= set(info.max_rank)
     if CASES[case][6] == 1:
         assert "tt" in info.max_rank  # TT refuses grouped convs, as for Conv2d
-    ref = net(x)
+    with torch.no_grad():
+        ref = net(x)
     for method, rank in info.max_rank.items():
         small = _quiet(ts.compress, net, ts.Plan({"0": {"method": method, "rank": rank}}))
         chain = small[0]
@@ -359,3 +360,22 @@ def test_explorer_state_previews_a_conv1d_layer():
         assert all(isinstance(net.get_submodule(n), nn.Conv1d) for n in CONVS)  # the session's model untouched
     finally:
         state.close()
+
+
+def test_a_joint_group_of_conv1d_layers_is_exact_at_full_rank_and_round_trips(tmp_path):
+    def make():
+        return nn.Sequential(nn.Conv1d(8, 8, 3, padding=1), nn.ReLU(), nn.Conv1d(8, 8, 3, padding=1), nn.ReLU(),
+                             nn.Conv1d(8, 8, 3, padding=1)).double().eval()
+
+    torch.manual_seed(0)
+    net, x = make(), torch.randn(2, 8, 17, dtype=torch.float64)
+    plan = ts.Plan.from_dict({"tensorscope_plan": 2, "groups": {"g": {"method": "joint_tucker",
+                                                                      "layers": ["0", "2", "4"], "rank": 1.0}}})
+    small = _quiet(ts.compress, net, plan)
+    assert all(small[i].conv1d for i in (0, 2, 4))
+    with torch.no_grad():
+        ref = net(x)
+        torch.testing.assert_close(small(x), ref, rtol=0, atol=_full_rank_atol(ref, net[0]))
+    assert ts.count_params(small) == _quiet(ts.plan_cost, net, plan)["params_after"]
+    ts.save(small, tmp_path / "g.pt")
+    assert torch.equal(ts.load(tmp_path / "g.pt", model=make())(x), small(x))
