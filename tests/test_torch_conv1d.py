@@ -379,3 +379,24 @@ def test_a_joint_group_of_conv1d_layers_is_exact_at_full_rank_and_round_trips(tm
     assert ts.count_params(small) == _quiet(ts.plan_cost, net, plan)["params_after"]
     ts.save(small, tmp_path / "g.pt")
     assert torch.equal(ts.load(tmp_path / "g.pt", model=make())(x), small(x))
+
+
+def test_conv1d_weights_on_disk_compress_as_in_memory(tmp_path):
+    """With the architecture named (arch=), a folder of shards holding Conv1d layers is
+    compressed layer by layer and loads back as the in-memory model compresses. (Tensor names
+    alone do not say a 3-D weight is a Conv1d, nor its stride, padding and groups: without the
+    architecture it is listed as left alone.)"""
+    from stream_helpers import ConvNet1d, write_shards
+
+    torch.manual_seed(0)
+    model = ConvNet1d().eval()
+    folder = write_shards(model.state_dict(), str(tmp_path / "net"), shards=2)
+    x = torch.randn(4, 3, 16, generator=torch.Generator().manual_seed(1))
+    assert [i.name for i in ts.inspect(folder)] == ["fc"]
+    plan = ts.plan_for_budget(model, keep=0.5)
+    assert {"conv1", "conv2", "conv3"} & set(plan)
+    out = ts.compress(folder, plan, out=tmp_path / "small", arch="stream_helpers:ConvNet1d")
+    loaded, small = ts.load(out), ts.compress(model, plan)
+    assert all(loaded.get_submodule(n).conv1d for n in plan if n.startswith("conv"))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), small(x), rtol=1e-5, atol=1e-5)
