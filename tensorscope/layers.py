@@ -104,10 +104,17 @@ class FactorizedLayer(nn.Sequential):
         return text if self.execution == CHAIN else f"{text}, execution={self.execution!r}"
 
 
+#: what a chain that replaces an ``nn.Conv1d`` keeps of it, for a parent's forward that reads them
+#: (Whisper's encoder reads ``conv1.stride[0]``)
+CONV1D_ATTRIBUTES = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
+                     "padding_mode")
+
+
 def for_layer(layer: nn.Module, built: nn.Module) -> nn.Module:
     """``built`` taking the tensors ``layer`` takes in the model: for the view of an
-    ``nn.Conv1d`` (:class:`tensorscope.views.Conv1dView`) a chain with ``conv1d`` set (a
-    module that is no chain is put in one); ``built`` itself otherwise."""
+    ``nn.Conv1d`` (:class:`tensorscope.views.Conv1dView`) a chain with ``conv1d`` set and the
+    layer's :data:`CONV1D_ATTRIBUTES` (a module that is no chain is put in one); ``built``
+    itself otherwise."""
     from .views import Conv1dView
 
     if not isinstance(layer, Conv1dView):
@@ -117,4 +124,6 @@ def for_layer(layer: nn.Module, built: nn.Module) -> nn.Module:
                                 source="Conv1d")
     built.conv1d = True
     built.source = "Conv1d"
+    for name in CONV1D_ATTRIBUTES:
+        setattr(built, name, getattr(layer.source, name))
     return built

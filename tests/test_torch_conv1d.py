@@ -261,14 +261,16 @@ CONVS = ["features.0", "features.3", "features.6"]
 
 def test_fold_batchnorm_folds_conv1d_and_batchnorm1d_pairs():
     net, x = _audio_net(), _signals(1)[0]
-    ref = net(x)
+    with torch.no_grad():
+        ref = net(x)
     for example in (x, None):  # a probe run, and the trace
         model = copy.deepcopy(net)
         folded = ts.fold_batchnorm(model, example)
         assert sorted(folded) == [(c, f"features.{int(c[-1]) + 1}") for c in CONVS]
         assert all(isinstance(model.get_submodule(f"features.{i}"), nn.Identity) for i in (1, 4, 7))
         eps = torch.finfo(ref.dtype).eps
-        assert float((model(x) - ref).abs().max()) <= 16 * eps * 4 * max(1.0, float(ref.abs().max()))
+        with torch.no_grad():
+            assert float((model(x) - ref).abs().max()) <= 16 * eps * 4 * max(1.0, float(ref.abs().max()))
     lin = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)).eval()  # a BatchNorm1d after a Linear is no pair
     assert ts.fold_batchnorm(lin, torch.randn(3, 4)) == []
 
@@ -400,3 +402,39 @@ def test_conv1d_weights_on_disk_compress_as_in_memory(tmp_path):
     assert all(loaded.get_submodule(n).conv1d for n in plan if n.startswith("conv"))
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), small(x), rtol=1e-5, atol=1e-5)
+
+
+def _whisper(seed: int = 0) -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    torch.manual_seed(seed)
+    cfg = transformers.WhisperConfig(d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                                     decoder_attention_heads=2, encoder_ffn_dim=40, decoder_ffn_dim=40, num_mel_bins=20,
+                                     max_source_positions=30, max_target_positions=20, vocab_size=60, pad_token_id=0,
+                                     bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)
+    return transformers.WhisperModel(cfg).eval()
+
+
+def test_whisper_conv_stem_compresses_and_its_encoder_still_reads_the_stride(tmp_path):
+    """Whisper's encoder reads ``conv1.stride[0]`` in its forward: the chain keeps the Conv1d's
+    geometry attributes, after compress and after load alike."""
+    model = _whisper()
+    batch = {"input_features": torch.randn(2, 20, 60, generator=torch.Generator().manual_seed(1)),
+             "decoder_input_ids": torch.tensor([[1, 5, 6], [1, 7, 8]])}
+    infos = ts.inspect(model, batch).by_name()
+    assert infos["encoder.conv1"].kind == infos["encoder.conv2"].kind == "Conv1d"
+    plan = ts.Plan({"encoder.conv1": {"method": "tucker2", "rank": infos["encoder.conv1"].max_rank["tucker2"]},
+                    "encoder.conv2": {"method": "svd", "rank": infos["encoder.conv2"].max_rank["svd"]}})
+    small = _quiet(ts.compress, model, plan)
+    assert small.encoder.conv2.stride == (2,) and small.encoder.conv2.in_channels == 32
+    with torch.no_grad():
+        ref = model(**batch).last_hidden_state
+        out = small(**batch).last_hidden_state
+    eps = torch.finfo(ref.dtype).eps
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e3 * eps * float(ref.abs().max()))
+    ts.save(small, tmp_path / "w.pt")
+    back = ts.load(tmp_path / "w.pt", model=_whisper(seed=5))
+    with torch.no_grad():
+        assert torch.equal(back(**batch).last_hidden_state, out)
