@@ -487,11 +487,11 @@ def plannable_layers(model: nn.Module, methods: Sequence[str] | str = "auto", by
 
 
 def _warn_left_dense(model: nn.Module, skipped: list[LayerInfo], layers: Iterable[str] | None) -> None:
-    """Say which Linear/Conv2d layers the plan leaves dense and why (tied or parametrized
+    """Say which Linear/Conv1d/Conv2d layers the plan leaves dense and why (tied or parametrized
     weights, a forward that does more than its class, depthwise convs no method shrinks)."""
     mods = dict(model.named_modules())
     wanted = None if layers is None else set(layers)
-    left = [i for i in skipped if isinstance(mods.get(i.name), (nn.Linear, nn.Conv2d))
+    left = [i for i in skipped if isinstance(mods.get(i.name), (nn.Linear, nn.Conv1d, nn.Conv2d))
             and (wanted is None or i.name in wanted)]
     if left:
         more = f" (and {len(left) - 3} more)" if len(left) > 3 else ""

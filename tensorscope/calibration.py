@@ -53,7 +53,7 @@ from .data import describe_batch, iter_batches, output_tensor, split_batch
 from .errors import DataError
 from .forward_check import behaviour
 from .progress import Progress
-from .views import hooked, layer_modules
+from .views import Conv1dView, check_conv1d_input, hooked, layer_modules, view_input
 
 __all__ = ["DEFAULT_RIDGE", "DEFAULT_PROBES", "Calibration", "LayerStats", "collect_stats", "ledoit_wolf"]
 
@@ -419,6 +419,9 @@ class _Accumulator:
         """The layer's input rows (a conv's patches); ``mask`` ``(N, T)`` drops the positions a
         tokenizer's ``attention_mask`` hides (padding) from a Linear's ``(N, T, d)`` input."""
         x = x.detach()
+        if isinstance(self.layer, Conv1dView):  # the nn.Conv1d's own (N, C, L): the view's (N, C, 1, L)
+            check_conv1d_input(self.layer, x)
+            x = view_input(self.layer, x)
         if isinstance(self.layer, nn.Conv2d):
             if x.dim() == 3:
                 x = x.unsqueeze(0)
@@ -442,7 +445,7 @@ class _Accumulator:
         ``(B, O, H, W)``; ``count``: the first probe of a round counts the rows."""
         if self.grads is None:
             self.grads = _Sums(self.groups, self.o)
-        g = g.detach()
+        g = view_input(self.layer, g.detach())  # an nn.Conv1d's (N, O, L): (N, O, 1, L)
         if isinstance(self.layer, nn.Conv2d):
             g = g.unsqueeze(0) if g.dim() == 3 else g
             rows = g.permute(0, 2, 3, 1).reshape(-1, g.shape[1])
@@ -629,7 +632,7 @@ def collect_stats(
         names = list(layers)
     unknown = [n for n in names if not isinstance(modules.get(n), (nn.Linear, nn.Conv2d))]
     if unknown:
-        raise DataError(f"collect_stats: {unknown[:5]} are not Linear or Conv2d layers of the model")
+        raise DataError(f"collect_stats: {unknown[:5]} are not Linear, Conv1d or Conv2d layers of the model")
     batches = list(iter_batches(data, max_batches=max_batches))
     if not batches:
         raise DataError("calibration data yielded no batches; pass at least one batch of inputs")

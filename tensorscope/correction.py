@@ -43,7 +43,7 @@ from .calibration import DEFAULT_RIDGE as DEFAULT_STATS_RIDGE, LayerStats, _Accu
 from .data import describe_batch, iter_batches, split_batch
 from .errors import DataError
 from . import linalg
-from .layers import FactorizedLayer
+from .layers import FactorizedLayer, for_layer
 from .methods import get_method
 from .progress import Progress
 from .views import dense_weight, hooked, layer_modules, set_dense_weight
@@ -69,12 +69,13 @@ def _set(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def _padded(layer: nn.Module, built: nn.Module) -> nn.Module:
-    """``built`` behind the padding ``layer``'s own forward applies (``surgery.with_input_padding``)."""
+    """``built`` behind the padding ``layer``'s own forward applies, taking the layer's own
+    tensors (``surgery.with_input_padding``)."""
     pad = behaviour(layer).padding_module(layer) if isinstance(layer, nn.Conv2d) else None
-    if pad is None:
-        return built
-    return FactorizedLayer(pad, *built, method=built.method, rank=built.rank, source=built.source,
-                           options=built.options)
+    if pad is not None:
+        built = FactorizedLayer(pad, *built, method=built.method, rank=built.rank, source=built.source,
+                                options=built.options)
+    return for_layer(layer, built)  # an nn.Conv1d's chain takes and returns (N, C, L)
 
 
 def _run(model: nn.Module, batch: Any, index: int) -> None:
@@ -211,7 +212,7 @@ def correct(
     new = copy.deepcopy(compressed).eval()
     was = model.training
     model.eval()
-    originals = layer_modules(model)  # a GPT-2 Conv1D as its Linear view
+    originals = layer_modules(model)  # a GPT-2 Conv1D as its Linear view, an nn.Conv1d as its Conv2d view
     names = [n for n, m in new.named_modules() if isinstance(m, FactorizedLayer) and n in originals]
     plain = _dense_layers(new, originals, names) if dense else []
     plan = getattr(compressed, _PLAN_ATTR, None)

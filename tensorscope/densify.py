@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from .forward_check import InputPadding
+from .layers import FactorizedLayer
 
 __all__ = ["probe_dense", "dense_weight"]
 
@@ -25,7 +26,8 @@ def _device_of(module: nn.Module, fallback: torch.device) -> torch.device:
 def probe_dense(module: nn.Module, template: nn.Module) -> tuple[Tensor, Tensor | None]:
     """The dense weight and bias a factorized ``module`` computes, in ``template``'s layout.
 
-    ``template`` is the dense ``nn.Linear`` or ``nn.Conv2d`` the module stands for (its
+    ``template`` is the dense ``nn.Linear`` or ``nn.Conv2d`` the module stands for (an
+    ``nn.Conv1d``'s view, :func:`tensorscope.views.linear_view`, for its chain) (its
     geometry: features, kernel, stride, padding, dilation, groups). The module is treated as
     a black box that is affine in its input: identity rows for a Linear; for a Conv2d,
     one-hot inputs placed where one output position sees the whole kernel window, away from
@@ -42,6 +44,8 @@ def probe_dense(module: nn.Module, template: nn.Module) -> tuple[Tensor, Tensor 
         module = nn.Sequential(*[m for m in module if not isinstance(m, InputPadding)])
     flags = [(m, m.training) for m in module.modules()]
     module.eval()
+    if isinstance(module, FactorizedLayer):  # an nn.Conv1d's chain: probed in its template's (N, C, 1, L)
+        module = module.forward_view
     try:
         with torch.no_grad():
             if isinstance(template, nn.Linear):

@@ -63,10 +63,15 @@ def _chains(model: nn.Module) -> dict[str, FactorizedLayer]:
 
 
 def _inputs(model: nn.Module, example_input: Any, chains: dict[str, FactorizedLayer]) -> dict[str, torch.Tensor]:
+    """Each chain's input on ``example_input``, in the layout its forms run on (``forward_view``)."""
     seen: dict[str, torch.Tensor] = {}
-    hooks = [m.register_forward_pre_hook(
-        lambda mod, args, n=n: None if n in seen or not args else seen.__setitem__(n, args[0].detach()))
-        for n, m in chains.items()]
+
+    def hook(mod, args, n):
+        if n not in seen and args:
+            x = args[0].detach()
+            seen[n] = x.unsqueeze(-2) if mod.conv1d else x  # an nn.Conv1d's chain runs on (N, C, 1, L)
+
+    hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: hook(mod, args, n)) for n, m in chains.items()]
     batch = split_batch(example_input)
     try:
         with torch.inference_mode():

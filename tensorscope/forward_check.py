@@ -14,6 +14,11 @@ own weights:
   :class:`InputPadding` in front, exact at full rank (``Behaviour("padded")``);
 - anything else: the layer is refused with the reason (``Behaviour("refused")``), listed by
   ``inspect`` and named by every plan that asks for it. Never silently wrong.
+
+An ``nn.Conv1d`` is seen as a Conv2d of height 1 (:class:`tensorscope.views.Conv1dView`);
+the view is checked by running the layer itself (its hooks, its class's ``forward``, e.g. a
+causal conv that pads on the left) on ``(1, C, L)`` probes, and a padding it finds is the
+view's ``(left, right, 0, 0)``.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .views import Conv1dView, hooked
 
 __all__ = ["Behaviour", "InputPadding", "behaviour", "same_padding"]
 
@@ -94,6 +101,9 @@ _LOCK = threading.Lock()
 
 
 def _overrides(module: nn.Module) -> bool:
+    if isinstance(module, Conv1dView):  # what runs is the nn.Conv1d itself
+        cls = type(module.source)
+        return cls.forward is not nn.Conv1d.forward or cls._conv_forward is not nn.Conv1d._conv_forward
     cls = type(module)
     if isinstance(module, nn.Conv2d):
         return cls.forward is not nn.Conv2d.forward or cls._conv_forward is not nn.Conv2d._conv_forward
@@ -104,9 +114,11 @@ def behaviour(module: nn.Module) -> Behaviour:
     """What ``module`` (an ``nn.Linear`` or ``nn.Conv2d``, possibly a subclass) computes.
 
     Exact ``nn.Linear``/``nn.Conv2d`` instances without hooks are plain without running
-    anything; others are probed once (memoised per module).
+    anything; others are probed once (memoised per module). The view of an ``nn.Conv1d`` is
+    what the layer itself computes.
     """
-    hooks = len(module._forward_hooks) + len(module._forward_pre_hooks)
+    real = hooked(module) if isinstance(module, Conv1dView) else module
+    hooks = len(real._forward_hooks) + len(real._forward_pre_hooks)
     if hooks:
         return Behaviour("refused", reason=(
             f"it has {hooks} forward hook(s) registered, which change what it computes and which a factorized "
@@ -114,11 +126,11 @@ def behaviour(module: nn.Module) -> Behaviour:
     if not _overrides(module):
         return _PLAIN
     with _LOCK:
-        hit = _MEMO.get(module)
+        hit = _MEMO.get(real)
     if hit is None:
         hit = _probe(module)
         with _LOCK:
-            _MEMO[module] = hit
+            _MEMO[real] = hit
     return hit
 
 
@@ -132,15 +144,16 @@ def _close(a: Tensor, b: Tensor) -> bool:
 
 
 def _probe(module: nn.Module) -> Behaviour:
-    cls = type(module).__name__
+    cls = type(hooked(module) if isinstance(module, Conv1dView) else module).__name__
     w = module.weight
     if w.device.type == "meta":
         return Behaviour("refused", reason=f"{cls} overrides forward and its weights are on the meta device, so "
                                            "what it computes cannot be checked; load its weights first")
-    was_training = module.training
+    real = hooked(module) if isinstance(module, Conv1dView) else module
+    was_training = real.training
     gen = torch.Generator(device="cpu").manual_seed(0)
     try:
-        module.eval()
+        real.eval()
         with torch.no_grad():
             if isinstance(module, nn.Conv2d):
                 return _probe_conv(module, gen)
@@ -151,25 +164,30 @@ def _probe(module: nn.Module) -> Behaviour:
         return Behaviour("refused", reason=f"{cls}.forward failed on a probe input ({type(e).__name__}: {e}), so "
                                            "what it computes cannot be checked")
     finally:
-        module.train(was_training)
+        real.train(was_training)
     return Behaviour("refused", reason=(
         f"{cls}.forward computes something other than the linear map of its weight and bias (checked on a probe "
         "input), so a factorized chain would change the output; leave it dense"))
 
 
 def _probe_conv(conv: nn.Conv2d, gen: torch.Generator) -> Behaviour:
-    cls = type(conv).__name__
+    one_d = isinstance(conv, Conv1dView)
+    cls = type(conv.source if one_d else conv).__name__
     kh, kw = conv.kernel_size
     (sh, sw), (dh, dw) = conv.stride, conv.dilation
     eh, ew = (kh - 1) * dh + 1, (kw - 1) * dw + 1
-    # three sizes, of different parities and remainders modulo the stride
-    sizes = [(eh + 2 * sh + 3 + k, ew + 2 * sw + 3 + k) for k in (0, 1, 3)]
+    # three sizes, of different parities and remainders modulo the stride (a Conv1d's view: height 1)
+    sizes = [(1 if one_d else eh + 2 * sh + 3 + k, ew + 2 * sw + 3 + k) for k in (0, 1, 3)]
     w, b = conv.weight, conv.bias
+
+    def run(x: Tensor) -> Tensor:  # the layer that runs in the model, on the view's layout
+        return conv.source(x.squeeze(-2)).unsqueeze(-2) if one_d else conv(x)
+
     plain, matches = True, []  # per probe size: does the declared conv match; which zero paddings do
     pad_only = conv.padding_mode == "zeros" and not isinstance(conv.padding, str) and not any(conv.padding)
     for h, wd in sizes:
         x = torch.randn(1, conv.in_channels, h, wd, generator=gen).to(device=w.device, dtype=w.dtype)
-        y = conv(x)
+        y = run(x)
         plain = plain and _close(y, nn.Conv2d._conv_forward(conv, x, w, b))
         matches.append(_paddings(conv, x, y) if pad_only else set())
     if plain:

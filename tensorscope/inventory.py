@@ -24,7 +24,8 @@ from .layers import FactorizedLayer
 from .methods import LayerGeometry, get_method, methods_for
 from .sources import ON_DISK, open_source
 from .units import format_count, text_table
-from .views import hooked, linear_view
+from .views import (Conv1dView, Conv1DView, check_conv1d_input, hooked, layer_modules, linear_view, shown_shape,
+                    view_shape)
 
 # Parents whose forward reads a child's ``.weight`` directly: replacing that child by a chain
 # would break them (nn.MultiheadAttention calls F.multi_head_attention_forward with
@@ -88,7 +89,7 @@ class ModelIndex:
     def __init__(self, model: nn.Module):
         self.model = model
         real = dict(model.named_modules(remove_duplicate=False))
-        self.modules = {n: linear_view(m) for n, m in real.items()}  # Conv1D: its Linear view
+        self.modules = {n: linear_view(m) for n, m in real.items()}  # Conv1D, nn.Conv1d: their views
         self.owners: dict[int, list[str]] = {}
         for name, mod in real.items():
             for p in mod.parameters(recurse=False):
@@ -102,7 +103,7 @@ class ModelIndex:
     def reason(self, name: str) -> str | None:
         """Why layer ``name`` is left alone, or None when it can be decomposed."""
         module = self.modules[name]
-        if not isinstance(module, (nn.Linear, nn.Conv2d)):
+        if not isinstance(module, (nn.Linear, nn.Conv2d)):  # an nn.Conv1d is seen as a Conv2d (its view)
             return _type_reason(module)
         w = module.weight
         if isinstance(w, nn.parameter.UninitializedParameter):
@@ -117,20 +118,20 @@ class ModelIndex:
                     "by a chain of layers")
         if parent is not None and hasattr(parent, "parametrizations"):
             return "it is parametrized (torch.nn.utils.parametrize); remove the parametrization first"
-        real = hooked(module)  # a Conv1D's view: the layer itself
+        real = hooked(module)  # a view (Conv1D, nn.Conv1d): the layer itself
         if hasattr(real, "parametrizations"):
             return "its weight is parametrized (weight/spectral norm); remove the parametrization first"
         shared = [n for n in self.owners.get(id(hooked(module).weight), []) if n != name]
         if shared:
             return (f"its weight is tied to {', '.join(map(repr, shared))}; decomposing it would untie the "
                     "weights and add parameters")
-        if real is not module:  # transformers' Conv1D computes x @ W + b: only hooks change that
+        if isinstance(module, Conv1DView):  # transformers' Conv1D computes x @ W + b: only hooks change that
             hooks = len(real._forward_hooks) + len(real._forward_pre_hooks)
             if not hooks:
                 return None
             return (f"it has {hooks} forward hook(s) registered, which change what it computes and which a "
                     "factorized chain would not run; remove them (handle.remove()) before compressing")
-        return behaviour(module).reason  # a forward that does more than its class says
+        return behaviour(module).reason  # a forward that does more than its class says (an nn.Conv1d's: its own)
 
 
 def _no_smaller_reason(geom: LayerGeometry, ranks: dict) -> str | None:
@@ -174,33 +175,40 @@ def _type_reason(module: nn.Module) -> str:
     cls = type(module).__name__
     if cls == "Conv1D":  # transformers' GPT-2 style layer with a weight that is not a matrix
         return "a Conv1D whose weight is not an in x out matrix; it is left as is"
-    if isinstance(module, (nn.Conv1d, nn.Conv3d)):
-        return f"{cls} is not supported yet: tensorscope decomposes nn.Linear and nn.Conv2d"
+    if isinstance(module, nn.Conv1d):  # one that is not seen through its view: a lazy one
+        return "its weight is not initialised yet (lazy module): run one forward pass first"
+    if isinstance(module, nn.Conv3d):
+        return f"{cls} is not supported yet: tensorscope decomposes nn.Linear, nn.Conv1d and nn.Conv2d"
     if isinstance(module, nn.modules.conv._ConvTransposeNd):
         return f"{cls} (transposed convolution) is not supported yet"
     if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
         return "an embedding is a lookup table, not a product; it is left as is"
-    return f"{cls} is not a layer tensorscope decomposes (nn.Linear, nn.Conv2d)"
+    return f"{cls} is not a layer tensorscope decomposes (nn.Linear, nn.Conv1d, nn.Conv2d)"
 
 
 def _kind(module: nn.Module) -> str:
-    """The layer's class name as users know it (``Conv1D`` for a Conv1D's Linear view)."""
+    """The layer's class name as users know it (``Conv1D``, ``Conv1d`` for their views)."""
     return getattr(module, "kind_name", type(module).__name__)
 
 
 def _has_matrix_weight(module: nn.Module) -> bool:
     w = getattr(module, "weight", None)
+    if isinstance(w, nn.parameter.UninitializedParameter):  # a lazy layer: listed with the reason
+        return isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d))
     return isinstance(w, torch.Tensor) and w.dim() >= 2
 
 
 def record_input_sizes(model: nn.Module, example_input: Any, names: list[str]) -> tuple[dict[str, tuple], int]:
     """Run one forward pass and record each named layer's input shape; returns (shapes, batch)."""
-    modules = {n: hooked(m) for n, m in model.named_modules()}
+    views = layer_modules(model)
+    modules = {n: hooked(m) for n, m in views.items()}
     shapes: dict[str, tuple] = {}
     hooks = []
     for n in names:
         def hook(mod, args, n=n):
             if args and isinstance(args[0], torch.Tensor) and n not in shapes:
+                if isinstance(views[n], Conv1dView):
+                    check_conv1d_input(views[n], args[0])
                 shapes[n] = tuple(args[0].shape)
         hooks.append(modules[n].register_forward_pre_hook(hook))
     batch = split_batch(example_input)
@@ -224,7 +232,7 @@ def geometry_from_shape(module: nn.Module, shape: tuple | None, batch: int) -> L
     if shape is None:
         return LayerGeometry.of(module)
     if isinstance(module, nn.Conv2d):
-        size = tuple(shape[-2:])
+        size = tuple(view_shape(module, shape)[-2:])  # an nn.Conv1d's (N, C, L): a height of 1
         pad = behaviour(module).padding_module(module)  # a port that pads in forward convolves the padded input
         return LayerGeometry.of(module, in_size=pad.padded_size(size) if pad is not None else size)
     numel = 1
@@ -273,18 +281,21 @@ def inspect(model: nn.Module, example_input: Any = None, *, include_skipped: boo
     good, skipped = [], []
     for n in unique:
         mod = index.modules[n]
+        if isinstance(mod.weight, nn.parameter.UninitializedParameter):  # lazy: no shape yet
+            skipped.append(LayerInfo(n, _kind(mod), (), 0, None, {}, reasons[n]))
+            continue
         params = sum(p.numel() for p in mod.parameters(recurse=False))
         if reasons[n] is not None:
-            skipped.append(LayerInfo(n, _kind(mod), tuple(mod.weight.shape), params, None, {}, reasons[n]))
+            skipped.append(LayerInfo(n, _kind(mod), shown_shape(mod), params, None, {}, reasons[n]))
             continue
         geom = geometry_from_shape(mod, shapes.get(n), batch)
         ranks = {m: get_method(m).max_rank(geom) for m in methods_for(geom)}
         why = _no_smaller_reason(geom, ranks)
         if why is not None:
-            skipped.append(LayerInfo(n, _kind(mod), tuple(mod.weight.shape), params, None, {}, why))
+            skipped.append(LayerInfo(n, _kind(mod), shown_shape(mod), params, None, {}, why))
             continue
         flops = geom.dense_flops if n in shapes else None
-        good.append(LayerInfo(n, _kind(mod), tuple(mod.weight.shape), params, flops, ranks, None, geom,
+        good.append(LayerInfo(n, _kind(mod), shown_shape(mod), params, flops, ranks, None, geom,
                               _grouped_note(geom, ranks)))
     if source is not None:
         skipped += [LayerInfo(n, kind, shape, params, None, {}, "a 1-D weight (a norm's scale): nothing to decompose")

@@ -11,6 +11,11 @@ conv, or the dense kernel rebuilt from the factors on each call). Every form com
 same function from the same parameters; only the order of the arithmetic differs. The plan
 entry's ``execute`` option records the choice, so ``compress``, ``save``/``load`` and
 exports agree (:func:`tensorscope.tune_execution` measures and sets it).
+
+A chain that replaces an ``nn.Conv1d`` is built from the layer's Conv2d view
+(:class:`tensorscope.views.Conv1dView`: kernel ``(1, k)``) and has ``conv1d`` set: it takes
+and returns the layer's ``(N, C, L)`` tensors and runs its modules on ``(N, C, 1, L)``
+(:meth:`FactorizedLayer.forward_view`). Plain torch ops: exports stay free of tensorscope.
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ class FactorizedLayer(nn.Sequential):
     executions: tuple[str, ...] = (CHAIN,)
     #: the form it runs in (a class default, so chains pickled before forms existed run as before)
     execution: str = CHAIN
+    #: it replaces an ``nn.Conv1d``: inputs and outputs are ``(N, C, L)``, the modules run on ``(N, C, 1, L)``
+    conv1d: bool = False
 
     def __init__(self, *modules: nn.Module, method: str, rank: Any, source: str, options: dict | None = None):
         super().__init__(*modules)
@@ -58,6 +65,15 @@ class FactorizedLayer(nn.Sequential):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.conv1d:
+            if x.dim() == 2:  # unbatched (C, L), as nn.Conv1d takes it: a batch of one
+                return self.forward_view(x[None, :, None])[0, :, 0]
+            return self.forward_view(x.unsqueeze(-2)).squeeze(-2)
+        return self.forward_view(x)
+
+    def forward_view(self, x: torch.Tensor) -> torch.Tensor:
+        """The chain on the layout of the layer it was built from (a Conv1d's input with a
+        height of 1, ``(N, C, 1, L)``; everyone else's input as it comes)."""
         if self.execution == CHAIN:
             return super().forward(x)
         return self.run(x, self.execution)
@@ -83,4 +99,31 @@ class FactorizedLayer(nn.Sequential):
 
     def extra_repr(self) -> str:
         text = f"method={self.method!r}, rank={self.rank!r}, source={self.source!r}"
+        if self.conv1d:
+            text += ", conv1d=True"
         return text if self.execution == CHAIN else f"{text}, execution={self.execution!r}"
+
+
+#: what a chain that replaces an ``nn.Conv1d`` keeps of it, for a parent's forward that reads them
+#: (Whisper's encoder reads ``conv1.stride[0]``)
+CONV1D_ATTRIBUTES = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
+                     "padding_mode")
+
+
+def for_layer(layer: nn.Module, built: nn.Module) -> nn.Module:
+    """``built`` taking the tensors ``layer`` takes in the model: for the view of an
+    ``nn.Conv1d`` (:class:`tensorscope.views.Conv1dView`) a chain with ``conv1d`` set and the
+    layer's :data:`CONV1D_ATTRIBUTES` (a module that is no chain is put in one); ``built``
+    itself otherwise."""
+    from .views import Conv1dView
+
+    if not isinstance(layer, Conv1dView):
+        return built
+    if not isinstance(built, FactorizedLayer):
+        built = FactorizedLayer(built, method=str(getattr(built, "method", "")), rank=getattr(built, "rank", None),
+                                source="Conv1d")
+    built.conv1d = True
+    built.source = "Conv1d"
+    for name in CONV1D_ATTRIBUTES:
+        setattr(built, name, getattr(layer.source, name))
+    return built

@@ -35,7 +35,8 @@ from .densify import dense_weight  # the one implementation (probing); re-export
 from .errors import DataError, PlanError
 from .evaluate import evaluate
 from .inventory import count_flops, count_params
-from .layers import FactorizedLayer
+from .layers import FactorizedLayer, for_layer
+from .views import layer_modules, linear_view, set_dense_weight
 from .methods import LayerGeometry, get_method
 from .plan import Plan
 from .progress import Progress
@@ -400,8 +401,8 @@ def densify(compressed: nn.Module, original: nn.Module) -> nn.Module:
     dense = copy.deepcopy(original)
     for name, m in compressed.named_modules():
         if isinstance(m, FactorizedLayer):
-            src = dense.get_submodule(name)
-            src.weight.data = dense_weight(m, src).to(src.weight.dtype)
+            src = linear_view(dense.get_submodule(name))  # Conv1D, nn.Conv1d: the layout their chain has
+            set_dense_weight(src, dense_weight(m, src))
             if src.bias is not None:
                 last_bias = [mm.bias for mm in m.modules() if getattr(mm, "bias", None) is not None]
                 if last_bias:
@@ -476,7 +477,7 @@ def _check_core_methods(model: nn.Module, names: list[str], methods: Any, rank_r
     """PlanError (before any work) naming a layer that ``recompress="core"`` would meet with a
     method that cannot recompress its core."""
     menu = resolve_methods(methods)
-    modules = dict(model.named_modules())
+    modules = layer_modules(model)  # Conv1D, nn.Conv1d: their views
     for n in names:
         geom = LayerGeometry.of(modules[n])
         if rank_rule == "budget":
@@ -701,7 +702,7 @@ def _apply_stage(small: nn.Module, dense: nn.Module, plan: Plan, stage_layers: l
                 dense_again.append(n)
             continue
         method = get_method(entry.method)
-        layer = dense.get_submodule(n)
+        layer = linear_view(dense.get_submodule(n))  # Conv1D, nn.Conv1d: their views
         geom = LayerGeometry.of(layer)
         rank = method.resolve_rank(geom, entry.rank, entry.options)
         if isinstance(cur, FactorizedLayer) and cur.method == method.name:
@@ -720,7 +721,7 @@ def _apply_stage(small: nn.Module, dense: nn.Module, plan: Plan, stage_layers: l
         for n in rebuild:
             set_submodule(new, n, built.get_submodule(n))
     for n, (method, layer, chain, rank, options) in core.items():
-        set_submodule(new, n, method.recompress(layer, chain, rank, options))
+        set_submodule(new, n, for_layer(layer, method.recompress(layer, chain, rank, options)))
     for n in dense_again:
         set_submodule(new, n, copy.deepcopy(dense.get_submodule(n)))
     changed = [n for n in stage_layers if n in rebuild or n in core or n in dense_again]

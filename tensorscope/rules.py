@@ -32,6 +32,7 @@ from .methods import LayerGeometry, Method, get_method, planner_methods
 from .plan import Plan
 from .ranks import evbmf, weakened_rank
 from .spectra import Spectrum, layer_spectrum
+from .views import layer_modules
 
 __all__ = ["RULES", "check_layers", "numerical_rank", "plan_by_rule", "rule_pick", "weakened_schedule"]
 
@@ -252,7 +253,7 @@ def plan_by_rule(
     min_rank = check_min_rank(min_rank)
     menu = resolve_methods(methods)
     names = check_layers(model, layers)
-    modules = dict(model.named_modules())
+    modules = layer_modules(model)  # Conv1D, nn.Conv1d: their views
     entries: dict[str, dict[str, Any]] = {}
     for name in names:
         layer = modules[name]

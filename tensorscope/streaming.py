@@ -63,6 +63,7 @@ from .plan import Plan, ResolvedLayer, as_plan
 from .progress import Progress
 from .safetensors_header import _read_header, st_dtype, torch_dtype
 from .sources import INDEX_NAME, WeightSource, open_source
+from .views import hooked, linear_view
 
 __all__ = ["FOLDER_FORMAT", "RUN_NAME", "ShardWriter", "compress_source", "folder_record"]
 
@@ -231,8 +232,10 @@ class _Run:
 
 
 def _plain_forward(module: nn.Module) -> bool:
-    """Whether the layer computes what its class declares (no forward override, no hooks)."""
-    base = nn.Linear if isinstance(module, nn.Linear) else nn.Conv2d
+    """Whether the layer computes what its class declares (no forward override, no hooks; an
+    ``nn.Conv1d``'s view: the layer's own)."""
+    module = hooked(module)
+    base = next(c for c in (nn.Linear, nn.Conv1d, nn.Conv2d) if isinstance(module, c))
     return (type(module).forward is base.forward and not module._forward_hooks
             and not module._forward_pre_hooks)
 
@@ -292,7 +295,7 @@ def _prepare(path: Any, plan: Any, out: Any, *, stats, refine, arch, arch_kwargs
         if why:
             raise PlanError(f"layer {r.name!r}: {why}")
         if not _plain_forward(r.module):
-            raise PlanError(f"layer {r.name!r}: its class {type(r.module).__name__} overrides forward (or has hooks); "
+            raise PlanError(f"layer {r.name!r}: its class {type(hooked(r.module)).__name__} overrides forward (or has hooks); "
                             "check it in memory: ts.compress(model, plan) probes what such a layer computes")
     if stats is not None and not isinstance(stats, Mapping):
         raise TypeError(f"stats= must map layer names to LayerStats (ts.collect_stats); got {type(stats).__name__}")
@@ -423,7 +426,7 @@ def _do_item(run: _Run, it: _Item, writer: ShardWriter, stats, refine: bool, ext
         key = it.inputs[0]
         writer.write(key, source.read(key))
         return
-    layer = source.layer(r.name)
+    layer = linear_view(source.layer(r.name))  # an nn.Conv1d: its Conv2d view, as the plan resolved it
     check_finite(layer, r.name)
     layer_stats = stats.get(r.name) if stats is not None else None
     if run.device.type != "cpu":  # one process per GPU: factorize there (the shard is written from CPU)

@@ -21,13 +21,14 @@ from torch import nn
 from .calibration import collect_stats
 from .errors import DataError, DecompositionError, PlanError, TensorscopeError
 from .forward_check import behaviour
-from .layers import EXECUTE, FactorizedLayer
+from .layers import EXECUTE, FactorizedLayer, for_layer
 from .methods.base import BreakEvenWarning, check_finite, warn_if_past_break_even
 from .plan import Plan, ResolvedGroup, ResolvedLayer, as_plan
 from .preview import cached_factors, cached_group_factors
 from .progress import Progress
 from .sources import ON_DISK
 from .streaming import compress_source
+from .views import Conv1dView
 
 PLAN_ATTR = "_tensorscope_plan"
 FOLD_ATTR = "_tensorscope_fold_bn"
@@ -54,10 +55,21 @@ class FoldedPairs(list):
         self.skipped: dict[str, str] = dict(skipped or {})
 
 
+#: the BatchNorms folded, each into the conv of its dimension (Conv1d + BatchNorm1d, Conv2d + BatchNorm2d)
+_BNS = (nn.BatchNorm1d, nn.BatchNorm2d)
+_CONVS = (nn.Conv1d, nn.Conv2d)
+
+
+def _pairs_with(conv: Any, bn: Any) -> bool:
+    """``bn`` normalizes what a conv of ``conv``'s kind returns (a BatchNorm1d after a Linear is no pair)."""
+    return ((isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d))
+            or (isinstance(conv, nn.Conv1d) and isinstance(bn, nn.BatchNorm1d)))
+
+
 def _static_pairs(model: nn.Module, traced: list | None = None) -> list[tuple[str, str]]:
     """(conv, bn) name pairs found without running the model: a torch.fx trace where it
-    traces, else Conv2d then BatchNorm2d adjacent in an ``nn.Sequential`` (``traced``, if
-    given, gets False appended then)."""
+    traces, else a Conv2d then BatchNorm2d (Conv1d then BatchNorm1d) adjacent in an
+    ``nn.Sequential`` (``traced``, if given, gets False appended then)."""
     pairs: list[tuple[str, str]] = []
     try:
         import torch.fx as fx
@@ -65,10 +77,11 @@ def _static_pairs(model: nn.Module, traced: list | None = None) -> list[tuple[st
         gm = fx.symbolic_trace(model)
         mods = dict(gm.named_modules())
         for node in gm.graph.nodes:
-            if node.op != "call_module" or not isinstance(mods.get(node.target), nn.BatchNorm2d):
+            if node.op != "call_module" or not isinstance(mods.get(node.target), _BNS):
                 continue
             src = node.args[0] if node.args else None
-            if (isinstance(src, fx.Node) and src.op == "call_module" and isinstance(mods.get(src.target), nn.Conv2d)
+            if (isinstance(src, fx.Node) and src.op == "call_module" and _pairs_with(mods.get(src.target),
+                                                                                   mods[node.target])
                     and len(src.users) == 1):
                 pairs.append((str(src.target), str(node.target)))
         return pairs
@@ -79,7 +92,7 @@ def _static_pairs(model: nn.Module, traced: list | None = None) -> list[tuple[st
         if isinstance(mod, nn.Sequential):
             children = list(mod.named_children())
             for (n1, a), (n2, b) in zip(children, children[1:]):
-                if isinstance(a, nn.Conv2d) and isinstance(b, nn.BatchNorm2d):
+                if _pairs_with(a, b):
                     pre = f"{name}." if name else ""
                     pairs.append((pre + n1, pre + n2))
     return pairs
@@ -125,8 +138,8 @@ def _probe(model: nn.Module, example: Any) -> tuple[list[tuple[str, str]], dict[
     from .data import split_batch
 
     batch = split_batch(example)
-    convs = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
-    bns = {n: m for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    convs = {n: m for n, m in model.named_modules() if isinstance(m, _CONVS)}
+    bns = {n: m for n, m in model.named_modules() if isinstance(m, _BNS)}
     conv_out: dict[str, list[tuple[torch.Tensor, Any]]] = {}
     bn_calls: dict[str, list[tuple[Any, Any, Any]]] = {}
 
@@ -168,8 +181,9 @@ def _probe(model: nn.Module, example: Any) -> tuple[list[tuple[str, str]], dict[
             continue
         x, x_fn, out_fn = calls[0]
         c = made_by.get(id(x)) if isinstance(x, torch.Tensor) else None
-        if c is None:
-            skipped[b] = "its input is not the output of a Conv2d called once"
+        if c is None or not _pairs_with(convs[c], bns[b]):
+            kind = "Conv1d" if isinstance(bns[b], nn.BatchNorm1d) else "Conv2d"
+            skipped[b] = f"its input is not the output of a {kind} called once"
             continue
         fn = conv_out[c][0][1]
         if fn is None or x_fn is not fn:
@@ -202,7 +216,7 @@ def _foldable(conv: nn.Module, bn: nn.Module, training: bool) -> str | None:
     return None
 
 
-def _fused(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+def _fused(conv: nn.Module, bn: nn.Module) -> nn.Module:
     """A copy of ``conv`` (same class, so a subclass keeps what its forward does, e.g. its
     own padding) whose weight and bias apply ``bn``'s eval-mode affine map per output
     channel (grouped and depthwise convs alike)."""
@@ -243,7 +257,8 @@ def _fold_tolerance(ref: torch.Tensor, n_folded: int) -> float:
 
 
 def fold_batchnorm(model: nn.Module, example: Any = None) -> FoldedPairs:
-    """Fold every BatchNorm2d into the Conv2d before it, in place (eval-mode statistics).
+    """Fold every BatchNorm2d into the Conv2d before it (BatchNorm1d into a Conv1d), in place
+    (eval-mode statistics).
 
     The BN becomes ``nn.Identity`` so the model's own forward is unchanged, and the conv a
     copy of itself (same class: a conv that pads in its own ``forward`` keeps doing so) with
@@ -260,8 +275,8 @@ def fold_batchnorm(model: nn.Module, example: Any = None) -> FoldedPairs:
         model once (autograd graph: the BN's input is exactly the conv's output, which nothing
         else uses), so models torch.fx cannot trace fold too, and the output on it is checked
         to be unchanged; if it is not, the model is restored and ``DecompositionError``
-        raised. Without it: a torch.fx trace, else Conv2d/BatchNorm2d adjacent in an
-        ``nn.Sequential``, unchecked.
+        raised. Without it: a torch.fx trace, else Conv2d/BatchNorm2d (Conv1d/BatchNorm1d)
+        adjacent in an ``nn.Sequential``, unchecked.
 
     Returns
     -------
@@ -273,9 +288,9 @@ def fold_batchnorm(model: nn.Module, example: Any = None) -> FoldedPairs:
     untraced: list = []
     if example is None:
         found, skipped, ref = _static_pairs(model, untraced), {}, None
-        missed = [n for n, m in mods.items() if isinstance(m, nn.BatchNorm2d) and n not in {b for _, b in found}]
+        missed = [n for n, m in mods.items() if isinstance(m, _BNS) and n not in {b for _, b in found}]
         if untraced and missed:
-            warnings.warn(f"fold_batchnorm: torch.fx cannot trace this model and {len(missed)} BatchNorm2d "
+            warnings.warn(f"fold_batchnorm: torch.fx cannot trace this model and {len(missed)} BatchNorm "
                           f"({', '.join(missed[:3])}{' ...' if len(missed) > 3 else ''}) are not after a conv in an "
                           "nn.Sequential, so they were not folded; pass example= (one input batch; compress: data=) "
                           "to find their convs on a probe run", stacklevel=2)
@@ -299,7 +314,7 @@ def fold_batchnorm(model: nn.Module, example: Any = None) -> FoldedPairs:
     unfoldable = {b: why for b, why in skipped.items() if any(b == p[1] for p in found)}
     if unfoldable:
         items = "; ".join(f"{b}: {why}" for b, why in list(unfoldable.items())[:3])
-        warnings.warn(f"fold_batchnorm left {len(unfoldable)} BatchNorm2d after a conv unfolded ({items}"
+        warnings.warn(f"fold_batchnorm left {len(unfoldable)} BatchNorm after a conv unfolded ({items}"
                       f"{' ...' if len(unfoldable) > 3 else ''})", stacklevel=2)
     return FoldedPairs(pairs, skipped)
 
@@ -384,7 +399,7 @@ def compress(
         Calibration data: factors then minimise the error of each layer's output on it
         (whitened factorizations) instead of the error of its weights.
     fold_bn : bool
-        Fold each BatchNorm2d into the conv before it first (as deployment tools do); with
+        Fold each BatchNorm2d (BatchNorm1d) into the Conv2d (Conv1d) before it first (as deployment tools do); with
         ``data`` (its first batch) or ``example_input``, a probe run finds the pairs and checks
         the fold (:func:`fold_batchnorm`), so networks torch.fx cannot trace fold too.
     example_input : optional
@@ -521,13 +536,14 @@ def _refuse_unfactorizable(resolved: list[ResolvedLayer]) -> None:
 
 def with_input_padding(layer: nn.Module, built: nn.Module) -> nn.Module:
     """``built`` with the zero padding that ``layer``'s own forward applies (a TensorFlow-style
-    "same" conv port) in front, so the chain computes what the layer did; ``built`` itself
-    when the layer pads as its class declares (see :mod:`tensorscope.forward_check`)."""
+    "same" conv port) in front, so the chain computes what the layer did (see
+    :mod:`tensorscope.forward_check`), taking the layer's own tensors (an ``nn.Conv1d``'s
+    ``(N, C, L)``: :func:`tensorscope.layers.for_layer`)."""
     pad = behaviour(layer).padding_module(layer) if isinstance(layer, nn.Conv2d) else None
-    if pad is None:
-        return built
-    return type(built)(pad, *built, method=built.method, rank=built.rank, source=built.source,
-                       options=built.options)
+    if pad is not None:
+        built = type(built)(pad, *built, method=built.method, rank=built.rank, source=built.source,
+                            options=built.options)
+    return for_layer(layer, built)  # an nn.Conv1d's chain takes and returns (N, C, L)
 
 
 def finish_chain(r: ResolvedLayer, built: nn.Module) -> nn.Module:
@@ -578,6 +594,9 @@ def _place_group(model: nn.Module, g: ResolvedGroup, built: list[nn.Module]) -> 
         pad = behaviour(layer).padding_module(layer) if isinstance(layer, nn.Conv2d) else None
         if pad is not None:
             b = FactorizedLayer(pad, b, method=g.method.name, rank=g.rank, source=type(layer).__name__)
+        elif isinstance(layer, Conv1dView) and not isinstance(b, FactorizedLayer):
+            b = FactorizedLayer(b, method=g.method.name, rank=g.rank, source="Conv1d")
+        b = for_layer(layer, b)  # an nn.Conv1d's member takes and returns (N, C, L)
         b.train(layer.training)
         set_submodule(model, name, b)
 

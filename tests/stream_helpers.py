@@ -44,6 +44,23 @@ class ConvNet(nn.Module):
         return self.fc(x.flatten(1))
 
 
+class ConvNet1d(nn.Module):
+    """Conv1d layers (strided, grouped, reflect-padded) and a Linear head: reference ``stream_helpers:ConvNet1d``."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv1d(3, 12, 5, stride=2, padding=2)
+        self.conv2 = nn.Conv1d(12, 16, 3, padding=1, groups=2, bias=False)
+        self.conv3 = nn.Conv1d(16, 16, 3, padding=1, padding_mode="reflect")
+        self.fc = nn.Linear(16 * 8, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.conv1(x))
+        x = torch.relu(self.conv2(x))
+        x = torch.relu(self.conv3(x))
+        return self.fc(x.flatten(1))
+
+
 def make_mlp(seed: int = 0) -> MLP:
     torch.manual_seed(seed)
     return MLP().eval()

@@ -129,7 +129,7 @@ class _Evaluator:
         n = int(data.inputs.shape[0])
         self.chunks = [slice(i, min(i + chunk, n)) for i in range(0, n, chunk)]
         self.original = {name: dense_weight(mod).detach().clone() for name, mod in self.model.named_modules()
-                         if isinstance(mod, (nn.Linear, nn.Conv2d)) or is_conv1d(mod)}
+                         if isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d)) or is_conv1d(mod)}
         self.installed: dict[str, Any] = {}  # layer -> key of the weight now in the copy (absent: original)
         self.frontier: dict[str, Any] | None = None  # {"layer", "sig", "values": [per chunk {node: tensor}]}
         self.gm = None

@@ -26,6 +26,7 @@ from ..methods import LayerGeometry, RankAxis, get_method, planner_methods
 from ..methods.group import DEFAULT_GROUP_METHOD, get_group_method
 from ..plan import Plan, as_plan
 from ..ranks import energy_rank
+from ..views import linear_view
 from ..recovery import RANK_RULES
 from ..rules import plan_by_rule
 from . import groups as _groups
@@ -339,7 +340,7 @@ class ExplorerState(_Loading, _DataAware, _Quality, _Exports, _Compare, _Latency
                     self._model, {n: l.info.geometry for n, l in self._layers.items()})
                 g = get_group_method(method)
                 geoms = [self._layers[n].geometry if n in self._layers
-                         else LayerGeometry.of(self._model.get_submodule(n)) for n in members]
+                         else LayerGeometry.of(linear_view(self._model.get_submodule(n))) for n in members]
                 r = g.rank_to_json(_groups.default_rank(g, geoms, g.check_options(options)))
             plan = base.with_group(name, method, members, r, **options)
             with self._lock:
