@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .allocation import (ALLOCATIONS, HELDOUT_ROWS, as_options, candidate_losses, heldout_plan_damage, measured_scales,
+from .allocation import (ALLOCATIONS, HELDOUT_ROWS, as_options, candidate_losses, heldout_plan_scores, measured_scales,
                          reference_outputs, split_halves)
 from .calibration import DEFAULT_PROBES, Calibration, collect_stats
 from .data import forward, iter_batches, split_batch
@@ -264,10 +264,11 @@ def plan_for_budget(
         always keep the rescaled allocation; ``False``: never rescale. ``"auto"`` (default,
         with ``allocation="output"`` and ``data`` that has two halves): make both allocations
         and keep the one whose whole plan loses less on held-out data (every layer fitted on
-        the first half, all swapped in at once, output loss on the second half:
-        :func:`tensorscope.allocation.heldout_plan_damage`); the rescaling helps on MiniLM
-        and hurts on EfficientNet-Lite0, so neither is right for every network. The rescaled
-        one is kept when both lose the same. Which was kept is logged at DEBUG level on the
+        the first half, all swapped in at once, measured on the second half:
+        :func:`tensorscope.allocation.heldout_plan_scores`; a classifier's plans by their
+        top-1 disagreement with the original first, the output loss between plans that tie);
+        the rescaling helps on MiniLM and hurts on EfficientNet-Lite0, so neither is right
+        for every network. The rescaled one is kept when both lose the same. Which was kept is logged at DEBUG level on the
         ``tensorscope.budget`` logger.
     heldout : bool or "auto"
         With ``data``: score each rank on the half of the data its factors were not fitted to
@@ -449,12 +450,13 @@ def plan_for_budget(
         if choose and unscaled != chosen:
             planned = lambda ch: {n: menus[n][i] for n, i in ch.items() if not isinstance(n, tuple)}  # noqa: E731
             memo: dict = {}
-            before = heldout_plan_damage(model, modules, stats, parts, planned(unscaled), refs, memo)
-            after = heldout_plan_damage(model, modules, stats, parts, planned(chosen), refs, memo)
-            if before < after:
+            before = heldout_plan_scores(model, modules, stats, parts, planned(unscaled), refs, memo)
+            after = heldout_plan_scores(model, modules, stats, parts, planned(chosen), refs, memo)
+            if before.key() < after.key():
                 chosen = unscaled
-            _log.debug("plan_for_budget(measure='auto'): held-out output loss %.6g without the rescaling, %.6g "
-                       "with it: kept the plan %s it", before, after, "without" if before < after else "with")
+            _log.debug("plan_for_budget(measure='auto'): held out, without the rescaling: output loss %.6g, top-1 "
+                       "disagreement %s; with it: %.6g, %s: kept the plan %s it", before.loss, before.disagreement,
+                       after.loss, after.disagreement, "without" if before.key() < after.key() else "with")
     plan_layers, plan_groups = {}, {}
     members = {("group", g.name): list(g.members) for g in resolved_groups}
     for n, i in chosen.items():

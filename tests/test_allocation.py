@@ -545,12 +545,13 @@ def _deep_tanh(seed: int):
 
 def test_auto_measure_keeps_the_plan_that_loses_less_held_out(monkeypatch, caplog):
     """``measure="auto"`` makes the allocation with and without the end-to-end rescaling and
-    keeps the one whose whole plan loses less on the second half; on these two networks the
-    rescaling helps one and hurts the other, so each choice is made once."""
+    keeps the one whose whole plan loses less on the second half (class scores: top-1
+    disagreement first, then the output loss); on these two networks the rescaling helps one
+    and hurts the other, so each choice is made once."""
     import logging
 
     from tensorscope import budget
-    from tensorscope.allocation import heldout_plan_damage, split_halves
+    from tensorscope.allocation import heldout_plan_scores, split_halves
 
     winners = set()
     for seed in (0, 9):
@@ -558,10 +559,11 @@ def test_auto_measure_keeps_the_plan_that_loses_less_held_out(monkeypatch, caplo
         plans = {m: ts.plan_for_budget(net, 0.4, stats=stats, data=data, allocation="output", measure=m)
                  for m in (True, False)}
         assert plans[True] != plans[False]
-        damage = {m: heldout_plan_damage(net, dict(net.named_modules()), stats, split_halves(data), p.layers)
+        damage = {m: heldout_plan_scores(net, dict(net.named_modules()), stats, split_halves(data), p.layers)
                   for m, p in plans.items()}
-        best = min(damage, key=damage.get)
-        assert damage[best] < 0.95 * damage[not best]  # a clear difference, not rounding
+        best = min(damage, key=lambda m: damage[m].key())
+        assert damage[best].disagreement is not None  # (N, 6) class scores
+        assert damage[best].key() < damage[not best].key()
         with caplog.at_level(logging.DEBUG, logger="tensorscope.budget"):
             auto = ts.plan_for_budget(net, 0.4, stats=stats, data=data, allocation="output")
         assert auto == plans[best]
@@ -571,8 +573,8 @@ def test_auto_measure_keeps_the_plan_that_loses_less_held_out(monkeypatch, caplo
     assert winners == {True, False}
     # the whole-plan measurement runs only for "auto", and only when the two plans differ
     calls = []
-    real = budget.heldout_plan_damage
-    monkeypatch.setattr(budget, "heldout_plan_damage", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = budget.heldout_plan_scores
+    monkeypatch.setattr(budget, "heldout_plan_scores", lambda *a, **k: calls.append(1) or real(*a, **k))
     ts.plan_for_budget(net, 0.4, stats=stats, data=data, allocation="output", measure=True)
     ts.plan_for_budget(net, 0.4, stats=stats, data=data, allocation="output", measure=False)
     assert calls == []
@@ -584,6 +586,47 @@ def test_auto_measure_keeps_the_plan_that_loses_less_held_out(monkeypatch, caplo
     calls.clear()
     assert same[0] == same[1] == ts.plan_for_budget(net, 0.4, stats=stats, data=data, allocation="output")
     assert calls == []
+
+
+def test_auto_measure_ranks_a_classifiers_plans_by_top1_disagreement_first(monkeypatch):
+    """Between the two allocations, fewer held-out top-1 disagreements win over a lower
+    output loss; the loss decides between plans that disagree as often."""
+    from tensorscope import budget
+    from tensorscope.allocation import PlanScores
+
+    net, data, stats = _deep_tanh(0)
+    plans = {m: ts.plan_for_budget(net, 0.4, stats=stats, data=data, allocation="output", measure=m)
+             for m in (True, False)}
+    for unscaled, scaled, kept in ((PlanScores(1.0, 0.25), PlanScores(0.5, 0.30), False),
+                                   (PlanScores(0.5, 0.30), PlanScores(1.0, 0.25), True),
+                                   (PlanScores(0.5, 0.25), PlanScores(1.0, 0.25), False),
+                                   (PlanScores(1.0, None), PlanScores(0.5, None), True)):
+        answers = iter((unscaled, scaled))
+        monkeypatch.setattr(budget, "heldout_plan_scores", lambda *a, **k: next(answers))
+        assert ts.plan_for_budget(net, 0.4, stats=stats, data=data, allocation="output") == plans[kept]
+
+
+def test_heldout_plan_scores_count_top1_disagreements_directly():
+    from tensorscope.allocation import heldout_plan_scores, split_halves
+
+    net, data, stats = _deep_tanh(4)
+    plan = ts.plan_for_budget(net, 0.2, stats=stats, data=data, allocation="output")
+    parts = split_halves(data)
+    got = heldout_plan_scores(net, dict(net.named_modules()), stats, parts, plan.layers)
+    small = ts.compress(net, plan, stats=stats.halves[0])
+    with torch.no_grad():
+        x = torch.cat(parts[1])
+        want = float((small(x).argmax(-1) != net(x).argmax(-1)).double().mean())
+    assert 0 < want < 1
+    assert got.disagreement == pytest.approx(want, abs=1e-12)
+    assert got.loss == pytest.approx(measured_damage(net, small, parts[1]), rel=1e6 * torch.finfo(torch.float64).eps)
+    # not class scores: no disagreement
+    enc = nn.Sequential(nn.Linear(8, 12), nn.Tanh(), nn.Linear(12, 5)).double()
+    x = _tokens(40, 3, 8)
+    st = collect_stats(enc, [x[:20], x[20:]], ["0", "2"], gradients=True, probes=4)
+    p = ts.plan_for_budget(enc, 0.5, stats=st, data=[x[:20], x[20:]], allocation="output")
+    assert heldout_plan_scores(enc, dict(enc.named_modules()), st, split_halves([x[:20], x[20:]]),
+                               p.layers).disagreement is None
 
 
 def test_heldout_plan_damage_equals_a_direct_computation():
