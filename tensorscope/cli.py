@@ -314,7 +314,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
             if args.correct:
                 from .correction import correct
 
-                small = correct(small, model, data, stats=stats, progress=not args.quiet)
+                small = correct(small, model, data, stats=stats, dense=args.correct == "dense", progress=not args.quiet)
         else:
             small = compress(model, plan, data=data, fold_bn=args.fold_bn, correct=args.correct,
                              example_input=example, progress=not args.quiet)
@@ -534,8 +534,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allocation", choices=["layer", "output"], default="layer",
                    help="with --keep and --data: minimise the layers' own errors (layer) or the estimated loss "
                         "of the network's output (output: Fisher/K-FAC, held out; see tensorscope.allocation)")
-    p.add_argument("--correct", action="store_true",
-                   help="with --data: refit each compressed layer to the compressed network's own inputs")
+    p.add_argument("--correct", nargs="?", const=True, default=False, choices=[True, "dense"], metavar="dense",
+                   help="with --data: refit each compressed layer to the compressed network's own inputs; "
+                        "--correct dense: the layers left dense after the first compressed one too")
     p.add_argument("--eval", help="evaluation data (.pt/.npz); default: a built-in example's test split")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--finetune", type=int, default=None, metavar="STEPS",

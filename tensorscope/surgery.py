@@ -378,7 +378,7 @@ def compress(
     max_batches: int | None = None,
     progress: bool | Callable[[float, str], None] = False,
     stats: Mapping[str, Any] | None = None,
-    correct: bool = False,
+    correct: bool | str = False,
     out: str | os.PathLike | None = None,
     **on_disk: Any,
 ) -> nn.Module:
@@ -414,10 +414,14 @@ def compress(
         build the same factors and nothing is gathered twice. Plan entries with output
         weighting (``svd``'s ``fisher``) need them gathered with ``gradients=True`` (with
         ``data=`` that happens here).
-    correct : bool
+    correct : bool or "dense"
         With ``data``: refit each factorized layer, in network order, to the inputs the
-        compressed network gives it (:func:`tensorscope.correct`, closed form, one pass).
+        compressed network gives it (:func:`tensorscope.correct`, closed form, one pass);
+        ``"dense"``: the layers left dense after the first compressed one too
+        (``correct(dense=True)``).
     """
+    if correct not in (False, True, "dense"):
+        raise ValueError(f'correct must be False, True or "dense"; got {correct!r}')
     if isinstance(model, ON_DISK):
         if as_plan(plan).groups:
             raise PlanError("plan groups (joint decompositions) stack their members' kernels, which weights on disk "
@@ -488,7 +492,8 @@ def compress(
         if fold_bn:  # the reference the chains were made from: the folded original
             ref = copy.deepcopy(model)
             fold_pairs(ref, folded)
-        new = _correct(new, ref, data, stats=stats, max_batches=max_batches, progress=progress)
+        new = _correct(new, ref, data, stats=stats, dense=correct == "dense", max_batches=max_batches,
+                       progress=progress)
     return new
 
 

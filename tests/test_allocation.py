@@ -233,6 +233,14 @@ def test_sequential_correction_fits_the_compressed_inputs():
         assert_close(again(x), correct(small, net, [x])(x))
     with pytest.raises(TypeError, match="data="):
         ts.compress(net, plan, correct=True)
+    with pytest.raises(ValueError, match='"dense"'):
+        ts.compress(net, plan, data=[x], correct="yes")
+    # "dense": the layers left dense after the first compressed one are refitted too
+    part = ts.Plan({"0": {"method": "svd", "rank": 6}})
+    dense = ts.compress(net, part, data=[x], correct="dense")
+    assert not torch.equal(dense[2].weight, net[2].weight)
+    with torch.no_grad():
+        assert_close(dense(x), correct(ts.compress(net, part, data=[x]), net, [x], dense=True)(x))
 
 
 def test_tied_weights_are_left_dense_or_refused():
@@ -303,6 +311,10 @@ def test_cli_compress_with_output_allocation_and_correction(capsys, tmp_path):
     assert ts.count_params(ts.load(tmp_path / "s.pt")) < 0.21 * ts.count_params(ex.model)
     rc = main(["compress", "lenet5", "--keep", "0.2", "--allocation", "output", "-o", str(tmp_path / "t.pt"), "-q"])
     assert rc != 0 and not (tmp_path / "t.pt").exists()
+    rc = main(["compress", "lenet5", "--keep", "0.3", "--data", str(tmp_path / "calib.pt"), "--batch-size", "64",
+               "--correct", "dense", "-o", str(tmp_path / "d.pt"), "-q"])
+    assert rc == 0, capsys.readouterr().err
+    assert ts.count_params(ts.load(tmp_path / "d.pt")) < 0.31 * ts.count_params(ex.model)
 
 
 def test_kfac_trace_formula_equals_an_explicit_computation():
