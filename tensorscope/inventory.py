@@ -234,11 +234,11 @@ def geometry_from_shape(module: nn.Module, shape: tuple | None, batch: int) -> L
     if isinstance(module, nn.Conv2d):
         size = tuple(view_shape(module, shape)[-2:])  # an nn.Conv1d's (N, C, L): a height of 1
         pad = behaviour(module).padding_module(module)  # a port that pads in forward convolves the padded input
-        return LayerGeometry.of(module, in_size=pad.padded_size(size) if pad is not None else size)
+        return LayerGeometry.of(module, in_size=pad.padded_size(size) if pad is not None else size, batch=batch)
     numel = 1
     for s in shape[:-1]:
         numel *= s
-    return LayerGeometry.of(module, tokens=max(1, numel // batch))
+    return LayerGeometry.of(module, tokens=max(1, numel // batch), batch=batch)
 
 
 def inspect(model: nn.Module, example_input: Any = None, *, include_skipped: bool = False) -> LayerList:

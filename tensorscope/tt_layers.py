@@ -67,9 +67,10 @@ read and write, kernel calls) is weighed into one cost; FLOPs alone mispredict o
 (forming ``W`` is bound by memory, a sweep by many thin ``mm`` calls and copies). A Linear
 compares the two for ``batch`` rows per call. A Conv2d compares them per output position:
 forming the kernel is paid once per call and shared by ``B*H'*W'`` positions (thousands),
-so it is left out; the input size is not known when the module is built. ``count_flops``
-of a rebuilding layer states FLOPs per sample at ``batch`` samples per call (forming ``W``
-divided among them, rounded down, as ``ts.count_flops`` divides a batch's total).
+so it is left out; the input size is not known when the module is built. The methods'
+``count_flops`` of a rebuilding layer states FLOPs per sample at the example input's batch
+(``LayerGeometry.batch``; ``batch`` without an example): forming ``W`` once per call, divided
+among the call's samples and rounded down, as ``ts.count_flops`` divides a batch's total.
 
 Initialisation (:meth:`reset_parameters`). The cores are drawn i.i.d. normal with mean 0
 and variance ``v``. An entry of the rebuilt weight is a sum over every combination of the

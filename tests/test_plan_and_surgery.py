@@ -165,9 +165,10 @@ def test_predicted_params_equal_built(net):
     cost = ts.plan_cost(net, plan, x)
     small = ts.compress(net, plan)
     assert cost["params_after"] == ts.count_params(small)
-    # FLOPs per sample at the batch the plan states (1 by default: a TT layer may form its
-    # weight once per call, which a larger batch shares)
-    assert cost["flops_after"] == ts.count_flops(small, x[:1])
+    # FLOPs per sample at the example's batch: the TT layer forms its weight once per call,
+    # which the call's samples share
+    assert cost["flops_after"] == ts.count_flops(small, x)
+    assert ts.plan_cost(net, plan, x[:1])["flops_after"] == ts.count_flops(small, x[:1]) > cost["flops_after"]
     plan2 = plan.with_layer("head.2", "tt", 2, in_shape=[4, 6], out_shape=[2, 5], batch=2)
     assert ts.plan_cost(net, plan2, x)["flops_after"] == ts.count_flops(ts.compress(net, plan2), x)
 

@@ -23,7 +23,12 @@ method, never its name:
 Counting functions take a :class:`LayerGeometry` and a rank only: the planner and the
 explorer price thousands of candidate ranks without building (or factorizing) anything.
 FLOPs follow ``torch.utils.flop_counter.FlopCounterMode``: a multiply-add is 2 FLOPs, bias
-additions and element-wise work are not counted; they are per batch of one sample.
+additions and element-wise work are not counted. They are per sample, as
+:func:`tensorscope.count_flops` states them: a batch's total divided by its size, rounded
+down. Work a built module does once per call whatever the batch (forming a weight from its
+factors: a TT/TR layer that rebuilds, an SVD or Tucker-2 chain that runs folded or dense, a
+joint-Tucker member mixing its core) is shared by the call's samples, so ``count_flops`` needs
+their number: ``geom.batch`` (the example input's, :func:`per_sample_flops`).
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ from ..linalg import check_finite, compute_dtype
 
 __all__ = [
     "BreakEvenWarning", "Factors", "LayerGeometry", "Method", "Option", "RankAxis", "Tradeoff",
-    "as_pair", "check_finite", "compute_dtype", "resolve_int_rank", "warn_if_past_break_even",
+    "as_pair", "check_finite", "compute_dtype", "per_sample_flops", "resolve_int_rank", "warn_if_past_break_even",
 ]
 
 Rank = Any  # int, or a tuple of ints; each method documents its canonical form
@@ -60,7 +65,9 @@ class LayerGeometry:
     """Everything about a layer that its cost depends on (no weights).
 
     ``in_size`` is the spatial size (H, W) of the layer's input for conv layers when known
-    (needed for FLOPs only); ``None`` when no example input was seen.
+    (needed for FLOPs only); ``None`` when no example input was seen. ``batch`` is the number
+    of samples of that example input (``None`` without one): FLOPs per sample of a module
+    that does some work once per call depend on it (:func:`per_sample_flops`).
     """
 
     kind: str  # "linear" or "conv2d"
@@ -78,9 +85,15 @@ class LayerGeometry:
     # leading dimensions of a Linear's input besides the batch (e.g. sequence length): the
     # product of all but the last input dimension, per sample. 1 for a plain (B, in) input.
     tokens: int = 1
+    # samples per call of the example input the sizes were measured on (None: none seen)
+    batch: int | None = None
 
     @classmethod
-    def of(cls, layer: nn.Module, in_size: tuple[int, int] | None = None, tokens: int = 1) -> "LayerGeometry":
+    def of(cls, layer: nn.Module, in_size: tuple[int, int] | None = None, tokens: int = 1,
+           batch: int | None = None) -> "LayerGeometry":
+        if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
+            raise DecompositionError(f"LayerGeometry.of: batch must be a positive int (samples per call) or None; "
+                                     f"got {batch!r}")
         if isinstance(layer, nn.Linear):
             return cls(
                 kind="linear",
@@ -89,6 +102,7 @@ class LayerGeometry:
                 bias=layer.bias is not None,
                 dtype=layer.weight.dtype,
                 tokens=tokens,
+                batch=batch,
             )
         if isinstance(layer, nn.Conv2d):
             return cls(
@@ -104,6 +118,7 @@ class LayerGeometry:
                 padding_mode=layer.padding_mode,
                 dtype=layer.weight.dtype,
                 in_size=in_size,
+                batch=batch,
             )
         raise DecompositionError(
             f"tensorscope decomposes nn.Linear and nn.Conv2d layers; got {type(layer).__name__}"
@@ -145,6 +160,22 @@ class LayerGeometry:
         if pos is None:
             return None
         return 2 * pos * self.out_features * (self.in_features // self.groups) * self.khw
+
+
+def per_sample_flops(geom: LayerGeometry, per_call: int, per_sample: int, default_batch: int = 1) -> int:
+    """FLOPs per sample of a module that does ``per_call`` FLOPs once per call and ``per_sample``
+    for each sample, called with ``geom.batch`` samples (``default_batch`` when the geometry
+    saw no example input): ``(per_call + batch * per_sample) // batch``, what
+    :func:`tensorscope.count_flops` reports for that batch (a batch's total over its size,
+    rounded down).
+
+    A model's count rounds once, its layers' predictions once each: with ``n`` layers that
+    have per-call work, the sum of their predictions can be up to ``n - 1`` FLOPs below the
+    model's count (never with one such layer, or at batch 1).
+    """
+    batch = geom.batch if geom.batch is not None else default_batch
+    batch = max(1, int(batch))
+    return (int(per_call) + batch * int(per_sample)) // batch
 
 
 @dataclass
@@ -399,7 +430,8 @@ class Method(abc.ABC):
 
     @abc.abstractmethod
     def count_flops(self, geom: LayerGeometry, rank: Rank, options: Mapping[str, Any] | None = None) -> int | None:
-        """FLOPs of one sample through the built module (None if the input size is unknown)."""
+        """FLOPs of one sample through the built module (None if the input size is unknown);
+        work done once per call is shared by ``geom.batch`` samples (:func:`per_sample_flops`)."""
 
     def work(self, geom: LayerGeometry, rank: Rank, options: Mapping[str, Any] | None = None) -> float | None:
         """Fitting work of one factorization in "rank x weight entries" units, for methods whose

@@ -40,7 +40,7 @@ from torch import nn
 
 from .. import linalg
 from ..errors import RankError
-from .base import Factors, LayerGeometry, Option, RankAxis, Tradeoff, resolve_int_rank
+from .base import Factors, LayerGeometry, Option, RankAxis, Tradeoff, per_sample_flops, resolve_int_rank
 from .group import GroupMethod, register_group_method
 
 DEFAULT_SWEEPS = 2
@@ -206,15 +206,18 @@ class JointTucker(GroupMethod):
         return shared + sum(x.out_features for x in geoms if x.bias)
 
     def count_flops_group(self, geoms, rank, options=None) -> int | None:
+        """Every member's three convs per sample, plus mixing its core from the shared one
+        (``rl`` x ``ro*ri*k``) once per call, shared by the call's samples
+        (:func:`~tensorscope.methods.base.per_sample_flops`; one rounding for the group)."""
         if any(g.in_size is None for g in geoms):
             return None
         rl, ro, ri = rank
-        total = 0
+        per_sample, per_call = 0, 0
         for g in geoms:
             p_in, p_out = g.in_size[0] * g.in_size[1], g.positions
-            total += 2 * (p_in * ri * g.in_features + p_out * ro * ri * g.khw + p_out * g.out_features * ro)
-            total += 2 * rl * ro * ri * g.khw  # the member's core, mixed once per call
-        return total
+            per_sample += 2 * (p_in * ri * g.in_features + p_out * ro * ri * g.khw + p_out * g.out_features * ro)
+            per_call += 2 * rl * ro * ri * g.khw  # the member's core, mixed once per call
+        return per_sample_flops(geoms[0], per_call, per_sample)
 
     def tradeoff_group(self, layers, geoms, name: str = "") -> Tradeoff:
         """Every rank triple's HOSVD error from one energy table (the refined factors

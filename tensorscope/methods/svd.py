@@ -26,7 +26,17 @@ from torch import nn
 
 from .. import linalg
 from ..layers import CHAIN, FactorizedLayer
-from .base import Factors, LayerGeometry, Method, Option, RankAxis, Tradeoff, check_finite, resolve_int_rank
+from .base import (
+    Factors,
+    LayerGeometry,
+    Method,
+    Option,
+    RankAxis,
+    Tradeoff,
+    check_finite,
+    per_sample_flops,
+    resolve_int_rank,
+)
 from .registry import register_method
 
 
@@ -151,9 +161,16 @@ class SVD(Method):
         return rank * (geom.in_features * geom.khw + geom.out_features) + (geom.out_features if geom.bias else 0)
 
     def count_flops(self, geom: LayerGeometry, rank: int, options=None) -> int | None:
+        """The two layers of the chain; with ``execute: "dense"`` (ungrouped layers only, as
+        :class:`SVDLayer` runs it) forming their ``(out, r) x (r, in*kh*kw)`` product once per
+        call, shared by the call's samples (:func:`~tensorscope.methods.base.per_sample_flops`),
+        plus the dense layer."""
         pos = geom.positions
         if pos is None:
             return None
+        if (options or {}).get("execute") == "dense" and geom.groups == 1:
+            form = 2 * geom.out_features * rank * geom.in_features * geom.khw
+            return per_sample_flops(geom, form, geom.dense_flops)
         return 2 * pos * rank * (geom.in_features * geom.khw + geom.out_features)
 
     def tradeoff(self, layer: nn.Module, geom: LayerGeometry | None = None, stats=None, name: str = "") -> Tradeoff:

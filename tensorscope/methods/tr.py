@@ -51,6 +51,7 @@ from .tt import (
     _mode_sizes,
     _resolve_shapes,
     _thin_svd,
+    calls_batch,
     check_layer_options,
     given_layer_options,
     layer_options,
@@ -244,11 +245,12 @@ class TR(Method):
 
     def count_flops(self, geom: LayerGeometry, rank: Any, options: Mapping[str, Any] | None = None) -> int | None:
         """FLOPs of one sample, following :meth:`resolve_mode` (the ring sweep of
-        :mod:`tensorscope.tr_layers`, or forming the weight once per call of ``batch`` samples
-        plus the dense layer); None for a Conv2d whose input size is unknown."""
+        :mod:`tensorscope.tr_layers`, or forming the weight once per call, shared by its
+        :func:`~tensorscope.methods.tt.calls_batch` samples, plus the dense layer); None for a
+        Conv2d whose input size is unknown."""
         in_shape, out_shape, _ = self._shapes_modes(geom, options)
         ranks = self.resolve_rank(geom, rank, options)
-        mode, batch = self.resolve_mode(geom, ranks, options), layer_options(options)["batch"]
+        mode, batch = self.resolve_mode(geom, ranks, options), calls_batch(geom, options)
         if geom.kind == "linear":
             return tr_linear_flops(in_shape, out_shape, ranks, geom.tokens, mode, batch)
         out = geom.out_size

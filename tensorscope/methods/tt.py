@@ -26,7 +26,10 @@ Mode. ``options["mode"]`` is ``"sweep"`` (contract the input with the cores, nev
 weight), ``"rebuild"`` (form the weight per call, then one dense ``linear``/``conv2d``) or
 ``"auto"`` (the default: a cost model picks when the layer is built, for
 ``options["batch"]`` samples per call, default 1; see :mod:`tensorscope.tt_layers`).
-``count_flops`` follows the mode and states FLOPs per sample at that batch size.
+``count_flops`` follows the mode. A rebuilding layer forms its weight once per call, shared
+by the call's samples: FLOPs per sample are stated at the batch of the example input the
+geometry was measured on (``geom.batch``, what ``ts.count_flops`` of the built layer
+reports), or at ``options["batch"]`` for a geometry without one.
 
 Shuffle (RsTD). ``options["shuffle"] = seed`` permutes the flattened weight by a fixed
 permutation of that seed (:mod:`tensorscope.permutation`) before tensorizing; the layer
@@ -74,14 +77,15 @@ from .registry import register_method
 class DataIgnoredWarning(UserWarning):
     """Calibration data was given to a method that cannot use it."""
 
-__all__ = ["TT", "tt_shapes", "tt_svd", "default_tt_order", "LAYER_OPTIONS", "layer_options"]
+__all__ = ["TT", "tt_shapes", "tt_svd", "default_tt_order", "LAYER_OPTIONS", "calls_batch", "layer_options"]
 
 #: the plan options every tensorized method (tt, tr) takes besides its shapes
 LAYER_OPTIONS = {
     "mode": Option("choice", choices=("auto", "sweep", "rebuild"),
                    help="'sweep' never forms the weight, 'rebuild' forms it per call then runs one dense "
                         "layer, 'auto' (default) lets a cost model pick at build"),
-    "batch": Option("int", 1, 1 << 20, help="samples per call the 'auto' mode and count_flops assume (default 1)"),
+    "batch": Option("int", 1, 1 << 20, help="samples per call the 'auto' mode assumes (default 1); count_flops "
+                                            "too, for a geometry measured without an example input"),
     "shuffle": Option("int", 0, MAX_SEED, help="seed of a fixed permutation of the flattened weight (RsTD): "
                                                "the layer always rebuilds; for tensorize + training only"),
 }
@@ -93,6 +97,14 @@ def layer_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
     mode = options.get("mode")
     return {"mode": None if mode in (None, "auto") else mode, "batch": int(options.get("batch", 1)),
             "shuffle": options.get("shuffle")}
+
+
+def calls_batch(geom: LayerGeometry, options: Mapping[str, Any] | None) -> int:
+    """Samples per call a rebuilding layer's FLOPs per sample are stated at: the example
+    input's (``geom.batch``, so the prediction equals ``ts.count_flops`` of the built layer on
+    it), else ``options["batch"]`` (default 1). The mode is chosen from ``options["batch"]``
+    only: the built layer knows nothing else."""
+    return geom.batch if geom.batch is not None else layer_options(options)["batch"]
 
 
 def check_layer_options(method: str, options: Mapping[str, Any], where: str = "") -> None:
@@ -485,12 +497,12 @@ class TT(Method):
         Follows :meth:`resolve_mode`. Sweep, Linear: the cheaper of the two sweeps of
         :mod:`tensorscope.tt_layers`, times ``geom.tokens``; Conv2d: the spatial convolution
         plus the channel sweep over the output positions. Rebuild: forming the weight once
-        per call of ``options["batch"]`` samples (default 1), shared among them, plus the
-        dense layer's FLOPs. None for a Conv2d whose input size is unknown.
+        per call, shared by its :func:`calls_batch` samples, plus the dense layer's FLOPs.
+        None for a Conv2d whose input size is unknown.
         """
         in_shape, out_shape = _resolve_shapes(geom, options)
         ranks = self.resolve_rank(geom, rank, options)
-        mode, batch = self.resolve_mode(geom, ranks, options), layer_options(options)["batch"]
+        mode, batch = self.resolve_mode(geom, ranks, options), calls_batch(geom, options)
         if geom.kind == "linear":
             return tt_linear_flops(in_shape, out_shape, ranks, geom.tokens, mode, batch)
         out = geom.out_size

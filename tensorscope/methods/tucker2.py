@@ -30,9 +30,19 @@ from torch import nn
 
 from .. import linalg
 from .._cache import factor_cache, fingerprint
-from ..errors import RankError
+from ..errors import PlanError, RankError
 from ..layers import CHAIN, FactorizedLayer
-from .base import Factors, LayerGeometry, Method, Option, RankAxis, Tradeoff, check_finite, resolve_int_rank
+from .base import (
+    Factors,
+    LayerGeometry,
+    Method,
+    Option,
+    RankAxis,
+    Tradeoff,
+    check_finite,
+    per_sample_flops,
+    resolve_int_rank,
+)
 from .registry import register_method
 
 DEFAULT_SWEEPS = 1  # within 1% of full HOOI on random and trained kernels (FINDINGS.md), at a fraction of its cost
@@ -230,13 +240,33 @@ class Tucker2(Method):
                 + (geom.out_features if geom.bias else 0))
 
     def count_flops(self, geom: LayerGeometry, rank, options=None) -> int | None:
+        """The three convs of the chain, or the form ``options["execute"]`` names (ungrouped
+        layers only, as :class:`Tucker2Layer` runs them): a folded kernel is formed once per
+        call, shared by the call's samples (:func:`~tensorscope.methods.base.per_sample_flops`).
+
+        ``fold_in``: ``(r_out, r_in, k) x (r_in, in)``, then the k x k conv in -> r_out and the
+        last 1x1; ``fold_out``: ``(out, r_out) x (r_out, r_in, k)``, the first 1x1, then the k x k
+        conv r_in -> out; ``dense``: both products, then the dense conv.
+        """
         if geom.in_size is None:
             return None
         r_out, r_in = rank
+        c, o, khw = geom.in_features, geom.out_features, geom.khw
         p_in = geom.in_size[0] * geom.in_size[1]
         p_out = geom.positions
-        return 2 * (p_in * r_in * geom.in_features + p_out * geom.groups * r_out * r_in * geom.khw
-                    + p_out * geom.out_features * r_out)
+        first, last = 2 * p_in * r_in * c, 2 * p_out * o * r_out
+        execute = (options or {}).get("execute", CHAIN)
+        if geom.groups != 1 or execute == CHAIN:
+            return first + 2 * p_out * geom.groups * r_out * r_in * khw + last
+        fold_out = 2 * o * r_out * r_in * khw  # (out, r_out) x (r_out, r_in*k)
+        if execute == "fold_in":
+            return per_sample_flops(geom, 2 * r_out * r_in * khw * c, 2 * p_out * r_out * c * khw + last)
+        if execute == "fold_out":
+            return per_sample_flops(geom, fold_out, first + 2 * p_out * o * r_in * khw)
+        if execute == "dense":
+            return per_sample_flops(geom, fold_out + 2 * o * r_in * khw * c, geom.dense_flops)
+        raise PlanError(f"tucker2: execute must be one of {', '.join(map(repr, Tucker2Layer.executions))}; "
+                        f"got {execute!r}")
 
     def factorize(self, layer: nn.Module, rank, options=None, *, stats=None, refine=True) -> Factors:
         check_finite(layer)
