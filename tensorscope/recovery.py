@@ -31,7 +31,7 @@ from torch import nn
 
 from .budget import plan_for_budget
 from .data import forward, iter_batches, output_tensor, split_batch
-from .densify import dense_weight  # the one implementation (probing); re-exported here
+from .densify import dense_weight, probe_dense  # the one implementation (probing); re-exported here
 from .errors import DataError, PlanError
 from .evaluate import evaluate
 from .inventory import count_flops, count_params
@@ -397,16 +397,19 @@ def _check_blocks(student: nn.Module, teacher: nn.Module, blocks: Sequence[str])
 
 
 def densify(compressed: nn.Module, original: nn.Module) -> nn.Module:
-    """The original architecture carrying the weights the compressed model computes."""
+    """The original architecture carrying the weights the compressed model computes: every
+    chain and every member of a joint group, probed as the affine map it is (weight and bias)."""
     dense = copy.deepcopy(original)
+    done: list[str] = []
     for name, m in compressed.named_modules():
-        if isinstance(m, FactorizedLayer):
-            src = linear_view(dense.get_submodule(name))  # Conv1D, nn.Conv1d: the layout their chain has
-            set_dense_weight(src, dense_weight(m, src))
-            if src.bias is not None:
-                last_bias = [mm.bias for mm in m.modules() if getattr(mm, "bias", None) is not None]
-                if last_bias:
-                    src.bias.data = last_bias[-1].detach().clone()
+        if not _is_factorized(m) or any(name.startswith(d + ".") for d in done):
+            continue
+        done.append(name)
+        src = linear_view(dense.get_submodule(name))  # Conv1D, nn.Conv1d: the layout their chain has
+        w, b = probe_dense(m, src)
+        set_dense_weight(src, w)
+        if src.bias is not None and b is not None:
+            src.bias.data = b.to(src.bias.dtype)
     return dense
 
 

@@ -414,3 +414,18 @@ def test_torchscript_export_of_a_group(tmp_path):
 def test_weights_on_disk_refuse_groups(tmp_path):
     with pytest.raises(PlanError, match="groups.*in memory"):
         ts.compress(str(tmp_path / "w.safetensors"), group_plan([2, 3, 3]), out=tmp_path / "out")
+
+
+def test_densify_carries_what_group_members_compute():
+    """``recovery.densify`` (iterative compression's rank choices start from it) puts every
+    member of a joint group, and every per-layer chain, back as the dense layer it computes:
+    the densified original computes what the compressed model computes, not the original."""
+    from tensorscope.recovery import densify
+
+    model = tower()
+    small = ts.compress(model, group_plan([3, 4, 4], wide={"method": "svd", "rank": 3}))
+    assert (small(X) - model(X)).abs().max() > 1e-3  # something to carry
+    dense = densify(small, model)
+    assert ts.count_params(dense) == ts.count_params(model)
+    torch.testing.assert_close(dense(X), small(X), **TOL64)
+    torch.testing.assert_close(model(X), tower()(X), **TOL64)  # the original untouched
