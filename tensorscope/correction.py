@@ -46,7 +46,7 @@ from . import linalg
 from .layers import FactorizedLayer, for_layer
 from .methods import get_method
 from .progress import Progress
-from .views import dense_weight, hooked, layer_modules, set_dense_weight
+from .views import dense_weight, hooked, layer_modules, linear_view, set_dense_weight
 from .forward_check import behaviour
 
 __all__ = ["DEFAULT_RIDGE", "correct"]
@@ -149,17 +149,10 @@ def _refit_dense(new: nn.Module, name: str, layer: nn.Module, hat: torch.Tensor,
     """``A = W (X + l I)(C^ + l I)^{-1}`` per group, written into ``new``'s layer ``name``."""
     if rows <= 0 or not math.isfinite(ridge):
         return
-    w = linalg.grouped_matrix(layer)  # (g, o, n) float64
-    ch, cx = hat / rows, cross / rows
-    lam = ridge * torch.diagonal(ch, dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30)
-    reg = ch.clone()
-    reg.diagonal(dim1=-2, dim2=-1).add_(lam[:, None])
-    rhs = cx.clone()
-    rhs.diagonal(dim1=-2, dim2=-1).add_(lam[:, None])
-    a = torch.linalg.solve(reg, (w @ rhs).transpose(-1, -2)).transpose(-1, -2)
+    a = linalg.ridge_refit(linalg.grouped_matrix(layer), hat / rows, cross / rows, ridge)
     if not torch.isfinite(a).all():
         return  # a singular moment: the layer keeps its weight
-    target = layer_modules(new)[name]
+    target = linear_view(new.get_submodule(name))
     with torch.no_grad():
         set_dense_weight(target, a.reshape(dense_weight(layer).shape))
 

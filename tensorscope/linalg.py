@@ -180,6 +180,19 @@ def grouped_matrix(layer: nn.Module) -> torch.Tensor:
     return w.reshape(w.shape[0], w.shape[1], -1)
 
 
+def ridge_refit(w: torch.Tensor, hat: torch.Tensor, cross: torch.Tensor, ridge: float) -> torch.Tensor:
+    """The weight that maps inputs of second moment ``hat`` (``E[x^ x^T]``, per group) to the
+    outputs ``w`` gives the inputs of cross moment ``cross`` (``E[x x^T]``):
+    ``A = W (X + l I)(C^ + l I)^{-1}``, ``l = ridge * tr(C^)/n`` per group (sequential
+    correction: :mod:`tensorscope.correction`). ``w`` is ``(g, o, n)``."""
+    lam = ridge * torch.diagonal(hat, dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30)  # (g,)
+    reg = hat.clone()
+    reg.diagonal(dim1=-2, dim2=-1).add_(lam[:, None])
+    rhs = cross.clone()
+    rhs.diagonal(dim1=-2, dim2=-1).add_(lam[:, None])
+    return torch.linalg.solve(reg, (w @ rhs).transpose(-1, -2)).transpose(-1, -2)  # A reg = W rhs (reg symmetric)
+
+
 def whitened_svd(layer: nn.Module, stats: Any):
     """SVD of ``W L`` per group (``L L^T`` the ridged input moment of ``stats``), returned as
     ``(U, S, V^T L^{-1})`` so that truncations map back to the layer's own inputs.

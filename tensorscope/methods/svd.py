@@ -209,14 +209,7 @@ class SVD(Method):
         rows = fit.count
         if rows <= 0 or not math.isfinite(ridge):
             return None
-        w = linalg.grouped_matrix(layer)  # (g, o, n)
-        ch, cx = fit.patch / rows, cross / rows
-        lam = ridge * torch.diagonal(ch, dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30)  # (g,)
-        reg = ch.clone()
-        reg.diagonal(dim1=-2, dim2=-1).add_(lam[:, None])
-        rhs = cx.clone()
-        rhs.diagonal(dim1=-2, dim2=-1).add_(lam[:, None])
-        a = torch.linalg.solve(reg, (w @ rhs).transpose(-1, -2)).transpose(-1, -2)  # A reg = W rhs (reg symmetric)
+        a = linalg.ridge_refit(linalg.grouped_matrix(layer), fit.patch / rows, cross / rows, ridge)
         fake = copy.deepcopy(layer)
         fake.weight.data = a.reshape(layer.weight.shape).to(layer.weight.dtype)
         opts = dict(options or {})
